@@ -1,0 +1,161 @@
+"""Artifacts that describe themselves, written atomically, verified before they are read.
+
+A stage folder (``RUN/stage1``, ``RUN/flat``, ``RUN/experts/<id>``, ``RUN/neighborhoods``)
+holds its files and a ``meta.json`` that records what they are (classes in logit order,
+input size, mean/std, backbone, …), the library versions, and the sha256 of every other
+file. A folder is built under a temporary name and renamed into place, so a half-written
+stage never looks finished; loading checks every hash before anything is deserialised,
+and weights only ever load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+META = "meta.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import numpy
+    import sklearn
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj) -> None:
+    _fsync_write(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def check_output_dir(run: Path, need_mb: int = 200) -> None:
+    """Fail before training, not after an hour: the run folder must be writable with room to spare."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {run}: {exc.strerror or exc}") from None
+    free = shutil.disk_usage(run).free / 1e6
+    if free < need_mb:
+        raise UserError(f"only {free:.0f} MB free under {run}; at least {need_mb} MB are needed")
+
+
+class StageWriter:
+    """Collects a stage's files in ``RUN/.<name>.tmp`` and publishes them with one rename."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def save_weights(self, state_dict: dict, name: str = "weights.pt") -> None:
+        tmp = self.tmp / name
+        with open(tmp, "wb") as f:
+            torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def json(self, name: str, obj) -> None:
+        write_json(self.tmp / name, obj)
+
+    def copy(self, src: Path, name: str | None = None) -> None:
+        if src.is_file():
+            shutil.copyfile(src, self.tmp / (name or src.name))
+
+    def publish(self, meta: dict) -> Path:
+        files = {p.name: sha256_file(p) for p in sorted(self.tmp.iterdir()) if p.is_file() and p.name != META}
+        meta = {**meta, "versions": versions(), "git_commit": git_commit(), "files": files}
+        write_json(self.tmp / META, meta)
+        old = self.final.with_name(f".{self.final.name}.old{os.getpid()}")
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+
+def read_meta(folder: Path, what: str = "stage") -> dict:
+    """meta.json of a stage, after checking every listed file's sha256."""
+    meta_file = folder / META
+    if not meta_file.is_file():
+        raise UserError(f"{what} not found: {folder} has no {META} (train it first)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{meta_file} is not valid JSON; the artifact is damaged") from None
+    for name, digest in meta.get("files", {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise UserError(f"{f} is missing; the artifact is incomplete")
+        if sha256_file(f) != digest:
+            raise UserError(f"{f} does not match the sha256 recorded in {meta_file}: refusing to load a "
+                            f"truncated, swapped or tampered file")
+    _warn_versions(meta, folder)
+    return meta
+
+
+def _warn_versions(meta: dict, folder: Path) -> None:
+    import sklearn
+
+    now = {"torch": torch.__version__, "scikit-learn": sklearn.__version__}
+    for lib, current in now.items():
+        then = meta.get("versions", {}).get(lib)
+        if then and then.split(".")[0] != current.split(".")[0]:
+            warnings.warn(f"{folder.name} was written with {lib} {then}; this is {lib} {current}", stacklevel=3)
+
+
+def load_weights(folder: Path, name: str = "weights.pt") -> dict:
+    """A verified state_dict (call :func:`read_meta` first); never executes code."""
+    try:
+        return torch.load(folder / name, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot load {folder / name}: {str(exc).splitlines()[0]}") from None

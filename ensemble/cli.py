@@ -1,0 +1,237 @@
+"""The command line: each command parses, calls one function, prints.
+
+Errors a user can cause are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Experiment TOML file.")
+SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                   help="Override one config value (repeatable), e.g. --set train.epochs=1.")
+OUT = click.option("--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True,
+                   help="Run folder.")
+RESUME = click.option("--resume", is_flag=True, help="Continue from the last complete epoch's checkpoint.")
+
+
+def _log(msg: str) -> None:
+    click.echo(msg)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
+
+
+def _experiment(config_file, overrides, run):
+    from .config import load_config
+    from .pipeline import open_experiment
+
+    return open_experiment(load_config(config_file, overrides), Path(run), _log)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ensemble")
+def cli():
+    """Hierarchical facial-emotion recognition: stage 1 places a face in valence/arousal space,
+    a router picks the expert of its neighborhood, the expert names the emotion. Compare it
+    with a flat 8-class classifier on AffectNet, FER+, a folder or a CSV of your own faces."""
+
+
+@cli.command("demo", short_help="The whole pipeline on built-in synthetic faces (CPU, minutes).")
+@click.option("--quick", is_flag=True, help="Smaller and shorter (about a minute): a smoke check.")
+@click.option("--out", type=click.Path(file_okay=False), default="artifacts/demo", show_default=True)
+@SET
+def demo_cmd(quick, out, overrides):
+    """Synthetic faces, fit-flat, fit-stage1, fit-experts, compare and a predict, with progress."""
+    from .demo import run_demo
+
+    run_demo(Path(out), quick, overrides, _log)
+
+
+@cli.group("data", short_help="Inspect data sets.")
+def data_grp():
+    """Inspect data sets."""
+
+
+@data_grp.command("summary", short_help="Counts per split and class, V/A per class, dropped rows.")
+@CONFIG
+@SET
+@click.option("--format", "fmt", help="Data format (affectnet, affectnet-folder, ferplus, folder, csv, synthetic).")
+@click.option("--root", type=click.Path(), help="Data-set root (csv: the manifest file).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip opening every image.")
+def summary_cmd(config_file, overrides, fmt, root, as_json, no_verify):
+    """Per-split, per-class counts, valence/arousal mean and std per class, and how many rows were
+    dropped and why. Every image is opened; those that do not open are counted as dropped."""
+    from .config import load_config
+    from .summary import summarize
+
+    extra = ([f"data.format={json.dumps(fmt)}"] if fmt else []) + ([f"data.root={json.dumps(root)}"] if root else [])
+    cfg = load_config(config_file, list(overrides) + extra)
+    result = summarize(cfg, verify=not no_verify)
+    from .summary import render_summary
+
+    click.echo(json.dumps(result, indent=2) if as_json else render_summary(result))
+
+
+@cli.command("prepare", short_help="Decode, crop and resize every image once into shards.")
+@CONFIG
+@SET
+@click.option("--workers", type=int, default=None, help="Decoder processes (default: data.num_workers).")
+def prepare_cmd(config_file, overrides, workers):
+    """Write the uint8 shard that training and evaluation read (it is also built on first use)."""
+    from .config import load_config
+    from .data import load_dataset
+    from .prepare import prepare_images
+
+    cfg = load_config(config_file, overrides)
+    ds = load_dataset(cfg.data, seed=cfg.train.seed)
+    folder, info = prepare_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
+                                  cfg.data.num_workers if workers is None else workers)
+    click.echo(f"prepared {info['n']} faces at {info['size']} px in {folder} ({info['n_bad']} unreadable)")
+
+
+@cli.command("fit-stage1", short_help="Train the valence/arousal regressor (stage 1).")
+@CONFIG
+@SET
+@OUT
+@RESUME
+def fit_stage1_cmd(config_file, overrides, run, resume):
+    """Train the stage-1 regressor to (valence, arousal); writes RUN/stage1."""
+    from stages.stage1 import fit_stage1
+
+    metrics = fit_stage1(_experiment(config_file, overrides, run), resume, _log)
+    _print_metrics("stage1", metrics)
+
+
+@cli.command("fit-flat", short_help="Train the flat 8-class baseline.")
+@CONFIG
+@SET
+@OUT
+@RESUME
+def fit_flat_cmd(config_file, overrides, run, resume):
+    """Train the flat 8-class classifier; writes RUN/flat."""
+    from stages.flat import fit_flat
+
+    metrics = fit_flat(_experiment(config_file, overrides, run), resume, _log)
+    _print_metrics("flat", metrics)
+
+
+@cli.command("fit-experts", short_help="Fit neighborhoods, one expert each, and the router.")
+@CONFIG
+@SET
+@OUT
+@RESUME
+def fit_experts_cmd(config_file, overrides, run, resume):
+    """Cluster the training V/A labels into neighborhoods, train one expert per neighborhood,
+    then fit the router on validation; writes RUN/neighborhoods, RUN/experts, RUN/router."""
+    from stages.experts import fit_experts
+
+    from .predictors import calibrate_router
+
+    exp = _experiment(config_file, overrides, run)
+    fit_experts(exp, resume, _log)
+    if exp.rt.is_main:
+        if not (exp.run / "stage1" / "meta.json").is_file():
+            raise UserError("experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again")
+        calibrate_router(exp, _log)
+
+
+def _print_metrics(stage: str, metrics: dict) -> None:
+    for split in ("val", "test"):
+        m = metrics.get(split)
+        if not m:
+            continue
+        if "balanced_accuracy" in m:
+            click.echo(f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+                       f"macro-F1 {m['macro_f1']:.4f}")
+        else:
+            click.echo(f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
+                       f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}")
+
+
+@cli.command("predict", short_help="Emotion, valence and arousal of every face in images.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--run", type=click.Path(file_okay=False), default="artifacts/demo", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per face.")
+@click.option("--no-detect", is_flag=True, help="The images are face crops: skip face detection.")
+@click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
+@click.option("--flat", "use_flat", is_flag=True, help="Use the run's flat model instead of the hierarchy.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
+    """Detect every face (OpenCV Haar cascade), then predict emotion, top 3, valence, arousal,
+    neighborhood and expert. Directories are walked. Unreadable files are named on stderr and
+    the exit code is non-zero; the other files are still predicted."""
+    from .predict import run_predict
+
+    n_failed = run_predict(paths, Path(run), as_json, not no_detect, router, use_flat, batch_size)
+    if n_failed:
+        sys.exit(1)
+
+
+@cli.command("compare", short_help="Flat vs hierarchical (hard, soft, oracle) on the same faces.")
+@CONFIG
+@SET
+@click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (default RUN/reports).")
+def compare_cmd(config_file, overrides, run, split, out):
+    """Accuracy, balanced accuracy, macro-F1, per-class recall, confusion matrices, routing
+    accuracy and stage-1 RMSE/CCC; writes report.md, metrics.csv and plots."""
+    from .config import config_from_dict, load_config
+    from .pipeline import open_experiment
+    from .reports import compare
+
+    run_p = Path(run)
+    if config_file or overrides or not (run_p / "config.json").is_file():
+        cfg = load_config(config_file, overrides)
+    else:
+        cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
+    compare(open_experiment(cfg, run_p, _log), split, Path(out) if out else None, _log)
+
+
+@cli.command("export", short_help="Export the whole hierarchy as one ONNX or TorchScript graph.")
+@click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
+def export_cmd(run, fmt, out, router):
+    """Trunk(s), stage 1, router, experts and the mixture as one graph with a dynamic batch:
+    input HierarchicalPredictor.preprocess(images), output (n, 8) probabilities."""
+    from .export import export
+
+    path = export(Path(run), fmt, Path(out), router)
+    click.echo(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    warnings.showwarning = _show_warning
+    try:
+        cli.main(args=argv, prog_name="ensemble", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the engine's interruption and other expected stops
+        from .engine import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            click.echo(f"stopped: {exc}", err=True)
+            sys.exit(130)
+        raise

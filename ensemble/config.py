@@ -1,0 +1,241 @@
+"""Experiment configuration: typed defaults in code, a TOML file lists only what differs.
+
+A config file has the sections ``[data] [model] [train] [balance] [neighborhoods]
+[experts] [router]`` (plus ``[stage1]`` and ``[flat]`` for per-stage overrides).
+``[experts]``, ``[stage1]`` and ``[flat]`` may hold ``model``, ``train`` and ``balance``
+sub-tables that override the shared sections for that stage only, e.g.::
+
+    [experts.model]
+    trunk_from = "flat"      # experts are heads on the flat model's frozen trunk
+
+An unknown key or a value of the wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    format: str = "synthetic"  # affectnet | affectnet-folder | ferplus | folder | csv | synthetic
+    root: str = ""  # data-set root (for csv: the manifest file); unused by synthetic
+    image_size: int = 48  # network input side in pixels (the report's recipe: 224)
+    max_samples: int = 0  # cap per split (stratified, seeded) for smoke runs; 0 = all
+    val_fraction: float = 0.1  # held out of train (stratified) when the format has no val split
+    prototypes: dict = field(default_factory=dict)  # class -> [valence, arousal]; overrides the derived-V/A table
+    n_synthetic: int = 4000  # synthetic: images over all splits
+    synthetic_size: int = 64  # synthetic: image side in pixels
+    cache_dir: str = "artifacts/cache"  # decoded, resized uint8 images are kept here (ensemble prepare)
+    cache: str = "auto"  # auto | disk | none: read prepared shards (disk) or decode every epoch (none)
+    strict: bool = False  # a bad row or image is an error instead of a counted skip
+    num_workers: int = 0  # DataLoader workers when decoding from files
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vgg16"  # any torchvision classification model name, or "tinyvgg" (tests, demo)
+    pretrained: str = "none"  # imagenet | none | path to a state_dict of the torchvision model
+    trainable: str = "all"  # head | blockN (blocks N..last plus head) | all
+    head: str = "slim"  # classic (VGG 4096-4096 classifier) | slim (global pool -> hidden -> out)
+    hidden: int = 256  # slim head's hidden width
+    dropout: float = 0.5  # dropout inside the head
+    trunk_from: str = ""  # "" | flat | stage1: build on that stage's trunk, frozen (shared at inference)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # maximum epochs
+    batch_size: int = 64  # per process
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # sgd momentum
+    nesterov: bool = False  # sgd Nesterov momentum
+    weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw)
+    schedule: str = "cosine"  # cosine | step | none
+    step_size: int = 10  # step schedule: epochs between decays
+    gamma: float = 0.1  # step schedule: decay factor
+    warmup_epochs: float = 0.0  # linear warm-up, in epochs (fractions allowed)
+    patience: int = 0  # early stopping: epochs without improvement on the validation metric; 0 = off
+    loss: str = "mse"  # regression loss: mse | mse+ccc  (classification always uses cross-entropy)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    soft_targets: bool = False  # classification: train on vote distributions where the data has them
+    augment: bool = True  # random crop (scale/shift) and horizontal flip on every training image
+    crop_scale: float = 0.1  # augmentation: +- relative scale/shift of the random crop
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 elsewhere) | bf16 | fp16 | fp32
+    channels_last: bool = True  # NHWC memory layout (faster convolutions)
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch CPU threads; 0 = library default
+    seed: int = 0  # seeds data order, augmentation, initialisation
+    feature_cache: bool = True  # head-only training reads the frozen trunk's outputs cached once
+    max_minutes: float = 0.0  # stop after the epoch that crosses this wall time; 0 = off
+
+
+@dataclass
+class BalanceConfig:
+    mode: str = "none"  # none | down | up | transform  (the report's sampling remedies)
+    cap: int = 20000  # per-class ceiling for up / transform up-sampling (the report: 20k)
+    floor: int = 0  # down-sampling: per-class target; 0 = size of the rarest class
+    rotation: float = 45.0  # transform copies: random rotation within +- degrees
+    flip: bool = True  # transform copies: random horizontal flip
+    weights: str = "none"  # loss weights: none | inverse | sqrt_inverse | explicit
+    class_weights: dict = field(default_factory=dict)  # explicit: class -> weight (missing = 1)
+
+
+@dataclass
+class NeighborhoodsConfig:
+    method: str = "kmeans"  # kmeans | gmm | agglomerative
+    k: int = 0  # number of neighborhoods; 0 = choose within k_min..k_max
+    k_min: int = 2  # automatic k: smallest tried
+    k_max: int = 6  # automatic k: largest tried
+    min_share: float = 0.15  # a class joins a neighborhood holding at least this share of its samples
+    max_fit_samples: int = 20000  # clustering subsample (seeded) for speed; membership uses all
+
+
+@dataclass
+class StageOverrides:
+    model: dict = field(default_factory=dict)  # keys of [model] for this stage only
+    train: dict = field(default_factory=dict)  # keys of [train] for this stage only
+    balance: dict = field(default_factory=dict)  # keys of [balance] for this stage only
+
+
+@dataclass
+class ExpertsConfig(StageOverrides):
+    train_on: str = "true"  # true | routed | both: which region's samples train an expert
+    oof_folds: int = 3  # routed: stage-1 V/A on training data predicted out-of-fold by this many refits
+    min_count: int = 20  # a class needs this many samples in a region to be part of its expert
+
+
+@dataclass
+class RouterConfig:
+    mode: str = "auto"  # auto (best on validation) | hard | soft
+    temperature: float = 0.0  # soft routing temperature; 0 = fitted on validation
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    neighborhoods: NeighborhoodsConfig = field(default_factory=NeighborhoodsConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    stage1: StageOverrides = field(default_factory=StageOverrides)
+    flat: StageOverrides = field(default_factory=StageOverrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def for_stage(self, stage: str) -> "Config":
+        """The config a stage trains with: shared sections with its overrides applied."""
+        over = getattr(self, stage, None) if stage in ("stage1", "flat", "experts") else None
+        cfg = dataclasses.replace(self)
+        if over is None:
+            return cfg
+        for section in ("model", "train", "balance"):
+            updates = getattr(over, section)
+            if updates:
+                base = getattr(self, section)
+                merged = _apply(type(base), dataclasses.asdict(base) | updates, f"{stage}.{section}")
+                setattr(cfg, section, merged)
+        return cfg
+
+
+_SECTION_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(value: Any, expected: Any, where: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {where}: expected a table, got {value!r}")
+        return dict(value)
+    if expected in (int, str, bool, float):
+        if isinstance(value, bool) and expected is not bool:
+            raise UserError(f"config key {where}: expected {expected.__name__}, got {value!r}")
+        if not isinstance(value, expected):
+            raise UserError(f"config key {where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _apply(cls, values: dict, where: str):
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown config key: {where}.{key}")
+        kwargs[key] = _check_value(value, hints[key], f"{where}.{key}")
+    if cls in (StageOverrides, ExpertsConfig):
+        # override tables must name real keys of their sections
+        for sub, target in (("model", ModelConfig), ("train", TrainConfig), ("balance", BalanceConfig)):
+            if sub in kwargs:
+                _apply(target, dataclasses.asdict(target()) | kwargs[sub], f"{where}.{sub}")
+    return cls(**{**dataclasses.asdict(cls()), **kwargs})
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2:
+        raise UserError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Defaults, then the TOML file at ``path``, then ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {p} is not valid TOML: {exc}") from None
+    for item in overrides:
+        parts, value = _parse_set(item)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: {part} is not a section")
+        node[parts[-1]] = value
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            raise UserError(f"unknown config section: [{name}]")
+        if not isinstance(value, dict):
+            raise UserError(f"config section [{name}] must be a table")
+        cls = _hints(Config)[name]
+        sections[name] = _apply(cls, value, name)
+    return Config(**sections)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,510 @@
+"""Data sets in, one manifest out.
+
+Every adapter turns a data set on disk into the same manifest, a pandas DataFrame with one
+row per face:
+
+=============  =====================================================================
+path           image file (str)
+x, y, w, h     face box in pixels; NaN = the whole image
+label          class index in :data:`CLASSES` order (int)
+valence        in [-1, 1]; measured (AffectNet) or derived from the label distribution
+arousal        in [-1, 1]
+va_source      "measured" | "derived"
+split          "train" | "val" | "test"
+vote_<class>   the 8-class label distribution for vote-labelled data (FER+); NaN otherwise
+=============  =====================================================================
+
+Rows that cannot be used are dropped and counted by reason in a ``Counter``; nothing is
+lost silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from .errors import UserError
+
+#: The canonical class order (AffectNet's expression codes 0-7), used for every logit.
+CLASSES: tuple[str, ...] = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
+VOTE_COLUMNS = [f"vote_{c}" for c in CLASSES]
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+FORMATS = ("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic")
+
+#: Names other data sets use for our classes.
+CLASS_ALIASES = {
+    "neutral": "neutral", "neutrality": "neutral", "calm": "neutral",
+    "happy": "happy", "happiness": "happy", "joy": "happy",
+    "sad": "sad", "sadness": "sad",
+    "surprise": "surprise", "surprised": "surprise",
+    "fear": "fear", "fearful": "fear", "afraid": "fear", "scared": "fear",
+    "disgust": "disgust", "disgusted": "disgust",
+    "anger": "anger", "angry": "anger",
+    "contempt": "contempt", "contemptuous": "contempt",
+}
+
+#: Prototype (valence, arousal) per class, used to derive V/A where a data set has none.
+#: Positions approximated from Russell's circumplex of affect (J. A. Russell, "A circumplex
+#: model of affect", J. Pers. Soc. Psychol. 39(6):1161-1178, 1980, Fig. 2), the reference
+#: AffectNet's annotators were shown (Mollahosseini et al., IEEE T-AFFC 10(1), 2019, §3.2),
+#: scaled to [-1, 1]. Override per class with ``data.prototypes``.
+VA_PROTOTYPES: dict[str, tuple[float, float]] = {
+    "neutral": (0.0, 0.0),
+    "happy": (0.8, 0.35),
+    "sad": (-0.7, -0.35),
+    "surprise": (0.25, 0.8),
+    "fear": (-0.55, 0.75),
+    "disgust": (-0.7, 0.3),
+    "anger": (-0.6, 0.65),
+    "contempt": (-0.5, 0.2),
+}
+
+# FER+ label.csv vote order (after file and box)
+FERPLUS_VOTES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt", "unknown", "NF")
+FERPLUS_SPLITS = {"FER2013Train": "train", "FER2013Valid": "val", "FER2013Test": "test"}
+AFFECTNET_COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+                     "facial_landmarks", "expression", "valence", "arousal"]
+
+
+@dataclass
+class Dataset:
+    """A loaded data set: the manifest and the count of dropped rows by reason."""
+
+    manifest: pd.DataFrame
+    dropped: Counter
+
+
+def canonical_class(name: str) -> str | None:
+    return CLASS_ALIASES.get(str(name).strip().lower())
+
+
+def prototype_table(overrides: dict | None = None) -> np.ndarray:
+    """(8, 2) prototype V/A per class in canonical order."""
+    table = dict(VA_PROTOTYPES)
+    for name, va in (overrides or {}).items():
+        c = canonical_class(name)
+        if c is None:
+            raise UserError(f"data.prototypes: unknown class {name!r}")
+        if not (isinstance(va, (list, tuple)) and len(va) == 2):
+            raise UserError(f"data.prototypes.{name}: expected [valence, arousal]")
+        table[c] = (float(va[0]), float(va[1]))
+    return np.array([table[c] for c in CLASSES], dtype=np.float64)
+
+
+def _warn_dropped(reason: str, examples: list[str], n: int) -> None:
+    if n:
+        shown = ", ".join(examples[:3])
+        warnings.warn(f"dropped {n} row(s): {reason} (e.g. {shown})", stacklevel=3)
+
+
+class _Drops:
+    """Counts dropped rows by reason and remembers a few offenders for the warning."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, example: str) -> None:
+        if self.strict:
+            raise UserError(f"{reason}: {example} (data.strict is on)")
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(str(example))
+
+    def warn(self) -> None:
+        for reason, n in self.counts.items():
+            _warn_dropped(reason, self.examples[reason], n)
+
+
+def _empty_row(path: str, label: int, split: str) -> dict:
+    return {"path": path, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan, "label": label,
+            "valence": np.nan, "arousal": np.nan, "va_source": "derived", "split": split}
+
+
+# --------------------------------------------------------------------------- adapters
+
+def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
+    rows = []
+    found = False
+    for folder, split in FERPLUS_SPLITS.items():
+        csv = root / folder / "label.csv"
+        if not csv.is_file():
+            continue  # an absent split is simply absent
+        found = True
+        try:
+            table = pd.read_csv(csv, header=None, dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python")
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise UserError(f"cannot read {csv}: {exc}") from None
+        for rec in table.itertuples(index=False):
+            rec = list(rec)
+            name = rec[0].strip() if rec else ""
+            if len(rec) < 12 or not name:
+                drops.add("malformed label row", f"{csv.name}:{name or '?'}")
+                continue
+            try:
+                votes = np.array([float(v) for v in rec[2:12]])
+            except ValueError:
+                drops.add("bad vote counts", f"{folder}/{name}")
+                continue
+            if not np.all(np.isfinite(votes)) or (votes < 0).any() or votes.sum() <= 0:
+                drops.add("bad vote counts", f"{folder}/{name}")
+                continue
+            top = votes.max()
+            winners = np.flatnonzero(votes == top)
+            if len(winners) > 1:
+                drops.add("tied top vote", f"{folder}/{name}")
+                continue
+            if FERPLUS_VOTES[winners[0]] in ("unknown", "NF"):
+                drops.add("top vote unknown or not a face", f"{folder}/{name}")
+                continue
+            row = _empty_row(str(root / folder / name), CLASS_INDEX[FERPLUS_VOTES[winners[0]]], split)
+            emo = votes[:8] / votes[:8].sum()
+            for i, c in enumerate(FERPLUS_VOTES[:8]):
+                row[f"vote_{c}"] = emo[i]
+            rows.append(row)
+    if not found:
+        raise UserError(f"no FER+ split found under {root} (expected FER2013Train/label.csv, FER2013Valid/label.csv or FER2013Test/label.csv)")
+    return rows
+
+
+def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> list[dict]:
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"cannot read {csv}: {exc}") from None
+    missing = [c for c in AFFECTNET_COLUMNS if c not in table.columns and c != "facial_landmarks"]
+    if missing:
+        raise UserError(f"{csv} is missing AffectNet column(s): {', '.join(missing)}")
+    rows = []
+    for rec in table.to_dict("records"):
+        rel = str(rec["subDirectory_filePath"]).strip()
+        try:
+            expr = int(float(rec["expression"]))
+            box = [float(rec[k]) for k in ("face_x", "face_y", "face_width", "face_height")]
+            val, aro = float(rec["valence"]), float(rec["arousal"])
+        except (TypeError, ValueError):
+            drops.add("malformed AffectNet row", rel or "?")
+            continue
+        if expr in (8, 9, 10):
+            drops.add("expression 8-10 (none, uncertain, no face)", rel)
+            continue
+        if not 0 <= expr <= 7:
+            drops.add("label outside the classes", rel)
+            continue
+        if val == -2 or aro == -2 or not (-1 <= val <= 1 and -1 <= aro <= 1):
+            drops.add("valence/arousal missing (-2) or out of range", rel)
+            continue
+        row = _empty_row(str(images / rel), expr, split)
+        if all(np.isfinite(box)) and box[2] > 0 and box[3] > 0:
+            row.update(x=box[0], y=box[1], w=box[2], h=box[3])
+        row.update(valence=val, arousal=aro, va_source="measured")
+        rows.append(row)
+    return rows
+
+
+def _read_affectnet(root: Path, drops: _Drops) -> list[dict]:
+    images = root / "Manually_Annotated_Images"
+    if not images.is_dir():
+        images = root
+    rows = []
+    for name, split in (("training.csv", "train"), ("validation.csv", "test")):
+        csv = root / name
+        if csv.is_file():
+            rows += _read_affectnet_csv(csv, images, split, drops)
+    if not rows and not (root / "training.csv").is_file() and not (root / "validation.csv").is_file():
+        raise UserError(f"no AffectNet training.csv or validation.csv under {root}")
+    return rows
+
+
+def _read_affectnet_folder(root: Path, drops: _Drops) -> list[dict]:
+    names = {"train": "train", "train_set": "train", "val": "test", "val_set": "test", "valid": "test",
+             "validation": "test", "test": "test", "test_set": "test"}
+    rows = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        split = names.get(sub.name.lower())
+        if split is None or not (sub / "images").is_dir():
+            continue
+        ann = sub / "annotations"
+        for img in sorted((sub / "images").iterdir()):
+            if img.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                expr = int(np.load(ann / f"{img.stem}_exp.npy", allow_pickle=False).item())
+                val = float(np.load(ann / f"{img.stem}_val.npy", allow_pickle=False).item())
+                aro = float(np.load(ann / f"{img.stem}_aro.npy", allow_pickle=False).item())
+            except (OSError, ValueError, TypeError):
+                drops.add("missing or unreadable annotation", f"{sub.name}/{img.name}")
+                continue
+            if not 0 <= expr <= 7:
+                drops.add("label outside the classes", f"{sub.name}/{img.name}")
+                continue
+            if not (np.isfinite(val) and np.isfinite(aro)) or val == -2 or aro == -2:
+                drops.add("valence/arousal missing (-2) or out of range", f"{sub.name}/{img.name}")
+                continue
+            row = _empty_row(str(img), expr, split)
+            row.update(valence=float(np.clip(val, -1, 1)), arousal=float(np.clip(aro, -1, 1)), va_source="measured")
+            rows.append(row)
+    if not rows and not drops.counts:
+        raise UserError(f"no AffectNet folder layout under {root} (expected <split>/images and <split>/annotations)")
+    return rows
+
+
+def _read_folder(root: Path, drops: _Drops) -> list[dict]:
+    if not root.is_dir():
+        raise UserError(f"data root is not a folder: {root}")
+
+    def scan(class_dir: Path, split: str) -> list[dict]:
+        out = []
+        c = canonical_class(class_dir.name)
+        for f in sorted(class_dir.rglob("*")):
+            if not f.is_file():
+                continue
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                drops.add("not an image file name", str(f))
+                continue
+            if c is None:
+                drops.add("label outside the classes", str(f))
+                continue
+            out.append(_empty_row(str(f), CLASS_INDEX[c], split))
+        return out
+
+    rows: list[dict] = []
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    split_dirs = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+    if any(p.name.lower() in split_dirs for p in subdirs):
+        for p in subdirs:
+            split = split_dirs.get(p.name.lower())
+            if split is None:
+                continue
+            for class_dir in sorted(q for q in p.iterdir() if q.is_dir()):
+                rows += scan(class_dir, split)
+    else:
+        for class_dir in subdirs:
+            rows += scan(class_dir, "train")
+    if not rows and not drops.counts:
+        raise UserError(f"no images found under {root} (expected <class>/ or <split>/<class>/ folders)")
+    return rows
+
+
+def _read_csv(path: Path, drops: _Drops) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"CSV manifest not found: {path}")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    cols = {c.strip().lower(): c for c in table.columns}
+    path_col = cols.get("path") or cols.get("image") or cols.get("file")
+    label_col = cols.get("label") or cols.get("emotion") or cols.get("expression") or cols.get("class")
+    if path_col is None or label_col is None:
+        raise UserError(f"{path} needs a 'path' and a 'label' column (found: {', '.join(table.columns)})")
+    base = path.parent
+    rows = []
+    for rec in table.to_dict("records"):
+        raw_label = str(rec[label_col]).strip()
+        c = canonical_class(raw_label)
+        if c is None and raw_label.isdigit() and int(raw_label) < len(CLASSES):
+            c = CLASSES[int(raw_label)]
+        if c is None:
+            drops.add("label outside the classes", f"{rec[path_col]} ({raw_label})")
+            continue
+        split = str(rec[cols["split"]]).strip().lower() if "split" in cols else "train"
+        split = {"valid": "val", "validation": "val"}.get(split, split)
+        if split not in SPLITS:
+            drops.add("unknown split", f"{rec[path_col]} ({split})")
+            continue
+        p = Path(str(rec[path_col]).strip())
+        row = _empty_row(str(p if p.is_absolute() else base / p), CLASS_INDEX[c], split)
+        if "valence" in cols and "arousal" in cols and str(rec[cols["valence"]]).strip() != "":
+            try:
+                v, a = float(rec[cols["valence"]]), float(rec[cols["arousal"]])
+            except ValueError:
+                v = a = float("nan")
+            if not (np.isfinite(v) and np.isfinite(a)) or abs(v) > 1 or abs(a) > 1:
+                drops.add("valence/arousal not a number in [-1, 1]", row["path"])
+                continue
+            row.update(valence=v, arousal=a, va_source="measured")
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- the manifest
+
+def stratified_take(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Up to ``n`` rows keeping class proportions (every present class keeps >= 1 row)."""
+    if n <= 0 or len(df) <= n:
+        return df
+    rng = np.random.default_rng(seed)
+    counts = df["label"].value_counts()
+    quota = np.maximum(1, np.floor(counts / len(df) * n)).astype(int)
+    parts = []
+    for label, q in quota.items():
+        idx = df.index[df["label"] == label].to_numpy()
+        parts.append(rng.choice(idx, size=min(q, len(idx)), replace=False))
+    return df.loc[np.sort(np.concatenate(parts))]
+
+
+def _hold_out_val(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    if (df["split"] == "val").any() or fraction <= 0:
+        return df
+    train = df[df["split"] == "train"]
+    if len(train) < 2:
+        return df
+    rng = np.random.default_rng(seed + 1)
+    val_idx = []
+    for _, grp in train.groupby("label"):
+        n = int(round(len(grp) * fraction))
+        if n and len(grp) > 1:
+            val_idx.append(rng.choice(grp.index.to_numpy(), size=min(n, len(grp) - 1), replace=False))
+    df = df.copy()
+    if val_idx:
+        df.loc[np.concatenate(val_idx), "split"] = "val"
+    return df
+
+
+def derive_va(df: pd.DataFrame, prototypes: np.ndarray) -> pd.DataFrame:
+    """Fill valence/arousal where missing: label distribution (votes, else one-hot) x prototypes."""
+    df = df.copy()
+    need = df["valence"].isna() | df["arousal"].isna()
+    if not need.any():
+        return df
+    dist = np.zeros((int(need.sum()), len(CLASSES)))
+    sub = df.loc[need]
+    if all(c in df.columns for c in VOTE_COLUMNS):
+        votes = sub[VOTE_COLUMNS].to_numpy(dtype=float)
+        has = np.isfinite(votes).all(axis=1)
+        dist[has] = votes[has]
+    else:
+        has = np.zeros(len(sub), dtype=bool)
+    dist[np.flatnonzero(~has), sub["label"].to_numpy()[~has]] = 1.0
+    va = dist @ prototypes
+    df.loc[need, "valence"] = va[:, 0]
+    df.loc[need, "arousal"] = va[:, 1]
+    df.loc[need, "va_source"] = "derived"
+    return df
+
+
+def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
+    """Read a data set into a manifest (see module doc); bad rows dropped and counted."""
+    fmt = data_cfg.format
+    if fmt not in FORMATS:
+        raise UserError(f"unknown data format {fmt!r} (known: {', '.join(FORMATS)})")
+    drops = _Drops(data_cfg.strict)
+    if fmt == "synthetic":
+        from .synthetic import synthetic_dataset
+
+        rows = synthetic_dataset(Path(data_cfg.cache_dir), n=data_cfg.n_synthetic, size=data_cfg.synthetic_size, seed=seed)
+    else:
+        if not data_cfg.root:
+            raise UserError(f"data.root is not set (the {fmt} data set's location)")
+        root = Path(data_cfg.root).expanduser()
+        if not root.exists():
+            raise UserError(f"data root not found: {root}")
+        rows = {
+            "ferplus": lambda: _read_ferplus(root, drops),
+            "affectnet": lambda: _read_affectnet(root, drops),
+            "affectnet-folder": lambda: _read_affectnet_folder(root, drops),
+            "folder": lambda: _read_folder(root, drops),
+            "csv": lambda: _read_csv(root, drops),
+        }[fmt]()
+    df = pd.DataFrame(rows)
+    if df.empty:
+        drops.warn()
+        raise UserError(f"no usable rows in the {fmt} data set at {data_cfg.root or data_cfg.cache_dir}")
+    for c in VOTE_COLUMNS:
+        if c not in df.columns:
+            df[c] = np.nan
+    if check_files:
+        exists = np.array([os.path.isfile(p) for p in df["path"]])
+        for p in df.loc[~exists, "path"]:
+            drops.add("image file missing", p)
+        df = df[exists]
+    df = derive_va(df, prototype_table(data_cfg.prototypes))
+    df = _hold_out_val(df, data_cfg.val_fraction, seed)
+    if data_cfg.max_samples:
+        df = pd.concat([stratified_take(g, data_cfg.max_samples, seed) for _, g in df.groupby("split", sort=False)])
+    df = df.reset_index(drop=True)
+    df["label"] = df["label"].astype(int)
+    drops.warn()
+    return Dataset(df, drops.counts)
+
+
+def manifest_digest(df: pd.DataFrame, image_size: int) -> str:
+    """Identifies what a prepared shard holds: paths, boxes and the size."""
+    h = hashlib.sha256(str(image_size).encode())
+    h.update(pd.util.hash_pandas_object(df[["path", "x", "y", "w", "h"]], index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- images
+
+# Pillow raises DecompressionBombError past 2x this many pixels and warns past it: we refuse both.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message names why."""
+
+
+def open_image(source) -> Image.Image:
+    """A PIL image in RGB, EXIF orientation applied. ``source``: path or PIL image."""
+    try:
+        if isinstance(source, Image.Image):
+            im = source
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(source) as f:
+                    f.load()
+                    im = f.copy() if f.mode not in ("I;16", "I;16B", "I;16L", "I", "F") else f.convert("I")
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "F", "I;16", "I;16B", "I;16L"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except (OSError, ValueError, SyntaxError, TypeError) as exc:
+        raise ImageError(f"cannot decode image: {exc}") from None
+    if im.width < 2 or im.height < 2:
+        raise ImageError(f"image too small ({im.width}x{im.height})")
+    return im
+
+
+def face_array(source, box, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the image (or its face box) resized. Raises ImageError."""
+    im = open_image(source)
+    if box is not None and all(np.isfinite(box)) and box[2] > 1 and box[3] > 1:
+        x, y, w, h = box
+        left, top = max(0, int(round(x))), max(0, int(round(y)))
+        right, bottom = min(im.width, int(round(x + w))), min(im.height, int(round(y + h)))
+        if right - left >= 2 and bottom - top >= 2:
+            im = im.crop((left, top, right, bottom))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def row_box(row) -> tuple | None:
+    box = (row.x, row.y, row.w, row.h)
+    return box if all(np.isfinite(box)) else None

@@ -1,0 +1,48 @@
+"""An experiment: a config, a run folder, the data set and its prepared images, the runtime."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import check_output_dir
+from .config import Config, save_config
+from .data import load_dataset
+from .engine import Runtime, runtime
+from .prepare import ImageSource, load_images
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    run: Path
+    manifest: pd.DataFrame
+    dropped: Counter
+    images: ImageSource
+    rt: Runtime
+
+    def idx(self, split: str) -> np.ndarray:
+        """Manifest positions of a split's faces (empty when the split is absent)."""
+        return np.flatnonzero(self.manifest["split"].to_numpy() == split)
+
+
+def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True) -> Experiment:
+    """Check the run folder, load the data set, prepare its images once, pick the device."""
+    run = Path(run)
+    check_output_dir(run)
+    rt = runtime(cfg.train)
+    ds = load_dataset(cfg.data, seed=cfg.train.seed)
+    images = load_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
+                         "none" if cfg.data.cache == "none" else "disk", cfg.data.num_workers,
+                         progress=progress and rt.is_main)
+    if rt.is_main:
+        counts = ds.manifest.groupby("split").size().to_dict()
+        log(f"data: {cfg.data.format} {', '.join(f'{k} {v}' for k, v in counts.items())}"
+            + (f"; dropped {sum(ds.dropped.values())}" if ds.dropped else "")
+            + f"; device {rt.device}, precision {rt.amp_dtype or 'fp32'}")
+        save_config(cfg, run / "config.json")
+    return Experiment(cfg, run, ds.manifest, ds.dropped, images, rt)

@@ -1,0 +1,218 @@
+"""Use trained runs: ``FlatPredictor`` and ``HierarchicalPredictor``.
+
+Both load from a run folder, read their preprocessing from the artifacts (never from CLI
+defaults), and take a list of PIL images or file paths (already face crops)::
+
+    from ensemble import HierarchicalPredictor
+    hp = HierarchicalPredictor.load("artifacts/demo")
+    proba = hp.predict_proba(["face.png"])        # (n, 8), canonical class order
+    out = hp.predict(["face.png"])                # + valence, arousal, neighborhood, expert
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import StageWriter, read_meta
+from .data import CLASSES, ImageError, face_array
+from .errors import UserError
+from .router import MODES, HierarchyNet, RegionPosterior, fit_temperature
+
+
+def _preprocess(images, size: int, mean, std) -> np.ndarray:
+    """(n, 3, size, size) float32, exactly what the networks see."""
+    arrs = []
+    for im in images:
+        try:
+            arrs.append(face_array(im, None, size))
+        except ImageError as exc:
+            raise UserError(f"{im if not hasattr(im, 'size') else 'image'}: {exc}") from None
+    return uint8_to_input(np.stack(arrs) if arrs else np.zeros((0, size, size, 3), np.uint8), mean, std)
+
+
+def uint8_to_input(batch: np.ndarray, mean, std) -> np.ndarray:
+    """(n, H, W, 3) uint8 faces -> (n, 3, H, W) float32 normalised."""
+    x = batch.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None]
+
+
+class _Base:
+    size: int
+    mean: tuple
+    std: tuple
+    device: torch.device
+
+    def preprocess(self, images) -> np.ndarray:
+        return _preprocess(images, self.size, self.mean, self.std)
+
+    def _batches(self, x: np.ndarray, batch_size: int = 64):
+        for s in range(0, len(x), batch_size):
+            yield torch.from_numpy(x[s:s + batch_size]).to(self.device).contiguous(memory_format=torch.channels_last)
+
+
+class FlatPredictor(_Base):
+    """The flat 8-class model of a run."""
+
+    def __init__(self, net, meta: dict, device: str = "cpu"):
+        self.net, self.meta = net, meta
+        self.size, self.mean, self.std = meta["input_size"], tuple(meta["mean"]), tuple(meta["std"])
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        self.classes = meta["classes"]
+
+    @classmethod
+    def load(cls, run, device: str = "cpu") -> "FlatPredictor":
+        from stages.neural import load_network
+
+        run = Path(run)
+        net, meta = load_network(run / "flat", run)
+        if meta.get("classes") != list(CLASSES):
+            raise UserError(f"{run}/flat does not predict the 8 canonical classes")
+        return cls(net, meta, device)
+
+    @torch.no_grad()
+    def proba_from_input(self, x: np.ndarray) -> np.ndarray:
+        out = [torch.softmax(self.net(b).float(), 1).cpu().numpy() for b in self._batches(x)]
+        return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+    def predict_proba(self, images) -> np.ndarray:
+        return self.proba_from_input(self.preprocess(images))
+
+
+class HierarchicalPredictor(_Base):
+    """Stage 1 -> router -> experts, loaded from a run; ``router``: hard | soft (default: the run's choice)."""
+
+    def __init__(self, net: HierarchyNet, nbh, meta: dict, router: dict, device: str = "cpu"):
+        self.net, self.nbh, self.meta, self.router = net, nbh, meta, router
+        self.size, self.mean, self.std = meta["input_size"], tuple(meta["mean"]), tuple(meta["std"])
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        self.expert_classes = [[CLASSES[j] for j in getattr(net, f"map{i}").argmax(1).tolist()]
+                               for i in range(len(net.expert_heads))]
+
+    @property
+    def mode(self) -> str:
+        return self.net.mode
+
+    @classmethod
+    def load(cls, run, router: str | None = None, device: str = "cpu") -> "HierarchicalPredictor":
+        from stages.experts import load_neighborhoods, read_index
+        from stages.neural import load_network
+
+        run = Path(run)
+        if not run.is_dir():
+            raise UserError(f"run folder not found: {run}")
+        stage1, m1 = load_network(run / "stage1", run)
+        nbh = load_neighborhoods(run / "neighborhoods")
+        index = read_index(run)
+        if index["k"] != nbh.k_:
+            raise UserError(f"{run}: experts were trained for {index['k']} neighborhoods, the neighborhoods have {nbh.k_}")
+        trunks: dict[str, torch.nn.Module] = {}
+
+        def share(net, meta) -> str:
+            key = meta["trunk_sha256"][:16]
+            trunks.setdefault(key, net.trunk)
+            return key
+
+        s1_key = share(stage1, m1)
+        heads, keys, classes = [], [], []
+        for r, info in enumerate(index["experts"]):
+            folder = run / "experts" / str(r)
+            if info.get("constant"):
+                meta = read_meta(folder, f"expert {r}")
+                heads.append(None)
+                keys.append(s1_key)
+            else:
+                net, meta = load_network(folder, run)
+                for key in ("input_size", "mean", "std"):
+                    if meta[key] != m1[key]:
+                        raise UserError(f"expert {r} and stage 1 disagree on {key} ({meta[key]} vs {m1[key]}); "
+                                        f"they do not belong to one hierarchy")
+                heads.append(net.head)
+                keys.append(share(net, meta))
+            if meta["classes"] != info["classes"]:
+                raise UserError(f"expert {r}: classes {meta['classes']} differ from experts/index.json {info['classes']}")
+            classes.append([CLASSES.index(c) for c in meta["classes"]])
+        rfile = run / "router" / "meta.json"
+        rinfo = read_meta(run / "router", "router") if rfile.is_file() else {"mode": "soft", "temperature": 0.05}
+        mode = router or rinfo["mode"]
+        if mode not in ("hard", "soft"):
+            raise UserError(f"router must be hard or soft, got {mode!r}")
+        post = RegionPosterior(nbh, rinfo.get("temperature", 0.05))
+        net = HierarchyNet(trunks, stage1.head, s1_key, heads, keys, classes, post, mode)
+        return cls(net, nbh, m1, rinfo, device)
+
+    @torch.no_grad()
+    def parts_from_input(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """V/A (n, 2) and expert probabilities (k, n, 8) for preprocessed faces."""
+        vas, eps = [], []
+        for b in self._batches(x):
+            va, ep = self.net.parts(b)
+            vas.append(va.cpu().numpy())
+            eps.append(ep.cpu().numpy())
+        if not vas:
+            return np.zeros((0, 2), np.float32), np.zeros((len(self.net.expert_heads), 0, len(CLASSES)), np.float32)
+        return np.concatenate(vas), np.concatenate(eps, axis=1)
+
+    @torch.no_grad()
+    def route(self, va: np.ndarray, expert_probs: np.ndarray, mode: str | None = None,
+              true_va: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Final (n, 8) probabilities and region weights (n, k) under a router mode."""
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise UserError(f"router must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "oracle":
+            if true_va is None:
+                raise UserError("oracle routing needs the true valence/arousal")
+            w = torch.nn.functional.one_hot(torch.as_tensor(self.nbh.predict(true_va), dtype=torch.long), self.nbh.k_).float()
+        else:
+            w = self.net.weights(torch.as_tensor(va, dtype=torch.float32), mode)
+        p = HierarchyNet.mix(w, torch.as_tensor(expert_probs, dtype=torch.float32))
+        return p.numpy(), w.numpy()
+
+    def predict(self, images, router: str | None = None) -> dict:
+        """Per image: probabilities (n, 8), label, valence, arousal, neighborhood, expert."""
+        va, ep = self.parts_from_input(self.preprocess(images))
+        proba, w = self.route(va, ep, router)
+        region = w.argmax(1) if len(w) else np.zeros(0, int)
+        return {"proba": proba, "label": [CLASSES[i] for i in proba.argmax(1)], "valence": va[:, 0],
+                "arousal": va[:, 1], "neighborhood": region, "expert": region,
+                "region_weights": w}
+
+    def predict_proba(self, images, router: str | None = None) -> np.ndarray:
+        return self.predict(images, router)["proba"]
+
+
+def calibrate_router(exp, log=print) -> dict:
+    """Fit the soft router's temperature and pick the router mode on validation; write ``RUN/router``."""
+    from .metrics import classification_metrics
+
+    hp = HierarchicalPredictor.load(exp.run, router="soft", device=str(exp.rt.device))
+    vi = exp.idx("val")
+    ok = exp.images.ok[vi]
+    vi = vi[ok]
+    result = {"mode": "soft", "temperature": hp.net.posterior.temperature, "val": {}}
+    if len(vi) == 0:
+        log("router: no validation faces; soft routing with the default temperature")
+    else:
+        x = uint8_to_input(np.stack([exp.images.get(int(i)) for i in vi]), hp.mean, hp.std)
+        va, ep = hp.parts_from_input(x)
+        true_va = exp.manifest[["valence", "arousal"]].to_numpy()[vi]
+        result["temperature"] = fit_temperature(hp.net.posterior, va, hp.nbh.predict(true_va))
+        y = exp.manifest["label"].to_numpy()[vi]
+        for mode in ("hard", "soft"):
+            p, _ = hp.route(va, ep, mode)
+            result["val"][mode] = classification_metrics(y, p.argmax(1), CLASSES)["balanced_accuracy"]
+        want = exp.cfg.router.mode
+        if exp.cfg.router.temperature:
+            hp.net.posterior.temperature = result["temperature"] = exp.cfg.router.temperature
+        result["mode"] = max(("hard", "soft"), key=lambda m: result["val"][m]) if want == "auto" else want
+        log(f"router: validation balanced accuracy hard {result['val']['hard']:.4f}, soft {result['val']['soft']:.4f}"
+            f" (T={result['temperature']:.3g}) -> {result['mode']}")
+    writer = StageWriter(exp.run / "router")
+    writer.json("router.json", result)
+    writer.publish({"stage": "router", **result})
+    return result

@@ -1,0 +1,116 @@
+"""Decode, crop and resize every image once; training and evaluation read the result.
+
+``prepare_images`` streams a manifest through the decoder (with worker processes) into one
+uint8 array ``(n, size, size, 3)`` on disk, memory-mapped, plus a mask of the images that
+decoded. Memory stays constant whatever the data-set size: rows are written as they come.
+The shard is keyed by the manifest's paths, boxes and the size, so every stage (stage 1,
+flat, each expert) and every later run reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .data import ImageError, face_array, manifest_digest, row_box
+
+
+def _decode(job):
+    path, box, size = job
+    try:
+        return face_array(path, box, size), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
+class ImageSource:
+    """Faces of a manifest at one size: ``get(i) -> (size, size, 3) uint8 or None``."""
+
+    def __init__(self, manifest: pd.DataFrame, size: int, array: np.ndarray | None = None, ok: np.ndarray | None = None):
+        self.paths = manifest["path"].tolist()
+        self.boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
+        self.size = size
+        self.array = array  # prepared (n, size, size, 3) memmap, or None (decode on demand)
+        self.ok = ok if ok is not None else np.ones(len(self.paths), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, i: int) -> np.ndarray | None:
+        if self.array is not None:
+            return np.asarray(self.array[i]) if self.ok[i] else None
+        img, _ = _decode((self.paths[i], self.boxes[i], self.size))
+        return img
+
+
+def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, workers: int = 0,
+                   progress: bool = True) -> tuple[Path, dict]:
+    """Write (or find) the prepared shard for ``manifest``; returns its folder and stats."""
+    folder = Path(cache_dir) / "prepared" / f"{manifest_digest(manifest, size)}"
+    info_file = folder / "info.json"
+    if info_file.is_file():
+        return folder, json.loads(info_file.read_text())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    n = len(manifest)
+    arr = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    ok = np.zeros(n, dtype=bool)
+    bad: list[str] = []
+    paths = manifest["path"].tolist()
+    boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
+    jobs = ((p, b, size) for p, b in zip(paths, boxes))
+    bar = tqdm(total=n, desc=f"prepare {size}px", unit="img", disable=None if progress else True, leave=False)
+    if workers > 0:
+        ctx = get_context("spawn")
+        pool = ctx.Pool(workers)
+        results = pool.imap(_decode, jobs, chunksize=256)
+    else:
+        pool = None
+        results = map(_decode, jobs)
+    try:
+        for i, (img, err) in enumerate(results):
+            if img is None:
+                bad.append(f"{paths[i]}: {err}")
+            else:
+                arr[i] = img
+                ok[i] = True
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    arr.flush()
+    del arr
+    np.save(tmp / "ok.npy", ok)
+    info = {"n": n, "size": size, "n_bad": len(bad), "bad_examples": bad[:20]}
+    (tmp / "info.json").write_text(json.dumps(info, indent=1))
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, info
+
+
+def load_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, mode: str = "auto",
+                workers: int = 0, progress: bool = True) -> ImageSource:
+    """An ImageSource over the manifest; prepares the shard first unless ``mode == "none"``."""
+    if mode == "none":
+        return ImageSource(manifest, size)
+    folder, info = prepare_images(manifest, size, cache_dir, workers, progress)
+    if info["n_bad"]:
+        shown = "; ".join(info["bad_examples"][:3])
+        warnings.warn(f"skipped {info['n_bad']} unreadable image(s): {shown}", stacklevel=2)
+    array = np.load(folder / "images.npy", mmap_mode="r")
+    ok = np.load(folder / "ok.npy")
+    return ImageSource(manifest, size, array, ok)

@@ -1,0 +1,1 @@
+"""What gets trained: backbones, stage 1 (valence/arousal), neighborhoods, experts, the flat baseline."""

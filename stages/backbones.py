@@ -1,0 +1,210 @@
+"""Backbones split into a feature trunk of named blocks and a task head.
+
+Any torchvision classification model works by name (``vgg16``, ``vgg16_bn``, ``alexnet``,
+``resnet18``, ``resnet50``, ``mobilenet_v2``, ``efficientnet_b0`` …), plus ``tinyvgg``, a
+small VGG-style net registered for tests and the CPU demo.
+
+The trunk is cut into blocks at each resolution drop (VGG: the five conv blocks that end in
+max-pooling; ResNet: stem + layer1..4; MobileNet/EfficientNet: their stride stages), named
+``block1`` … ``blockN``. ``trainable`` says what learns, as in the report's Table I:
+``head`` (classifier only), ``block5`` (last conv block + head), ``block3`` (the last three
+blocks + head, about half of VGG16's layers), ``all``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ensemble.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TinyVGG(nn.Module):
+    """A four-block VGG-style net (conv-bn-relu x2, max-pool), for tests and the CPU demo."""
+
+    def __init__(self, widths=(16, 32, 64, 128)):
+        super().__init__()
+        layers, c_in = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            c_in = w
+        self.features = nn.Sequential(*layers)
+
+
+def _torchvision_model(name: str, pretrained: str) -> nn.Module:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise UserError(f"unknown backbone {name!r} (any torchvision classification model, or tinyvgg)") from None
+    if pretrained in ("", "none"):
+        return builder(weights=None)
+    if pretrained == "imagenet":
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        try:
+            return builder(weights=weights)
+        except Exception as exc:  # offline with no file: say exactly what to do
+            raise UserError(
+                f"ImageNet weights for {name} are not available ({type(exc).__name__}): place {Path(weights.url).name} "
+                f"in {file.parent} (or set TORCH_HOME), or set model.pretrained to a state_dict file") from None
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.pretrained: no such file {path} (use imagenet, none or a state_dict path)")
+    model = builder(weights=None)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot load weights from {path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2]
+        raise UserError(f"{path} is not a state_dict of torchvision's {name}: {' '.join(first).strip()}") from None
+    return model
+
+
+def _split_by_resolution(layers: list[nn.Module], probe_size: int = 64) -> list[nn.Sequential]:
+    """Group layers into blocks: a strided layer with weights starts a block, a pooling ends one."""
+    x = torch.zeros(1, 3, probe_size, probe_size)
+    blocks: list[list[nn.Module]] = [[]]
+    close_next = False
+    with torch.no_grad():
+        for layer in layers:
+            h = x.shape[-1]
+            x = layer.eval()(x)
+            shrinks = x.shape[-1] < h
+            has_params = any(True for _ in layer.parameters())
+            if (close_next or (shrinks and has_params)) and blocks[-1]:
+                blocks.append([])
+            close_next = False
+            blocks[-1].append(layer)
+            if shrinks and not has_params:
+                close_next = True
+    return [nn.Sequential(*b) for b in blocks if b]
+
+
+def build_trunk(name: str, pretrained: str = "none") -> tuple[nn.Sequential, int, nn.Module | None]:
+    """(trunk of blocks, output channels, the model's pretrained VGG-style classifier or None)."""
+    if name == "tinyvgg":
+        if pretrained not in ("", "none"):
+            raise UserError("tinyvgg has no pretrained weights (set model.pretrained = \"none\")")
+        model = TinyVGG()
+        layers = list(model.features)
+        classifier = None
+    else:
+        model = _torchvision_model(name, pretrained)
+        if hasattr(model, "layer4"):  # ResNet family
+            stem = nn.Sequential(*[m for n_, m in model.named_children() if n_ in ("conv1", "bn1", "relu", "maxpool")])
+            blocks = [stem] + [getattr(model, f"layer{i}") for i in range(1, 5)]
+            trunk = nn.Sequential(*blocks)
+            return trunk, _out_channels(trunk), None
+        if not hasattr(model, "features"):
+            raise UserError(f"backbone {name!r} has no 'features' trunk or ResNet layers; not supported")
+        layers = list(model.features)
+        classifier = getattr(model, "classifier", None) if name.startswith(("vgg", "alexnet")) else None
+    trunk = nn.Sequential(*_split_by_resolution(layers))
+    return trunk, _out_channels(trunk), classifier
+
+
+def _out_channels(trunk: nn.Module) -> int:
+    with torch.no_grad():
+        return int(trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+
+
+class EmotionNet(nn.Module):
+    """trunk (blocks) -> head. Outputs (batch, n_outputs) logits or regression values."""
+
+    def __init__(self, trunk: nn.Sequential, head: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.n_frozen_blocks = 0
+
+    def forward(self, x):  # (batch, 3, H, W) -> (batch, n_outputs)
+        return self.head(self.trunk(x))
+
+    def freeze(self, trainable: str) -> None:
+        """Make only the named part learn: head | blockN | all."""
+        n = len(self.trunk)
+        if trainable == "all":
+            k = 0
+        elif trainable == "head":
+            k = n
+        elif trainable.startswith("block") and trainable[5:].isdigit() and 1 <= int(trainable[5:]) <= n:
+            k = int(trainable[5:]) - 1
+        else:
+            raise UserError(f"model.trainable must be head, all or block1..block{n} for this backbone, got {trainable!r}")
+        self.n_frozen_blocks = k
+        for i, block in enumerate(self.trunk):
+            for p in block.parameters():
+                p.requires_grad_(i >= k)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for block in list(self.trunk)[: self.n_frozen_blocks]:
+            block.eval()  # frozen blocks keep their batch-norm statistics
+        return self
+
+
+def build_head(kind: str, in_channels: int, n_out: int, hidden: int, dropout: float,
+               classifier: nn.Module | None = None) -> nn.Module:
+    if kind == "slim":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                             nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                             nn.Linear(hidden, n_out))
+    if kind == "classic":
+        if classifier is not None and isinstance(classifier, nn.Sequential) and in_channels * 49 == getattr(classifier[0], "in_features", -1):
+            layers = [m for m in classifier]  # the pretrained 4096-4096 layers (VGG), new output layer
+            layers[-1] = nn.Linear(layers[-1].in_features, n_out)
+            for i, m in enumerate(layers):
+                if isinstance(m, nn.Dropout):
+                    layers[i] = nn.Dropout(dropout)
+            return nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Flatten(), *layers)
+        return nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+                             nn.Linear(in_channels * 49, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                             nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                             nn.Linear(4096, n_out))
+    raise UserError(f"model.head must be slim or classic, got {kind!r}")
+
+
+def build_model(model_cfg, n_out: int, pretrained: str | None = None) -> EmotionNet:
+    """The network a stage trains, frozen as ``model_cfg.trainable`` says."""
+    trunk, channels, classifier = build_trunk(model_cfg.backbone, model_cfg.pretrained if pretrained is None else pretrained)
+    head = build_head(model_cfg.head, channels, n_out, model_cfg.hidden, model_cfg.dropout, classifier)
+    net = EmotionNet(trunk, head)
+    net.freeze("head" if model_cfg.trunk_from else model_cfg.trainable)
+    return net
+
+
+def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the backbone's ImageNet weights expect (torchvision's presets)."""
+    if backbone != "tinyvgg":
+        try:
+            import torchvision
+
+            t = torchvision.models.get_model_weights(backbone).DEFAULT.transforms()
+            return tuple(t.mean), tuple(t.std)
+        except (ValueError, AttributeError):
+            pass
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's tensors: two stages with the same digest share that module."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,215 @@
+"""Neighborhoods of the training V/A labels, and one expert classifier per neighborhood.
+
+Routing errors cascade: an expert that only ever saw faces whose *true* V/A lies in its
+region meets, at test time, the faces stage 1 *sends* there. ``experts.train_on`` chooses
+what trains an expert: ``true`` (the true region), ``routed`` (where stage 1's V/A,
+predicted out-of-fold on the training faces, sends them) or ``both`` (the union). An expert
+covers every class that reaches it in meaningful numbers under that assignment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from sklearn.model_selection import KFold
+
+from ensemble.artifacts import StageWriter, read_meta, write_json
+from ensemble.data import CLASSES
+from ensemble.engine import StageData, fit, predict_outputs
+from ensemble.errors import UserError
+
+from .neighborhoods import VANeighborhoods, membership, plot_va_map
+from .neural import build_stage_net, load_network, train_network
+from .stage1 import va_targets
+
+
+def fit_neighborhoods(exp, log=print) -> VANeighborhoods:
+    """Cluster the training V/A labels; write ``RUN/neighborhoods`` (or reuse it if the config matches)."""
+    nc = exp.cfg.neighborhoods
+    folder = exp.run / "neighborhoods"
+    settings = {**nc.__dict__, "min_count": exp.cfg.experts.min_count, "seed": exp.cfg.train.seed,
+                "n_train": int(len(exp.idx("train")))}
+    if (folder / "meta.json").is_file():
+        meta = read_meta(folder, "neighborhoods")
+        if meta.get("settings") == settings:
+            log(f"neighborhoods: reusing {folder}")
+            return load_neighborhoods(folder)
+    tr = exp.idx("train")
+    va = va_targets(exp.manifest)[tr]
+    labels = exp.manifest["label"].to_numpy()[tr]
+    nbh = VANeighborhoods(method=nc.method, k=nc.k, k_min=nc.k_min, k_max=nc.k_max, min_share=nc.min_share,
+                          min_count=exp.cfg.experts.min_count, max_fit_samples=nc.max_fit_samples,
+                          random_state=exp.cfg.train.seed).fit(va, labels)
+    writer = StageWriter(folder)
+    joblib.dump(nbh, writer.path("model.joblib"))
+    desc = nbh.describe(CLASSES)
+    writer.json("neighborhoods.json", desc)
+    plot_va_map(va, labels, nbh, CLASSES, writer.path("va_map.png"))
+    writer.publish({"stage": "neighborhoods", "classes": list(CLASSES), "settings": settings, "k": int(nbh.k_)})
+    for n in desc["neighborhoods"]:
+        log(f"neighborhood {n['id']}: V {n['center']['valence']:+.2f} A {n['center']['arousal']:+.2f}  "
+            f"{', '.join(n['classes'])}")
+    return nbh
+
+
+def load_neighborhoods(folder: Path) -> VANeighborhoods:
+    read_meta(folder, "neighborhoods")  # checks the joblib file's sha256 before unpickling it
+    nbh = joblib.load(folder / "model.joblib")
+    if not isinstance(nbh, VANeighborhoods):
+        raise UserError(f"{folder}/model.joblib is not a VANeighborhoods estimator")
+    return nbh
+
+
+def stage1_va(exp, idx: np.ndarray) -> np.ndarray:
+    """Stage 1's predicted V/A for faces ``idx`` (faces stage 1 did not train on)."""
+    net, meta = load_network(exp.run / "stage1", exp.run)
+    out, _ = predict_outputs(net.to(exp.rt.device), exp.images, idx, meta["mean"], meta["std"], exp.rt)
+    return np.clip(out, -1, 1)
+
+
+def oof_stage1_va(exp, log=print) -> np.ndarray:
+    """Stage 1's V/A on the training faces, each predicted by a refit that did not see it."""
+    cfg = exp.cfg.for_stage("stage1")
+    folds = exp.cfg.experts.oof_folds
+    if folds < 2:
+        raise UserError("experts.oof_folds must be >= 2 for train_on = routed or both")
+    tr, vi = exp.idx("train"), exp.idx("val")
+    y = va_targets(exp.manifest)
+    cache = exp.run / "experts" / f".oof_va_{folds}.npy"
+    stage1_sha = read_meta(exp.run / "stage1").get("files", {}).get("weights.pt")
+    if cache.is_file() and (cache.with_suffix(".sha")).is_file() and cache.with_suffix(".sha").read_text() == f"{stage1_sha}:{len(tr)}":
+        return np.load(cache)
+    pred = np.zeros((len(tr), 2), np.float32)
+    kf = KFold(folds, shuffle=True, random_state=cfg.train.seed)
+    for f, (a, b) in enumerate(kf.split(tr)):
+        net, src = build_stage_net(cfg, 2, exp.run)
+        from .backbones import normalization
+
+        mean, std = (src["mean"], src["std"]) if src else normalization(cfg.model.backbone)
+        work = exp.run / f".stage1_fold{f}.work"
+        fit(net, "regress", StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]), cfg, mean, std, exp.rt, work,
+            desc=f"stage1 fold {f + 1}/{folds}", log=log)
+        out, _ = predict_outputs(net, exp.images, tr[b], mean, std, exp.rt)
+        pred[b] = np.clip(out, -1, 1)
+        shutil.rmtree(work, ignore_errors=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, pred)
+    cache.with_suffix(".sha").write_text(f"{stage1_sha}:{len(tr)}")
+    return pred
+
+
+def assignments(exp, nbh: VANeighborhoods, log=print) -> dict:
+    """Per region: training and validation positions (into exp.idx) and the expert's classes."""
+    ec = exp.cfg.experts
+    if ec.train_on not in ("true", "routed", "both"):
+        raise UserError(f"experts.train_on must be true, routed or both, got {ec.train_on!r}")
+    tr, vi = exp.idx("train"), exp.idx("val")
+    va_true = va_targets(exp.manifest)
+    labels = exp.manifest["label"].to_numpy()
+    k = nbh.k_
+    true_tr = np.eye(k, dtype=bool)[nbh.predict(va_true[tr])]
+    true_vi = np.eye(k, dtype=bool)[nbh.predict(va_true[vi])] if len(vi) else np.zeros((0, k), bool)
+    if ec.train_on == "true":
+        in_tr, in_vi = true_tr, true_vi
+    else:
+        log(f"experts: routing training faces with stage 1 predicted out-of-fold ({ec.oof_folds} folds)")
+        routed_tr = np.eye(k, dtype=bool)[nbh.predict(oof_stage1_va(exp, log))]
+        routed_vi = np.eye(k, dtype=bool)[nbh.predict(stage1_va(exp, vi))] if len(vi) else true_vi
+        in_tr = routed_tr if ec.train_on == "routed" else routed_tr | true_tr
+        in_vi = routed_vi if ec.train_on == "routed" else routed_vi | true_vi
+    counts = np.zeros((k, len(CLASSES)), np.int64)
+    for r in range(k):
+        np.add.at(counts[r], labels[tr][in_tr[:, r]], 1)
+    members = membership(counts, nbh.min_share, ec.min_count)
+    regions = []
+    for r in range(k):
+        cls = members[r]
+        t = np.flatnonzero(in_tr[:, r] & np.isin(labels[tr], cls))
+        v = np.flatnonzero(in_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
+        regions.append({"id": r, "classes": cls, "train_pos": t, "val_pos": v,
+                        "counts": {CLASSES[c]: int(counts[r, c]) for c in cls}})
+    return {"train_on": ec.train_on, "regions": regions}
+
+
+def _train_expert(exp, region: dict, resume: bool, log) -> dict:
+    r, cls = region["id"], region["classes"]
+    out = exp.run / "experts" / str(r)
+    names = [CLASSES[c] for c in cls]
+    cfg = exp.cfg.for_stage("experts")
+    if len(cls) == 1:  # a one-class neighborhood needs no network
+        writer = StageWriter(out)
+        writer.json("metrics.json", {})
+        writer.publish({"stage": f"expert{r}", "task": "constant", "classes": names, "region": r})
+        log(f"expert {r}: one class ({names[0]}), no network")
+        return {"region": r, "classes": names, "constant": True}
+    if resume and (out / "meta.json").is_file():
+        log(f"expert {r}: already trained, kept")
+        return {"region": r, "classes": names, "constant": False}
+    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    labels = exp.manifest["label"].to_numpy()
+    local = {c: i for i, c in enumerate(cls)}
+    to_local = np.vectorize(local.get)
+    t_idx, v_idx = tr[region["train_pos"]], vi[region["val_pos"]]
+    te_idx = te[np.isin(labels[te], cls)]
+    if len(t_idx) == 0:
+        raise UserError(f"expert {r}: no training faces in its neighborhood")
+    data = StageData(exp.images, t_idx, to_local(labels[t_idx]), v_idx,
+                     to_local(labels[v_idx]) if len(v_idx) else np.zeros(0, int), names)
+    log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
+    metrics = train_network(f"expert{r}", "classify", cfg, data, out, exp.run, exp.rt, resume,
+                            {"val": (v_idx, data.val_y),
+                             "test": (te_idx, to_local(labels[te_idx]) if len(te_idx) else np.zeros(0, int))},
+                            extra_meta={"region": r, "train_on": exp.cfg.experts.train_on}, log=log)
+    return {"region": r, "classes": names, "constant": False, "val_balanced_accuracy":
+            metrics.get("val", {}).get("balanced_accuracy")}
+
+
+def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resume: bool) -> list[dict]:
+    """One GPU's share of the experts, in its own process."""
+    from ensemble.config import config_from_dict
+    from ensemble.pipeline import open_experiment
+
+    cfg_dict["train"]["device"] = device
+    exp = open_experiment(config_from_dict(cfg_dict), Path(run), progress=False)
+    return [_train_expert(exp, reg, resume, print) for reg in regions]
+
+
+def fit_experts(exp, resume: bool = False, log=print) -> dict:
+    """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
+    if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true":
+        raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
+    nbh = fit_neighborhoods(exp, log)
+    plan = assignments(exp, nbh, log)
+    (exp.run / "experts").mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for old in (exp.run / "experts").iterdir():
+            if old.is_dir() and old.name.isdigit():
+                shutil.rmtree(old)
+    n_gpu = torch.cuda.device_count() if exp.rt.device.type == "cuda" and exp.rt.world == 1 else 0
+    if n_gpu > 1:
+        log(f"experts: training in parallel on {n_gpu} GPUs")
+        shares = [plan["regions"][i::n_gpu] for i in range(n_gpu)]
+        with ProcessPoolExecutor(n_gpu, mp_context=get_context("spawn")) as pool:
+            jobs = [pool.submit(_expert_job, exp.cfg.to_dict(), str(exp.run), s, f"cuda:{i}", resume)
+                    for i, s in enumerate(shares) if s]
+            results = sorted((x for j in jobs for x in j.result()), key=lambda d: d["region"])
+    else:
+        results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
+    index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results}
+    if exp.rt.is_main:
+        write_json(exp.run / "experts" / "index.json", index)
+    return index
+
+
+def read_index(run: Path) -> dict:
+    f = run / "experts" / "index.json"
+    if not f.is_file():
+        raise UserError(f"no experts in {run} (run ensemble fit-experts first)")
+    return json.loads(f.read_text())

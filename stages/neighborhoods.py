@@ -1,0 +1,166 @@
+"""Emotion neighborhoods: clusters of the training valence/arousal labels (scikit-learn).
+
+``VANeighborhoods`` follows scikit-learn's conventions: ``__init__`` stores, ``fit`` learns
+and returns ``self``, learned attributes end in ``_``. A class belongs to a neighborhood
+when at least ``min_share`` of its samples (and ``min_count`` of them) lie there, so a
+class may belong to two; every class present belongs to at least one (its largest share).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.cluster import AgglomerativeClustering, KMeans
+from sklearn.metrics import silhouette_score
+from sklearn.mixture import GaussianMixture
+from sklearn.utils.validation import check_is_fitted
+
+from ensemble.errors import UserError
+
+METHODS = ("kmeans", "gmm", "agglomerative")
+
+
+def membership(counts: np.ndarray, min_share: float, min_count: int) -> list[list[int]]:
+    """Member classes per region from a (k, n_classes) count table."""
+    totals = counts.sum(axis=0)
+    share = np.divide(counts, totals, out=np.zeros_like(counts, dtype=float), where=totals > 0)
+    member = (share >= min_share) & (counts >= min_count)
+    for c in np.flatnonzero(totals > 0):
+        if not member[:, c].any():
+            member[np.argmax(counts[:, c]), c] = True
+    return [np.flatnonzero(member[r]).tolist() for r in range(counts.shape[0])]
+
+
+class VANeighborhoods(BaseEstimator):
+    """Cluster (valence, arousal) points into neighborhoods and name their member classes."""
+
+    def __init__(self, method: str = "kmeans", k: int = 0, k_min: int = 2, k_max: int = 6, min_share: float = 0.15,
+                 min_count: int = 20, max_fit_samples: int = 20000, n_classes: int = 8, random_state: int = 0):
+        self.method = method
+        self.k = k
+        self.k_min = k_min
+        self.k_max = k_max
+        self.min_share = min_share
+        self.min_count = min_count
+        self.max_fit_samples = max_fit_samples
+        self.n_classes = n_classes
+        self.random_state = random_state
+
+    def _make(self, k: int):
+        if self.method == "kmeans":
+            return KMeans(n_clusters=k, n_init=10, random_state=self.random_state)
+        if self.method == "gmm":
+            return GaussianMixture(n_components=k, covariance_type="full", reg_covar=1e-3, n_init=3,
+                                   random_state=self.random_state)
+        if self.method == "agglomerative":
+            return AgglomerativeClustering(n_clusters=k, linkage="ward")
+        raise UserError(f"neighborhoods.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    def fit(self, va: np.ndarray, labels: np.ndarray) -> "VANeighborhoods":
+        """``va``: (n, 2) training valence/arousal labels; ``labels``: (n,) class indices."""
+        va = np.asarray(va, dtype=np.float64)
+        labels = np.asarray(labels, dtype=int)
+        rng = np.random.default_rng(self.random_state)
+        sub = va if len(va) <= self.max_fit_samples else va[rng.choice(len(va), self.max_fit_samples, replace=False)]
+        # jitter ties: derived V/A puts many faces on the same prototype point
+        sub = sub + rng.normal(0, 1e-4, sub.shape)
+        ks = [self.k] if self.k else list(range(self.k_min, self.k_max + 1))
+        ks = [k for k in ks if 1 <= k <= len(np.unique(np.round(sub, 3), axis=0))]
+        if not ks:
+            raise UserError("too few distinct valence/arousal points to form neighborhoods")
+        self.scores_ = {}
+        best = None
+        for k in ks:
+            est = self._make(k)
+            assign = est.fit_predict(sub)
+            if len(ks) == 1:
+                score = 0.0
+            elif self.method == "gmm":
+                score = -est.bic(sub)  # higher is better
+            else:
+                n_s = min(len(sub), 5000)
+                score = float(silhouette_score(sub[:n_s], assign[:n_s])) if len(set(assign[:n_s])) > 1 else -1.0
+            self.scores_[k] = float(score)
+            if best is None or score > best[0]:
+                best = (score, k, est, assign)
+        _, self.k_, self.estimator_, assign = best
+        if self.method == "gmm":
+            self.centers_ = self.estimator_.means_.copy()
+        elif self.method == "kmeans":
+            self.centers_ = self.estimator_.cluster_centers_.copy()
+        else:
+            self.centers_ = np.array([sub[assign == r].mean(axis=0) for r in range(self.k_)])
+        self.set_members(self.predict(va), labels)
+        return self
+
+    def set_members(self, region: np.ndarray, labels: np.ndarray) -> "VANeighborhoods":
+        """Member classes from an assignment of training faces (true or routed V/A)."""
+        counts = np.zeros((self.k_, self.n_classes), dtype=np.int64)
+        np.add.at(counts, (np.asarray(region, int), np.asarray(labels, int)), 1)
+        self.counts_ = counts
+        self.members_ = membership(counts, self.min_share, self.min_count)
+        return self
+
+    def predict(self, va: np.ndarray) -> np.ndarray:
+        """(n,) neighborhood of each (valence, arousal) point."""
+        check_is_fitted(self, "centers_")
+        va = np.asarray(va, dtype=np.float64)
+        if self.method in ("kmeans", "gmm"):
+            return self.estimator_.predict(va)
+        return np.argmin(((va[:, None, :] - self.centers_[None]) ** 2).sum(-1), axis=1)
+
+    def predict_proba(self, va: np.ndarray, temperature: float = 0.05) -> np.ndarray:
+        """(n, k) P(neighborhood | V/A): the mixture posterior, or softmax(-squared distance / T)."""
+        check_is_fitted(self, "centers_")
+        va = np.asarray(va, dtype=np.float64)
+        if self.method == "gmm":
+            return self.estimator_.predict_proba(va)
+        d2 = ((va[:, None, :] - self.centers_[None]) ** 2).sum(-1)
+        z = -d2 / max(temperature, 1e-6)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def describe(self, class_names) -> dict:
+        check_is_fitted(self, "centers_")
+        return {
+            "method": self.method, "k": int(self.k_), "k_scores": {str(k): v for k, v in self.scores_.items()},
+            "min_share": self.min_share, "min_count": self.min_count,
+            "neighborhoods": [{
+                "id": r, "center": {"valence": float(self.centers_[r, 0]), "arousal": float(self.centers_[r, 1])},
+                "classes": [class_names[c] for c in self.members_[r]],
+                "counts": {class_names[c]: int(self.counts_[r, c]) for c in range(self.n_classes) if self.counts_[r, c]},
+            } for r in range(self.k_)],
+        }
+
+
+def plot_va_map(va: np.ndarray, labels: np.ndarray, nbh: VANeighborhoods, class_names, path) -> None:
+    """Training V/A scatter coloured by neighborhood, with class centroids."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    region = nbh.predict(va)
+    rng = np.random.default_rng(0)
+    show = rng.choice(len(va), size=min(len(va), 6000), replace=False)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    jit = rng.normal(0, 0.015, (len(show), 2))
+    ax.scatter(va[show, 0] + jit[:, 0], va[show, 1] + jit[:, 1], c=region[show], cmap="tab10", s=4, alpha=0.4)
+    for r, c in enumerate(nbh.centers_):
+        ax.scatter(*c, marker="X", s=150, c="black")
+        ax.annotate(f"N{r}: " + ",".join(class_names[i] for i in nbh.members_[r]), c, fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    for ci, name in enumerate(class_names):
+        sel = labels == ci
+        if sel.any():
+            m = va[sel].mean(axis=0)
+            ax.scatter(*m, marker="o", s=40, facecolors="none", edgecolors="red")
+            ax.annotate(name, m, fontsize=7, color="red", xytext=(-10, -10), textcoords="offset points")
+    ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel="valence", ylabel="arousal",
+           title=f"{nbh.method}, k={nbh.k_}")
+    ax.axhline(0, lw=0.5, c="gray")
+    ax.axvline(0, lw=0.5, c="gray")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,133 @@
+"""Train, evaluate, publish and load one neural stage (stage 1, flat, an expert).
+
+Stages differ only in their data subset, targets, head size and config; this module is the
+part they share. A stage trained with ``model.trunk_from`` builds on another stage's trunk,
+frozen: its ``weights.pt`` holds the head only and its meta names the trunk it needs, so
+the whole hierarchy stores (and, at inference, runs) that trunk once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ensemble.artifacts import StageWriter, load_weights, read_meta
+from ensemble.engine import FitResult, StageData, evaluate, fit
+from ensemble.errors import UserError
+from ensemble.metrics import classification_metrics, regression_metrics
+from ensemble.engine import predict_outputs
+
+from .backbones import EmotionNet, build_model, normalization, state_digest
+
+
+def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
+    folder = run / stage
+    meta = read_meta(folder, f"stage {stage!r} (model.trunk_from)")
+    state = load_weights(folder)
+    if meta.get("trunk_from"):
+        raise UserError(f"model.trunk_from = {stage!r}, but {stage} itself borrows its trunk; name a stage that owns one")
+    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+    return trunk, meta
+
+
+def build_stage_net(cfg, n_out: int, run: Path) -> tuple[EmotionNet, dict]:
+    """The network to train, with its trunk loaded from another stage when ``trunk_from`` says so."""
+    mc = cfg.model
+    if not mc.trunk_from:
+        return build_model(mc, n_out), {}
+    trunk_state, src_meta = _trunk_source(run, mc.trunk_from)
+    # the trunk's architecture is the source stage's: take its backbone, not ours
+    mc = type(mc)(**{**asdict(mc), "backbone": src_meta["backbone"], "pretrained": "none"})
+    net = build_model(mc, n_out)
+    net.trunk.load_state_dict(trunk_state, strict=True)
+    net.freeze("head")
+    return net, src_meta
+
+
+def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Path, rt, resume: bool,
+                  eval_sets: dict, extra_meta: dict | None = None, log=print) -> dict:
+    """Fit a stage, evaluate the best epoch on ``eval_sets`` ({split: (idx, y)}), publish ``out``.
+
+    Returns the metrics written to ``metrics.json``.
+    """
+    n_out = len(data.class_names) if task == "classify" else 2
+    net, src_meta = build_stage_net(cfg, n_out, run)
+    backbone = src_meta.get("backbone", cfg.model.backbone)
+    if src_meta:
+        if src_meta["input_size"] != cfg.data.image_size:
+            raise UserError(f"{name}: data.image_size {cfg.data.image_size} differs from trunk stage "
+                            f"{cfg.model.trunk_from} ({src_meta['input_size']})")
+        mean, std = tuple(src_meta["mean"]), tuple(src_meta["std"])
+    else:
+        mean, std = normalization(backbone)
+    work = out.with_name(f".{out.name}.work")
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    result: FitResult = fit(net, task, data, cfg, mean, std, rt, work, resume=resume, desc=name, log=log)
+    metrics = {"best_epoch": result.best_epoch, "skipped_unreadable": result.n_skipped}
+    if rt.is_main:
+        for split, (idx, y) in eval_sets.items():
+            if len(idx):
+                metrics[split] = stage_metrics(net, task, data.images, idx, y, data.class_names, mean, std, rt)
+        writer = StageWriter(out)
+        state = net.state_dict()
+        if cfg.model.trunk_from:
+            state = {k: v for k, v in state.items() if k.startswith("head.")}
+        writer.save_weights(state)
+        writer.json("config.json", cfg.to_dict())
+        writer.json("metrics.json", metrics)
+        writer.copy(work / "history.csv")
+        meta = {
+            "stage": name, "task": task,
+            "classes": list(data.class_names) if task == "classify" else ["valence", "arousal"],
+            "input_size": cfg.data.image_size, "mean": list(mean), "std": list(std),
+            "backbone": backbone, "head": cfg.model.head, "hidden": cfg.model.hidden, "dropout": cfg.model.dropout,
+            "trainable": "head" if cfg.model.trunk_from else cfg.model.trainable,
+            "pretrained": cfg.model.pretrained, "trunk_from": cfg.model.trunk_from,
+            "trunk_sha256": state_digest(net.trunk), "n_blocks": len(net.trunk),
+            "seed": cfg.train.seed, "best_epoch": result.best_epoch, "n_train": int(len(data.train_idx)),
+            **(extra_meta or {}),
+        }
+        writer.publish(meta)
+        shutil.rmtree(work, ignore_errors=True)
+    if rt.world > 1:
+        torch.distributed.barrier()
+    return metrics
+
+
+def stage_metrics(net, task, images, idx, y, class_names, mean, std, rt) -> dict:
+    out, ok = predict_outputs(net, images, idx, mean, std, rt)
+    out, y = out[ok], y[ok]
+    if task == "classify":
+        return classification_metrics(y, out.argmax(1), class_names)
+    return regression_metrics(y, np.clip(out, -1, 1))
+
+
+def load_network(folder: Path, run: Path | None = None) -> tuple[EmotionNet, dict]:
+    """A trained stage, verified, in eval mode on the CPU, and its meta."""
+    meta = read_meta(folder)
+    state = load_weights(folder)
+    if meta.get("trunk_from"):
+        src = (run or folder.parent) / meta["trunk_from"]
+        src_meta = read_meta(src, f"trunk stage {meta['trunk_from']!r} of {folder.name}")
+        if src_meta.get("trunk_sha256") != meta.get("trunk_sha256"):
+            raise UserError(f"{folder} was trained on another {meta['trunk_from']} trunk than the one in {src}")
+        state = {**{k: v for k, v in load_weights(src).items() if k.startswith("trunk.")}, **state}
+    from ensemble.config import ModelConfig
+
+    mc = ModelConfig(backbone=meta["backbone"], pretrained="none", head=meta["head"], hidden=meta["hidden"],
+                     dropout=meta["dropout"], trainable="all")
+    net = build_model(mc, len(meta["classes"]))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{folder}/weights.pt does not fit its meta.json: {str(exc).splitlines()[0]}") from None
+    return net.eval(), meta
+
+
+__all__ = ["train_network", "load_network", "build_stage_net", "stage_metrics", "evaluate"]
