@@ -76,7 +76,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch CPU threads; 0 = library default
     seed: int = 0  # seeds data order, augmentation, initialisation
-    feature_cache: bool = True  # head-only training reads the frozen trunk's outputs cached once
+    feature_cache: bool = True  # frozen blocks run once per (face, view); the tail trains from the cache (flip and transform copies kept, random crop not)
     max_minutes: float = 0.0  # stop after the epoch that crosses this wall time; 0 = off
 
 
@@ -158,7 +158,16 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+class _SetValue:
+    """A --set value: parsed as TOML, but kept as typed text where the key expects text."""
+
+    def __init__(self, parsed: Any, raw: str):
+        self.parsed, self.raw = parsed, raw
+
+
 def _check_value(value: Any, expected: Any, where: str) -> Any:
+    if isinstance(value, _SetValue):
+        value = value.raw.strip().strip('"') if expected is str else value.parsed
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is dict:
@@ -185,7 +194,8 @@ def _apply(cls, values: dict, where: str):
         # override tables must name real keys of their sections
         for sub, target in (("model", ModelConfig), ("train", TrainConfig), ("balance", BalanceConfig)):
             if sub in kwargs:
-                _apply(target, dataclasses.asdict(target()) | kwargs[sub], f"{where}.{sub}")
+                checked = _apply(target, kwargs[sub], f"{where}.{sub}")
+                kwargs[sub] = {k: getattr(checked, k) for k in kwargs[sub]}
     return cls(**{**dataclasses.asdict(cls()), **kwargs})
 
 
@@ -200,7 +210,7 @@ def _parse_set(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word is a string
-    return parts, value
+    return parts, _SetValue(value, raw)
 
 
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:

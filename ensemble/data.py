@@ -145,7 +145,8 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
             continue  # an absent split is simply absent
         found = True
         try:
-            table = pd.read_csv(csv, header=None, dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python")
+            table = pd.read_csv(csv, header=None, dtype=str, keep_default_na=False, engine="python",
+                                on_bad_lines=lambda bad: drops.add("malformed label row", f"{csv.name}:{bad[0] if bad else '?'}"))
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise UserError(f"cannot read {csv}: {exc}") from None
         for rec in table.itertuples(index=False):
@@ -182,7 +183,8 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
 
 def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> list[dict]:
     try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python")
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False, engine="python",
+                            on_bad_lines=lambda bad: drops.add("malformed AffectNet row", bad[0] if bad else "?"))
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"cannot read {csv}: {exc}") from None
     missing = [c for c in AFFECTNET_COLUMNS if c not in table.columns and c != "facial_landmarks"]
@@ -303,7 +305,8 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
     if not path.is_file():
         raise UserError(f"CSV manifest not found: {path}")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="skip", engine="python")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, engine="python",
+                            on_bad_lines=lambda bad: drops.add("malformed CSV row", f"{path.name}:{bad[0] if bad else '?'}"))
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     cols = {c.strip().lower(): c for c in table.columns}
@@ -432,6 +435,8 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
         for p in df.loc[~exists, "path"]:
             drops.add("image file missing", p)
         df = df[exists]
+        if df.empty:
+            raise UserError(f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {drops.examples['image file missing'][0]})")
     df = derive_va(df, prototype_table(data_cfg.prototypes))
     df = _hold_out_val(df, data_cfg.val_fraction, seed)
     if data_cfg.max_samples:

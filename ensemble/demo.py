@@ -35,7 +35,7 @@ cap = 600
 rotation = 20.0
 
 [experts]
-train_on = "true"
+train_on = "both"
 
 [experts.model]
 trunk_from = "flat"

@@ -8,7 +8,7 @@ Per epoch: a balance plan picks the faces (down/up/transform sampling, seeded by
 the batches are augmented on the device (random crop and flip; transform copies also get a
 random rotation), one optimizer step per batch, then validation, ``history.csv`` and a
 checkpoint from which ``resume`` continues. When the whole trunk is frozen, the trunk's
-output is computed once per (face, view) and the head trains from that feature cache.
+output is computed once per (face, view), kept on disk, and the trainable tail learns from it.
 """
 
 from __future__ import annotations
@@ -370,8 +370,9 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
         raise UserError(f"{desc}: no training images")
     n_classes = len(data.class_names) if task == "classify" else 2
 
-    frozen_trunk = getattr(net, "n_frozen_blocks", 0) == len(net.trunk)
-    use_cache = frozen_trunk and tc.feature_cache and rt.world == 1  # DDP trains through the wrapper
+    n_frozen = getattr(net, "n_frozen_blocks", 0)
+    # the frozen prefix of the trunk is computed once per (face, view); DDP trains through its wrapper
+    use_cache = n_frozen > 0 and tc.feature_cache and rt.world == 1
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = make_optimizer(trainable, tc, rt.device)
     steps = max(1, math.ceil(len(epoch_plan(train_y, bc, tc.seed, 0)[0]) / (tc.batch_size * rt.world)))
@@ -386,6 +387,7 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
     history: list[dict] = []
     best = {"metric": -math.inf, "epoch": -1, "state": None}
     start_epoch, bad_epochs = 0, 0
+    work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -418,7 +420,7 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                 tot, nb, seen = 0.0, 0, 0
                 t_ep = time.time()
                 if features is not None:
-                    batches = _feature_batches(features, plan, copy, tc.batch_size, tc.seed, epoch, tc.augment)
+                    batches = _feature_batches(features, plan, copy, tc.batch_size, tc.seed, epoch, rt.device)
                 else:
                     batches = _image_batches(data.images, train_idx, plan, copy, tc, bc, rt, gen, mean, std,
                                              epoch, cfg.data.num_workers)
@@ -427,7 +429,7 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                 for x, pos, cp in bar:
                     y_idx = plan[pos]
                     with rt.autocast():
-                        out = (net.head(x) if features is not None else model(x)).float()
+                        out = (net.tail(x) if features is not None else model(x)).float()
                     if task == "classify":
                         if soft is not None:
                             tgt = torch.as_tensor(soft[y_idx], dtype=torch.float32, device=rt.device)
@@ -527,7 +529,8 @@ def _image_batches(images, train_idx, plan, copy, tc, bc, rt, gen, mean, std, ep
 def evaluate(net, task, images, idx, y, class_names, mean, std, rt, val_features=None) -> dict:
     if val_features is not None:
         with torch.no_grad(), rt.autocast():
-            out = net.eval().head(torch.as_tensor(val_features, device=rt.device)).float().cpu().numpy()
+            out = torch.cat([net.eval().tail(v.to(rt.device)).float().cpu()
+                             for v in torch.split(val_features, 1024)]).numpy()
     else:
         out, _ = predict_outputs(net, images, idx, mean, std, rt)
     if task == "classify":
@@ -538,71 +541,96 @@ def evaluate(net, task, images, idx, y, class_names, mean, std, rt, val_features
 
 # --------------------------------------------------------------------------- feature cache
 
+def feature_views(n: int, tc, bc) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The fixed views a feature cache holds: (name, flip flags (n,), rotation degrees (n,))."""
+    zero = np.zeros(n)
+    views = [("plain", zero, zero)]
+    if tc.augment or bc.flip:
+        views.append(("flip", np.ones(n), zero))
+    if bc.mode == "transform":
+        rng = np.random.default_rng(tc.seed + 99)
+        flip = (rng.random(n) < 0.5).astype(float) if bc.flip else zero
+        views.append((f"transform-r{bc.rotation:g}-f{int(bc.flip)}-s{tc.seed}", flip, rng.uniform(-bc.rotation, bc.rotation, n)))
+    return views
+
+
 @torch.no_grad()
-def _trunk_outputs(net, images, idx, mean, std, rt, views: list[tuple[np.ndarray, np.ndarray]], tc, bc, seed):
-    """Trunk features (n, C, h, w) fp16 for each view (flip flags, rotation angles in degrees)."""
+def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: str = "") -> list[np.ndarray]:
+    """The frozen blocks' output for every face and view, fp16, memory-mapped from disk.
+
+    Keyed by the trunk's weights, the faces and the view, so stage 1, its out-of-fold refits
+    and every expert built on one trunk share one cache. Returns one (n, C, h, w) array per view.
+    """
+    from stages.backbones import state_digest
+
+    root = Path(getattr(images, "cache_dir", "artifacts/cache")) / "features"
+    root.mkdir(parents=True, exist_ok=True)
+    frozen = net.trunk[:net.n_frozen_blocks]
+    trunk_key = f"{state_digest(frozen)[:16]}-b{net.n_frozen_blocks}"
+    out = []
     net.eval()
-    feats = [[] for _ in views]
-    loader = _loader(images, idx, 256, Runtime(rt.device, rt.amp_dtype, rt.channels_last), None, 0)
-    for xb, jb, _ in loader:
-        x0 = to_input(xb, mean, std, rt)
-        for v, (flip, angle) in enumerate(views):
-            f = torch.as_tensor(flip[jb.numpy()], device=rt.device, dtype=torch.float32)
-            a = torch.as_tensor(np.radians(angle[jb.numpy()]), device=rt.device, dtype=torch.float32)
-            if (f == 0).all() and (a == 0).all():
-                x = x0
-            else:
-                sign = 1 - 2 * f
-                cos, sin = torch.cos(a), torch.sin(a)
-                z = torch.zeros_like(a)
-                theta = torch.stack([torch.stack([cos * sign, -sin, z], 1), torch.stack([sin * sign, cos, z], 1)], 1)
-                x = F.grid_sample(x0, F.affine_grid(theta, list(x0.shape), align_corners=False),
-                                  padding_mode="reflection", align_corners=False)
-            x = normalize(x, mean, std)
-            if rt.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with rt.autocast():
-                feats[v].append(net.trunk(x).to(torch.float16))
-    return [torch.cat(f) for f in feats]
+    for name, flip, angle in views:
+        path = root / f"{trunk_key}-{images.digest}-{name}.npy"
+        if not path.is_file():
+            t0 = time.time()
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+            arr = None
+            loader = _loader(images, np.arange(len(images)), 256, Runtime(rt.device, rt.amp_dtype, rt.channels_last),
+                             None, 0)
+            for xb, jb, _ in loader:
+                j = jb.numpy()
+                x = to_input(xb, mean, std, rt)
+                f = torch.as_tensor(flip[j], device=rt.device, dtype=torch.float32)
+                a = torch.as_tensor(np.radians(angle[j]), device=rt.device, dtype=torch.float32)
+                if bool((f != 0).any() or (a != 0).any()):
+                    sign = 1 - 2 * f
+                    cos, sin, z = torch.cos(a), torch.sin(a), torch.zeros_like(a)
+                    theta = torch.stack([torch.stack([cos * sign, -sin, z], 1), torch.stack([sin * sign, cos, z], 1)], 1)
+                    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False),
+                                      padding_mode="reflection", align_corners=False)
+                x = normalize(x, mean, std)
+                if rt.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with rt.autocast():
+                    feat = frozen(x).float().cpu().numpy().astype(np.float16)
+                if arr is None:
+                    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(images),) + feat.shape[1:])
+                arr[j] = feat
+            arr.flush()
+            del arr
+            os.replace(tmp, path)
+            if rt.is_main:
+                log(f"{desc}: feature cache '{name}' of the frozen trunk for {len(images)} faces, "
+                    f"{path.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s")
+        out.append(np.load(path, mmap_mode="r"))
+    return out
 
 
 def _feature_cache(net, images, train_idx, val_idx, mean, std, rt, tc, bc, desc, log) -> dict:
-    """The frozen trunk's outputs, once: train views (original, flipped, one rotated copy) and val."""
-    t0 = time.time()
-    rng = np.random.default_rng(tc.seed + 99)
-    n = len(images)
-    zero = np.zeros(n)
-    views = [(zero, zero)]
-    if tc.augment or bc.flip:
-        views.append((np.ones(n), zero))
-    if bc.mode == "transform":
-        views.append(((rng.random(n) < 0.5).astype(float) if bc.flip else zero,
-                      rng.uniform(-bc.rotation, bc.rotation, n)))
-    train = _trunk_outputs(net, images, train_idx, mean, std, rt, views, tc, bc, tc.seed)
-    val = _trunk_outputs(net, images, val_idx, mean, std, rt, [(zero, zero)], tc, bc, tc.seed)[0] if len(val_idx) else None
-    if rt.is_main:
-        log(f"{desc}: feature cache of the frozen trunk, {len(train_idx)} faces x {len(views)} views, "
-            f"{sum(t.numel() for t in train) * 2 / 1e6:.1f} MB, {time.time() - t0:.1f}s")
-    return {"train": train, "val": val, "transform_view": 2 if bc.mode == "transform" else None}
+    views = feature_views(len(images), tc, bc)
+    store = feature_store(net, images, mean, std, rt, views, log, desc)
+    val = torch.from_numpy(np.asarray(store[0][val_idx], dtype=np.float32)) if len(val_idx) else None
+    return {"views": store, "train_rows": train_idx, "val": val,
+            "transform_view": len(views) - 1 if bc.mode == "transform" else None,
+            "n_plain": 2 if len(views) >= 2 and views[1][0] == "flip" and tc.augment else 1}
 
 
-def _feature_batches(features, plan, copy, batch_size, seed, epoch, augment_on):
+def _feature_batches(features, plan, copy, batch_size, seed, epoch, device):
     """Batches of cached features: originals pick a random plain/flipped view, copies the rotated one."""
     rng = np.random.default_rng([seed, epoch, 11])
     order = rng.permutation(len(plan))
-    train = features["train"]
-    n_plain = 2 if len(train) >= 2 and augment_on else 1
+    views, rows_all = features["views"], features["train_rows"]
     for s in range(0, len(order), batch_size):
         pos = order[s:s + batch_size]
-        rows = plan[pos]
-        view = rng.integers(0, n_plain, len(pos))
+        rows = rows_all[plan[pos]]
+        view = rng.integers(0, features["n_plain"], len(pos))
         if features["transform_view"] is not None:
             view = np.where(copy[pos], features["transform_view"], view)
-        x = torch.empty((len(pos),) + tuple(train[0].shape[1:]), dtype=torch.float16, device=train[0].device)
+        x = np.empty((len(pos),) + views[0].shape[1:], dtype=np.float32)
         for v in np.unique(view):
             sel = np.flatnonzero(view == v)
-            x[torch.as_tensor(sel, device=x.device)] = train[v][torch.as_tensor(rows[sel], device=x.device)]
-        yield x.float(), pos, None
+            x[sel] = views[v][rows[sel]]
+        yield torch.from_numpy(x).to(device), pos, None
 
 
 def write_history(history: list[dict], path: Path) -> None:

@@ -38,6 +38,7 @@ class ImageSource:
         self.paths = manifest["path"].tolist()
         self.boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
         self.size = size
+        self.digest = manifest_digest(manifest, size)  # names caches derived from these faces
         self.array = array  # prepared (n, size, size, 3) memmap, or None (decode on demand)
         self.ok = ok if ok is not None else np.ones(len(self.paths), dtype=bool)
 
@@ -106,11 +107,15 @@ def load_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, mode: 
                 workers: int = 0, progress: bool = True) -> ImageSource:
     """An ImageSource over the manifest; prepares the shard first unless ``mode == "none"``."""
     if mode == "none":
-        return ImageSource(manifest, size)
+        src = ImageSource(manifest, size)
+        src.cache_dir = Path(cache_dir)
+        return src
     folder, info = prepare_images(manifest, size, cache_dir, workers, progress)
     if info["n_bad"]:
         shown = "; ".join(info["bad_examples"][:3])
         warnings.warn(f"skipped {info['n_bad']} unreadable image(s): {shown}", stacklevel=2)
     array = np.load(folder / "images.npy", mmap_mode="r")
     ok = np.load(folder / "ok.npy")
-    return ImageSource(manifest, size, array, ok)
+    src = ImageSource(manifest, size, array, ok)
+    src.cache_dir = Path(cache_dir)
+    return src

@@ -21,7 +21,7 @@ def summarize(cfg, verify: bool = True) -> dict:
                 open_image(path)
             except ImageError as exc:
                 bad.append(i)
-                dropped[f"unreadable image ({str(exc).split(':')[0]})"] += 1
+                dropped[f"unreadable image ({str(exc).split(':')[0].split(' (')[0]})"] += 1
         df = df.drop(index=bad)
     splits = {}
     for split, g in df.groupby("split", sort=False):

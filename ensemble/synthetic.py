@@ -30,7 +30,7 @@ CLASS_SHARES = {"neutral": 0.22, "happy": 0.32, "sad": 0.09, "surprise": 0.08,
                 "fear": 0.06, "disgust": 0.05, "anger": 0.10, "contempt": 0.035}
 TEST_SHARE = 0.12  # of all images, split equally over the classes
 VAL_SHARE = 0.12  # of the rest
-GENERATOR_VERSION = 1  # bump when drawing changes, so cached sets are redrawn
+GENERATOR_VERSION = 2  # bump when drawing changes, so cached sets are redrawn
 
 
 def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator, size: int = 64) -> Image.Image:
@@ -51,8 +51,8 @@ def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator
     def P(x, y):  # face coordinates (unit ~ face half-width/40) to pixels
         return (cx + x * sc, cy + y * sc)
 
-    # eyes: arousal widens them; fear and surprise widen more
-    open_e = 4 + 3 * arousal + (4 * k if cls in ("fear", "surprise") else 0) - (2 * k if cls == "contempt" else 0)
+    # eyes: arousal widens them, a smile narrows them; fear and surprise widen more
+    open_e = 4 + 3 * arousal - 2 * max(0.0, valence) + (4 * k if cls in ("fear", "surprise") else 0) - (2 * k if cls == "contempt" else 0)
     open_e = max(1.0, open_e)
     for ex in (-15, 15):
         x0, y0 = P(ex - 7, -12 - open_e)
@@ -64,7 +64,7 @@ def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator
 
     # brows: valence tilts (negative: inner ends down), classes add raise/frown
     for side in (-1, 1):
-        inner_y = -24 - 3 * arousal + 3 * valence
+        inner_y = -24 - 3 * arousal + 4 * valence
         outer_y = -26
         if cls == "anger":
             inner_y += 7 * k
@@ -85,7 +85,7 @@ def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator
 
     # mouth: valence curves it, arousal opens it
     width = 16 + (4 * k if cls == "fear" else 0) - (5 * k if cls == "surprise" else 0)
-    curve = 9 * valence
+    curve = 13 * valence
     left_lift = right_lift = 0.0
     if cls == "contempt":
         right_lift = 8 * k  # one-sided smirk

@@ -135,6 +135,9 @@ class EmotionNet(nn.Module):
     def forward(self, x):  # (batch, 3, H, W) -> (batch, n_outputs)
         return self.head(self.trunk(x))
 
+    def tail(self, z):  # output of the frozen blocks -> (batch, n_outputs)
+        return self.head(self.trunk[self.n_frozen_blocks:](z))
+
     def freeze(self, trainable: str) -> None:
         """Make only the named part learn: head | blockN | all."""
         n = len(self.trunk)

@@ -1,0 +1,110 @@
+"""Shared fixtures: small images on disk, fixture data-set trees, a tiny synthetic config."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import io  # noqa: E402
+import struct  # noqa: E402
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ensemble.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FERPLUS = REPO.parent / "shared" / "data" / "ferplus"
+
+
+def write_image(path, size=(16, 16), color=None, mode="RGB", seed=0, fmt=None, **save_kw) -> Path:
+    """Write a small image (random RGB unless ``color`` is given); creates parent folders.
+
+    ``size`` is (width, height); ``fmt`` defaults to the suffix (.jpg -> JPEG, .png -> PNG).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if color is not None:
+        im = Image.new(mode, size, color)
+    else:
+        rng = np.random.default_rng(seed)
+        arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        im = Image.fromarray(arr, "RGB")
+        if mode != "RGB":
+            im = im.convert(mode)
+    im.save(path, format=fmt, **save_kw)
+    return path
+
+
+def write_broken_files(folder) -> dict[str, Path]:
+    """A 0-byte .jpg, a text file named .jpg and a truncated PNG in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    empty = folder / "empty.jpg"
+    empty.write_bytes(b"")
+    text = folder / "text.jpg"
+    text.write_text("this is not a JPEG, just some text\n")
+    good = write_image(folder / "_full.png", size=(64, 64), seed=7)
+    data = good.read_bytes()
+    good.unlink()
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    return {"empty": empty, "text": text, "truncated": truncated}
+
+
+def png_with_declared_size(path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's
+    header, without spending memory or seconds on the pixels)."""
+    buf = io.BytesIO()
+    Image.new("1", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture
+def image_writer(tmp_path):
+    """``image_writer("a/b.png", size=(16, 16), color=None, ...)`` writes under tmp_path."""
+
+    def _write(rel, **kw):
+        return write_image(tmp_path / rel, **kw)
+
+    return _write
+
+
+@pytest.fixture
+def folder_tree(tmp_path):
+    """root/<class>/ layout: 3 happy (folder 'happiness'), 2 anger ('angry'), 1 surprise
+    ('surprised'), a notes.txt, and an unknown class folder 'bored' with one image."""
+    root = tmp_path / "faces"
+    for i in range(3):
+        write_image(root / "happiness" / f"h{i}.png", seed=i)
+    for i in range(2):
+        write_image(root / "angry" / f"a{i}.jpg", seed=10 + i)
+    write_image(root / "surprised" / "s0.png", seed=20)
+    (root / "happiness" / "notes.txt").write_text("not an image")
+    write_image(root / "bored" / "b0.png", seed=30)
+    return root
+
+
+@pytest.fixture
+def synthetic_cfg(tmp_path):
+    """A CPU-sized synthetic-data config: 240 faces at 32 px, tinyvgg, one epoch."""
+    return load_config(None, [
+        "data.format=synthetic",
+        "data.n_synthetic=240",
+        "data.synthetic_size=32",
+        "data.image_size=32",
+        f"data.cache_dir={str(tmp_path / 'cache')!r}",
+        "model.backbone=tinyvgg",
+        "train.epochs=1",
+        "train.batch_size=32",
+        "train.device=cpu",
+    ])
