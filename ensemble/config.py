@@ -167,7 +167,10 @@ class _SetValue:
 
 def _check_value(value: Any, expected: Any, where: str) -> Any:
     if isinstance(value, _SetValue):
-        value = value.raw.strip().strip('"') if expected is str else value.parsed
+        if expected is str:
+            value = value.parsed if isinstance(value.parsed, str) else value.raw.strip()
+        else:
+            value = value.parsed
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is dict:

@@ -72,6 +72,8 @@ def runtime(train_cfg) -> Runtime:
     if name == "cuda" and world > 1:
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":

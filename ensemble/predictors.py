@@ -169,7 +169,7 @@ class HierarchicalPredictor(_Base):
                 raise UserError("oracle routing needs the true valence/arousal")
             w = torch.nn.functional.one_hot(torch.as_tensor(self.nbh.predict(true_va), dtype=torch.long), self.nbh.k_).float()
         else:
-            w = self.net.weights(torch.as_tensor(va, dtype=torch.float32), mode)
+            w = self.net.weights(torch.as_tensor(va, dtype=torch.float32, device=self.device), mode).cpu()
         p = HierarchyNet.mix(w, torch.as_tensor(expert_probs, dtype=torch.float32))
         return p.numpy(), w.numpy()
 

@@ -30,7 +30,7 @@ CLASS_SHARES = {"neutral": 0.22, "happy": 0.32, "sad": 0.09, "surprise": 0.08,
                 "fear": 0.06, "disgust": 0.05, "anger": 0.10, "contempt": 0.035}
 TEST_SHARE = 0.12  # of all images, split equally over the classes
 VAL_SHARE = 0.12  # of the rest
-GENERATOR_VERSION = 2  # bump when drawing changes, so cached sets are redrawn
+GENERATOR_VERSION = 3  # bump when drawing changes, so cached sets are redrawn
 
 
 def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator, size: int = 64) -> Image.Image:
@@ -39,7 +39,7 @@ def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator
     bg = int(rng.integers(40, 200))
     img = Image.new("RGB", (s, s), (bg, bg, bg))
     d = ImageDraw.Draw(img)
-    k = float(rng.uniform(0.35, 1.0))  # intensity of the class-specific action
+    k = float(rng.uniform(0.1, 0.9))  # intensity of the class-specific action
     cx, cy = s / 2 + rng.normal(0, 5), s / 2 + rng.normal(0, 5)
     sc = rng.uniform(0.85, 1.1)
     tone = np.array([rng.uniform(120, 240), rng.uniform(90, 200), rng.uniform(70, 170)])
@@ -85,7 +85,7 @@ def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator
 
     # mouth: valence curves it, arousal opens it
     width = 16 + (4 * k if cls == "fear" else 0) - (5 * k if cls == "surprise" else 0)
-    curve = 13 * valence
+    curve = 11 * valence
     left_lift = right_lift = 0.0
     if cls == "contempt":
         right_lift = 8 * k  # one-sided smirk
@@ -106,16 +106,16 @@ def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator
     d.line(pts_bot, fill=(120, 40, 40), width=max(1, int(2 * sc)))
 
     # occluder (hand, glasses, microphone …) now and then
-    if rng.random() < 0.08:
+    if rng.random() < 0.15:
         ox, oy = rng.uniform(0, s - 30), rng.uniform(0, s - 30)
         g = int(rng.integers(0, 255))
         d.rectangle([ox, oy, ox + rng.uniform(12, 30), oy + rng.uniform(8, 24)], fill=(g, g, g))
 
-    img = img.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, fillcolor=(bg, bg, bg))
+    img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, fillcolor=(bg, bg, bg))
     arr = np.asarray(img, dtype=np.float32)
     gx = np.linspace(-1, 1, s)[None, :, None]
     arr = arr * (1 + rng.uniform(-0.25, 0.25) * gx) * rng.uniform(0.75, 1.2)  # lighting
-    arr += rng.normal(0, rng.uniform(2, 9), arr.shape)  # sensor noise
+    arr += rng.normal(0, rng.uniform(3, 14), arr.shape)  # sensor noise
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
@@ -135,8 +135,8 @@ def sample_plan(n: int, seed: int) -> list[tuple[str, str, float, float]]:
         splits = ["test"] * n_test_per + ["val"] * n_val + ["train"] * (counts[ci] - n_val)
         for split in splits:
             v0, a0 = VA_PROTOTYPES[c]
-            v = float(np.clip(v0 + rng.normal(0, 0.15), -1, 1))
-            a = float(np.clip(a0 + rng.normal(0, 0.15), -1, 1))
+            v = float(np.clip(v0 + rng.normal(0, 0.2), -1, 1))
+            a = float(np.clip(a0 + rng.normal(0, 0.2), -1, 1))
             plan.append((split, c, v, a))
     order = rng.permutation(len(plan))
     return [plan[i] for i in order]

@@ -49,14 +49,19 @@ def _torchvision_model(name: str, pretrained: str) -> nn.Module:
     if pretrained in ("", "none"):
         return builder(weights=None)
     if pretrained == "imagenet":
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        # any of torchvision's ImageNet weights for this model whose file is already in the
+        # torch cache (offline machines), else the default ones (downloaded once)
+        enum = torchvision.models.get_model_weights(name)
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        present = [w for w in enum if (folder / Path(w.url).name).is_file()]
+        weights = present[0] if present else enum.DEFAULT
         try:
             return builder(weights=weights)
         except Exception as exc:  # offline with no file: say exactly what to do
+            files = " or ".join(Path(w.url).name for w in enum)
             raise UserError(
-                f"ImageNet weights for {name} are not available ({type(exc).__name__}): place {Path(weights.url).name} "
-                f"in {file.parent} (or set TORCH_HOME), or set model.pretrained to a state_dict file") from None
+                f"ImageNet weights for {name} are not available ({type(exc).__name__}): place {files} "
+                f"in {folder} (or set TORCH_HOME), or set model.pretrained to a state_dict file") from None
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise UserError(f"model.pretrained: no such file {path} (use imagenet, none or a state_dict path)")

@@ -1,0 +1,369 @@
+"""End to end on tiny synthetic faces: train every stage once, then check artifacts, predictors,
+tamper detection, the comparison report and ``ensemble predict``."""
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ensemble.cli import main
+from ensemble.config import load_config
+from ensemble.data import CLASSES
+from ensemble.errors import UserError
+from ensemble.predictors import FlatPredictor, HierarchicalPredictor
+
+REPO = Path(__file__).resolve().parents[1]
+FER_VALID = REPO.parent / "shared" / "data" / "ferplus" / "FER2013Valid"
+SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small, busy machine two spinning threads make tiny fits much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """flat, stage 1, neighborhoods + experts, router and the comparison, trained once."""
+    from ensemble.pipeline import open_experiment
+    from ensemble.predictors import calibrate_router
+    from ensemble.reports import compare
+    from stages.experts import fit_experts
+    from stages.flat import fit_flat
+    from stages.stage1 import fit_stage1
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(None, [
+        "data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", f"data.image_size={SIZE}",
+        f"data.cache_dir={root / 'cache'}", "model.backbone=tinyvgg", "model.hidden=32",
+        "train.epochs=1", "train.batch_size=32", "train.device=cpu", "train.precision=fp32",
+        "experts.min_count=5",
+    ])
+    assert Path(cfg.data.cache_dir) == root / "cache"
+    run = root / "run"
+    logs = []
+    exp = open_experiment(cfg, run, log=logs.append, progress=False)
+    out = {"flat": fit_flat(exp, log=logs.append), "stage1": fit_stage1(exp, log=logs.append),
+           "experts": fit_experts(exp, log=logs.append), "router": calibrate_router(exp, logs.append),
+           "compare": compare(exp, "test", log=logs.append)}
+    return {"exp": exp, "run": run, "root": root, "logs": logs, **out}
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _test_faces(trained, n=4):
+    exp = trained["exp"]
+    rows = exp.manifest[exp.manifest["split"] == "test"].iloc[:n]
+    return [Path(p) for p in rows["path"]], rows["label"].to_numpy()
+
+
+# --------------------------------------------------------------------------- artifacts
+
+@pytest.mark.parametrize("stage", ["flat", "stage1"])
+def test_stage_artifacts(trained, stage):
+    folder = trained["run"] / stage
+    for name in ("weights.pt", "meta.json", "history.csv", "metrics.json", "config.json"):
+        assert (folder / name).is_file(), name
+    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert any(k.startswith("trunk.") for k in state) and any(k.startswith("head.") for k in state)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["input_size"] == SIZE
+    assert len(meta["mean"]) == 3 and len(meta["std"]) == 3
+    assert meta["backbone"] == "tinyvgg" and meta["n_blocks"] == 4
+    assert meta["classes"] == (list(CLASSES) if stage == "flat" else ["valence", "arousal"])
+    assert set(meta["files"]) >= {"weights.pt", "history.csv", "metrics.json", "config.json"}
+    assert "meta.json" not in meta["files"]
+    for name, digest in meta["files"].items():
+        assert _sha256(folder / name) == digest, name
+    with open(folder / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1"]
+
+
+def test_flat_metrics(trained):
+    m = json.loads((trained["run"] / "flat" / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(trained["flat"]))
+    n_test = len(trained["exp"].idx("test"))
+    for split in ("val", "test"):
+        s = m[split]
+        assert 0 <= s["accuracy"] <= 1 and 0 <= s["balanced_accuracy"] <= 1
+        assert set(s["per_class_recall"]) == set(CLASSES)
+        conf = np.array(s["confusion"])
+        assert conf.shape == (8, 8)
+        assert s["accuracy"] == pytest.approx(np.trace(conf) / conf.sum())
+    assert np.array(m["test"]["confusion"]).sum() == n_test
+
+
+def test_stage1_metrics(trained):
+    m = json.loads((trained["run"] / "stage1" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for kind in ("rmse", "ccc", "pcc", "sagr"):
+            for dim in ("valence", "arousal"):
+                assert f"{kind}_{dim}" in m[split]
+        assert m[split]["rmse_valence"] >= 0
+        assert 0 <= m[split]["sagr_arousal"] <= 1
+
+
+def test_neighborhoods_experts_router_artifacts(trained):
+    run = trained["run"]
+    index = json.loads((run / "experts" / "index.json").read_text())
+    assert index == json.loads(json.dumps(trained["experts"]))
+    nb_meta = json.loads((run / "neighborhoods" / "meta.json").read_text())
+    assert index["k"] == nb_meta["k"] == len(index["experts"])
+    covered = set()
+    for r, info in enumerate(index["experts"]):
+        folder = run / "experts" / str(r)
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["classes"] == info["classes"]
+        assert (folder / "weights.pt").is_file() != bool(info.get("constant"))
+        covered |= set(info["classes"])
+    train_labels = trained["exp"].manifest.query("split == 'train'")["label"]
+    assert covered == {CLASSES[i] for i in set(train_labels)}  # every class has an expert
+    router = json.loads((run / "router" / "meta.json").read_text())
+    assert router["mode"] in ("hard", "soft") and router["temperature"] > 0
+    assert router["mode"] == trained["router"]["mode"]
+
+
+def test_no_temporary_folders_left(trained):
+    leftovers = [p for p in trained["run"].rglob("*") if ".tmp" in p.name or ".work" in p.name
+                 or ".old" in p.name or p.name.startswith(".write-test")]
+    assert leftovers == []
+
+
+# --------------------------------------------------------------------------- predictors
+
+def test_flat_predictor_on_paths_and_pil_images(trained):
+    fp = FlatPredictor.load(trained["run"])
+    paths, _ = _test_faces(trained)
+    p_paths = fp.predict_proba([str(p) for p in paths])
+    p_pil = fp.predict_proba([Image.open(p) for p in paths])
+    assert p_paths.shape == (len(paths), 8)
+    np.testing.assert_allclose(p_paths.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(p_paths, p_pil, atol=1e-6)
+    assert fp.classes == list(CLASSES)
+    assert fp.predict_proba([]).shape == (0, 8)
+
+
+def test_preprocess_is_float32_nchw(trained):
+    hp = HierarchicalPredictor.load(trained["run"])
+    paths, _ = _test_faces(trained, 3)
+    x = hp.preprocess(paths)
+    assert x.dtype == np.float32 and x.shape == (3, 3, SIZE, SIZE)
+    # normalised with the run's own mean/std
+    raw = np.asarray(Image.open(paths[0]).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float32) / 255
+    want = (raw.transpose(2, 0, 1) - np.array(hp.mean, np.float32)[:, None, None]) / np.array(hp.std, np.float32)[:, None, None]
+    np.testing.assert_allclose(x[0], want, atol=1e-5)
+    # a larger image is resized to the network's input
+    big = Image.open(paths[0]).convert("RGB").resize((100, 80))
+    assert hp.preprocess([big]).shape == (1, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("router", [None, "hard", "soft"])
+def test_hierarchical_predictor(trained, router):
+    hp = HierarchicalPredictor.load(trained["run"], router=router)
+    assert hp.mode == (router or trained["router"]["mode"])
+    paths, _ = _test_faces(trained)
+    proba = hp.predict_proba([str(p) for p in paths])
+    assert proba.shape == (len(paths), 8)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(hp.predict_proba([Image.open(p) for p in paths]), proba, atol=1e-6)
+    out = hp.predict(paths)
+    k = hp.nbh.k_
+    assert out["valence"].shape == out["arousal"].shape == (len(paths),)
+    assert np.all(np.abs(out["valence"]) <= 1) and np.all(np.abs(out["arousal"]) <= 1)
+    assert out["neighborhood"].shape == (len(paths),) and set(out["neighborhood"].tolist()) <= set(range(k))
+    assert out["region_weights"].shape == (len(paths), k)
+    assert out["label"] == [CLASSES[i] for i in out["proba"].argmax(1)]
+    if hp.mode == "hard":  # only the chosen expert's classes can have probability
+        for p, r in zip(out["proba"], out["neighborhood"]):
+            allowed = [CLASSES.index(c) for c in hp.expert_classes[r]]
+            assert p[np.setdiff1d(np.arange(8), allowed)].sum() == 0
+
+
+def test_hierarchical_predictor_bad_inputs(trained, tmp_path):
+    hp = HierarchicalPredictor.load(trained["run"])
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    with pytest.raises(UserError, match="bad.png"):
+        hp.predict_proba([bad])
+    with pytest.raises(UserError, match="router must be hard or soft"):
+        HierarchicalPredictor.load(trained["run"], router="oracle")
+    with pytest.raises(UserError, match="run folder not found"):
+        HierarchicalPredictor.load(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- tampering
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained["run"], dst)
+    return dst
+
+
+def test_truncated_stage1_weights_are_refused(run_copy):
+    w = run_copy / "stage1" / "weights.pt"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="sha256"):
+        HierarchicalPredictor.load(run_copy)
+
+
+def test_appended_byte_in_neighborhoods_is_refused(run_copy, monkeypatch):
+    import joblib
+
+    f = run_copy / "neighborhoods" / "model.joblib"
+    with open(f, "ab") as fh:
+        fh.write(b"\0")
+    loaded = []
+    monkeypatch.setattr(joblib, "load", lambda *a, **k: loaded.append(a) or None)
+    with pytest.raises(UserError, match="sha256"):
+        HierarchicalPredictor.load(run_copy)
+    assert loaded == []  # refused before anything is unpickled
+
+
+def test_swapped_flat_weights_are_refused(run_copy):
+    shutil.copyfile(run_copy / "stage1" / "weights.pt", run_copy / "flat" / "weights.pt")
+    with pytest.raises(UserError, match="sha256"):
+        FlatPredictor.load(run_copy)
+
+
+def test_missing_expert_file_is_refused(run_copy):
+    index = json.loads((run_copy / "experts" / "index.json").read_text())
+    trainedexp = next((i for i, e in enumerate(index["experts"]) if not e.get("constant")), None)
+    if trainedexp is None:
+        pytest.skip("every neighborhood has a single class in this run")
+    (run_copy / "experts" / str(trainedexp) / "weights.pt").unlink()
+    with pytest.raises(UserError, match="missing"):
+        HierarchicalPredictor.load(run_copy)
+
+
+# --------------------------------------------------------------------------- compare
+
+def test_compare_report(trained):
+    rep = trained["run"] / "reports"
+    assert (rep / "report.md").is_file()
+    text = (rep / "report.md").read_text()
+    for model in ("flat", "hard", "soft", "oracle"):
+        assert f"| {model} |" in text
+        assert (rep / f"confusion_{model}.png").is_file()
+        with Image.open(rep / f"confusion_{model}.png") as im:
+            assert im.size[0] > 100
+    with open(rep / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["flat", "hard", "soft", "oracle"]
+    assert rows[3]["routing_accuracy"] and float(rows[3]["routing_accuracy"]) == pytest.approx(1.0)  # oracle
+    assert rows[0]["routing_accuracy"] == ""
+    result = trained["compare"]
+    assert result["n"] == len(trained["exp"].idx("test"))
+    for r in rows:
+        assert float(r["balanced_accuracy"]) == pytest.approx(result["models"][r["model"]]["balanced_accuracy"])
+    # the flat row is the flat model's own test score
+    assert result["models"]["flat"]["accuracy"] == pytest.approx(trained["flat"]["test"]["accuracy"])
+
+
+# --------------------------------------------------------------------------- ensemble predict
+
+def _cli(argv, capsys):
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_predict_good_and_broken_files(trained, tmp_path, capsys):
+    paths, _ = _test_faces(trained, 2)
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copyfile(paths[0], d / "good.png")
+    shutil.copyfile(paths[1], d / "visage été ünï 2.png")
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.png").write_text("this is text, not a PNG\n")
+    data = paths[0].read_bytes()
+    (d / "cut.png").write_bytes(data[: len(data) // 2])
+    code, out, err = _cli(["predict", str(d), "--run", str(trained["run"]), "--no-detect", "--json"], capsys)
+    assert code == 1
+    assert "Traceback" not in out + err
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert sorted(Path(r["file"]).name for r in records) == sorted(["good.png", "visage été ünï 2.png"])
+    for r in records:
+        assert r["emotion"] in CLASSES and 0 <= r["probability"] <= 1
+        assert r["box"] is None
+        assert len(r["top3"]) == 3 and r["top3"][0][0] == r["emotion"]
+        assert -1 <= r["valence"] <= 1 and -1 <= r["arousal"] <= 1
+        assert r["expert_classes"] and set(r["expert_classes"]) <= set(CLASSES)
+        if trained["router"]["mode"] == "hard":  # the routed expert named the emotion
+            assert r["emotion"] in r["expert_classes"]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert sorted(Path(e.split(": ")[1]).name for e in errors) == ["cut.png", "empty.jpg", "notes.png"]
+    assert "3 of 5 file(s) could not be read" in err
+
+
+def test_cli_predict_text_output_and_flat(trained, tmp_path, capsys):
+    paths, _ = _test_faces(trained, 1)
+    code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect"], capsys)
+    assert code == 0 and err == ""
+    assert out.startswith(str(paths[0])) and "neighborhood" in out
+    code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect", "--flat",
+                           "--json"], capsys)
+    assert code == 0
+    rec = json.loads(out)
+    assert rec["emotion"] in CLASSES and "valence" not in rec
+
+
+def test_cli_predict_missing_run(tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    code, out, err = _cli(["predict", str(img), "--run", str(tmp_path / "no_run"), "--no-detect"], capsys)
+    assert code == 2
+    assert err.startswith("error:") and "Traceback" not in err
+
+
+def _ordinary_photo(face_png: Path, dst: Path) -> tuple[int, int, int, int]:
+    """A FER+ face upscaled to 200 px on a 640x480 grey background; returns the face's (x, y, w, h)."""
+    face = Image.open(face_png).convert("RGB").resize((200, 200), Image.BICUBIC)
+    photo = Image.new("RGB", (640, 480), (128, 128, 128))
+    photo.paste(face, (220, 140))
+    photo.save(dst)
+    return 220, 140, 200, 200
+
+
+@pytest.mark.skipif(not FER_VALID.is_dir(), reason=f"FER+ images not present at {FER_VALID}")
+def test_cli_predict_detects_a_face_in_an_ordinary_photo(trained, tmp_path, capsys):
+    candidates = sorted(FER_VALID.glob("*.png"))[:8]
+    assert candidates, f"no PNGs in {FER_VALID}"
+    tried = []
+    for face_png in candidates:
+        photo = tmp_path / f"photo_{face_png.stem}.jpg"
+        fx, fy, fw, fh = _ordinary_photo(face_png, photo)
+        code, out, err = _cli(["predict", str(photo), "--run", str(trained["run"]), "--json"], capsys)
+        assert code == 0 and "Traceback" not in out + err
+        records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        found = [r for r in records if r.get("box")]
+        tried.append((face_png.name, len(found)))
+        if not found:
+            assert records and records[0]["note"] == "no face found"
+            continue
+        x, y, w, h = found[0]["box"]  # the largest face comes first
+        cx, cy = x + w / 2, y + h / 2
+        assert fx <= cx <= fx + fw and fy <= cy <= fy + fh, found[0]["box"]
+        assert 0 <= x and 0 <= y and x + w <= 640 and y + h <= 480
+        assert found[0]["emotion"] in CLASSES
+        return
+    pytest.fail(f"the Haar cascade found no face in any of the test photos: {tried}")
