@@ -68,13 +68,15 @@ def data_grp():
 @click.option("--root", type=click.Path(), help="Data-set root (csv: the manifest file).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip opening every image.")
-def summary_cmd(config_file, overrides, fmt, root, as_json, no_verify):
+@click.option("--strict", is_flag=True, help="A bad row is an error instead of a counted skip.")
+def summary_cmd(config_file, overrides, fmt, root, as_json, no_verify, strict):
     """Per-split, per-class counts, valence/arousal mean and std per class, and how many rows were
     dropped and why. Every image is opened; those that do not open are counted as dropped."""
     from .config import load_config
     from .summary import summarize
 
     extra = ([f"data.format={json.dumps(fmt)}"] if fmt else []) + ([f"data.root={json.dumps(root)}"] if root else [])
+    extra += ["data.strict=true"] if strict else []
     cfg = load_config(config_file, list(overrides) + extra)
     result = summarize(cfg, verify=not no_verify)
     from .summary import render_summary

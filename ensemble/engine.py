@@ -470,7 +470,7 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                     row.update({f"val_{k}": v for k, v in vm.items() if isinstance(v, float)})
                 row["val_metric"] = metric
                 if rt.world > 1:
-                    t = torch.tensor([metric if rt.is_main else 0.0], dtype=torch.float64)
+                    t = torch.tensor([metric if rt.is_main else 0.0], dtype=torch.float64, device=rt.device)
                     torch.distributed.broadcast(t, 0)
                     metric = float(t.item())
                 improved = (not math.isnan(metric) and metric > best["metric"]) or best["state"] is None

@@ -7,6 +7,7 @@ Output: (batch, 8) probabilities in canonical class order, under the chosen rout
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +34,10 @@ def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
     example = torch.zeros(2, 3, hp.size, hp.size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad():
+    # the TorchScript-based exporters trace the routing as plain tensor ops; their deprecation
+    # notices are not for the user of this command
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         if fmt == "torchscript":
             torch.jit.trace(model, example, check_trace=False).save(str(tmp))
         elif fmt == "onnx":

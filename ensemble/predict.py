@@ -12,14 +12,16 @@ from .data import CLASSES, IMAGE_EXTENSIONS, ImageError, face_array, open_image
 from .errors import UserError
 
 
-def _walk(paths) -> list[Path]:
-    files = []
+def _walk(paths) -> tuple[list[Path], list[Path]]:
+    """Files to predict, and files skipped in walked folders because of their name."""
+    files, skipped = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            for f in sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")):
+                (files if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)
         else:
-            files.append(p)
-    return files
+            files.append(p)  # named explicitly: always tried
+    return files, skipped
 
 
 def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool,
@@ -29,9 +31,12 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
     from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
 
     model = FlatPredictor.load(run) if use_flat else HierarchicalPredictor.load(run, router=router)
-    files = _walk(paths)
+    files, skipped = _walk(paths)
+    if skipped:
+        click.echo(f"skipped {len(skipped)} file(s) without an image extension in folders "
+                   f"(e.g. {', '.join(str(f) for f in skipped[:3])})", err=True)
     if not files:
-        raise UserError("no files to predict")
+        raise UserError("no image files to predict")
     failed = 0
     faces, where = [], []  # face crops (uint8) and (file, box)
 
@@ -65,7 +70,7 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
         where.clear()
 
     for f in files:
-        if f.suffix.lower() not in IMAGE_EXTENSIONS and not f.is_file():
+        if not f.is_file():
             click.echo(f"error: {f}: no such file", err=True)
             failed += 1
             continue

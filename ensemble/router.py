@@ -106,8 +106,8 @@ def fit_temperature(posterior: RegionPosterior, va_pred: np.ndarray, true_region
     """The temperature minimising the validation NLL of the true region (distance posteriors)."""
     if posterior.kind == "gmm" or len(va_pred) == 0:
         return posterior.temperature
-    va = torch.tensor(va_pred, dtype=torch.float32)
-    y = torch.tensor(true_region, dtype=torch.long)
+    va = torch.tensor(va_pred, dtype=torch.float32, device=posterior.centers.device)
+    y = torch.tensor(true_region, dtype=torch.long, device=posterior.centers.device)
     best = (math.inf, posterior.temperature)
     for t in np.logspace(-3, 1, 41):
         posterior.temperature = float(t)

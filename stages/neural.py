@@ -26,6 +26,9 @@ from .backbones import EmotionNet, build_model, normalization, state_digest
 
 def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
     folder = run / stage
+    if not (folder / "meta.json").is_file():
+        raise UserError(f"this stage builds on the {stage} model's trunk (model.trunk_from = \"{stage}\") and "
+                        f"{folder} has none: run ensemble fit-{stage} first, or set model.trunk_from = \"\"")
     meta = read_meta(folder, f"stage {stage!r} (model.trunk_from)")
     state = load_weights(folder)
     if meta.get("trunk_from"):

@@ -315,6 +315,19 @@ def test_cli_predict_good_and_broken_files(trained, tmp_path, capsys):
     assert "3 of 5 file(s) could not be read" in err
 
 
+def test_cli_predict_skips_and_counts_non_image_names_in_folders(trained, tmp_path, capsys):
+    paths, _ = _test_faces(trained, 1)
+    d = tmp_path / "walk"
+    (d / "sub").mkdir(parents=True)
+    shutil.copyfile(paths[0], d / "sub" / "face.png")
+    (d / "README.txt").write_text("not an image")
+    (d / ".DS_Store").write_bytes(b"\0")
+    code, out, err = _cli(["predict", str(d), "--run", str(trained["run"]), "--no-detect", "--json"], capsys)
+    assert code == 0
+    assert [Path(json.loads(line)["file"]).name for line in out.splitlines()] == ["face.png"]
+    assert "skipped 1 file(s) without an image extension" in err and "README.txt" in err
+
+
 def test_cli_predict_text_output_and_flat(trained, tmp_path, capsys):
     paths, _ = _test_faces(trained, 1)
     code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect"], capsys)
