@@ -53,10 +53,13 @@ def git_commit() -> str | None:
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    """Write, fsync, rename: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj) -> None:
@@ -132,6 +135,8 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{meta_file} is not valid JSON; the artifact is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
+        raise UserError(f"{meta_file} is not an artifact description; the artifact is damaged")
     for name, digest in meta.get("files", {}).items():
         f = folder / name
         if not f.is_file():

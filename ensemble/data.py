@@ -129,6 +129,32 @@ class _Drops:
             _warn_dropped(reason, self.examples[reason], n)
 
 
+def _read_table(path: Path, drops: _Drops, reason: str, n_fields: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV file. With ``n_fields`` there is no header and every row must
+    have that many fields; otherwise the first row is the header and rows must match it. Rows
+    of the wrong length are dropped and counted under ``reason``; blank lines are ignored."""
+    import csv as csvlib
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            lines = [row for row in csvlib.reader(f) if any(cell.strip() for cell in row)]
+    except (UnicodeDecodeError, csvlib.Error) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    header: list[str] = []
+    if n_fields is None:
+        if not lines:
+            raise UserError(f"{path} is empty")
+        header, lines = [h.strip() for h in lines[0]], lines[1:]
+        n_fields = len(header)
+    rows = []
+    for row in lines:
+        if len(row) != n_fields:
+            drops.add(reason, f"{path.name}:{row[0] if row else '?'}")
+        else:
+            rows.append(row)
+    return header, rows
+
+
 def _empty_row(path: str, label: int, split: str) -> dict:
     return {"path": path, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan, "label": label,
             "valence": np.nan, "arousal": np.nan, "va_source": "derived", "split": split}
@@ -144,16 +170,11 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
         if not csv.is_file():
             continue  # an absent split is simply absent
         found = True
-        try:
-            table = pd.read_csv(csv, header=None, dtype=str, keep_default_na=False, engine="python",
-                                on_bad_lines=lambda bad: drops.add("malformed label row", f"{csv.name}:{bad[0] if bad else '?'}"))
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            raise UserError(f"cannot read {csv}: {exc}") from None
-        for rec in table.itertuples(index=False):
-            rec = list(rec)
-            name = rec[0].strip() if rec else ""
-            if len(rec) < 12 or not name:
-                drops.add("malformed label row", f"{csv.name}:{name or '?'}")
+        _, table = _read_table(csv, drops, "malformed label row", n_fields=12)
+        for rec in table:
+            name = rec[0].strip()
+            if not name:
+                drops.add("malformed label row", f"{csv.name}:?")
                 continue
             try:
                 votes = np.array([float(v) for v in rec[2:12]])
@@ -182,11 +203,8 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
 
 
 def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> list[dict]:
-    try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False, engine="python",
-                            on_bad_lines=lambda bad: drops.add("malformed AffectNet row", bad[0] if bad else "?"))
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UserError(f"cannot read {csv}: {exc}") from None
+    header, rows_raw = _read_table(csv, drops, "malformed AffectNet row")
+    table = pd.DataFrame(rows_raw, columns=header, dtype=str)
     missing = [c for c in AFFECTNET_COLUMNS if c not in table.columns and c != "facial_landmarks"]
     if missing:
         raise UserError(f"{csv} is missing AffectNet column(s): {', '.join(missing)}")
@@ -304,11 +322,10 @@ def _read_folder(root: Path, drops: _Drops) -> list[dict]:
 def _read_csv(path: Path, drops: _Drops) -> list[dict]:
     if not path.is_file():
         raise UserError(f"CSV manifest not found: {path}")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, engine="python",
-                            on_bad_lines=lambda bad: drops.add("malformed CSV row", f"{path.name}:{bad[0] if bad else '?'}"))
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+    header, rows_raw = _read_table(path, drops, "malformed CSV row")
+    if len(set(header)) != len(header):
+        raise UserError(f"{path}: repeated column names in the header ({', '.join(header)})")
+    table = pd.DataFrame(rows_raw, columns=header, dtype=str)
     cols = {c.strip().lower(): c for c in table.columns}
     path_col = cols.get("path") or cols.get("image") or cols.get("file")
     label_col = cols.get("label") or cols.get("emotion") or cols.get("expression") or cols.get("class")
@@ -319,7 +336,7 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
     for rec in table.to_dict("records"):
         raw_label = str(rec[label_col]).strip()
         c = canonical_class(raw_label)
-        if c is None and raw_label.isdigit() and int(raw_label) < len(CLASSES):
+        if c is None and raw_label.isascii() and raw_label.isdigit() and int(raw_label) < len(CLASSES):
             c = CLASSES[int(raw_label)]
         if c is None:
             drops.add("label outside the classes", f"{rec[path_col]} ({raw_label})")

@@ -110,6 +110,10 @@ class HierarchicalPredictor(_Base):
         index = read_index(run)
         if index["k"] != nbh.k_:
             raise UserError(f"{run}: experts were trained for {index['k']} neighborhoods, the neighborhoods have {nbh.k_}")
+        nbh_sha = read_meta(run / "neighborhoods")["files"]["model.joblib"]
+        if index.get("neighborhoods_sha256", nbh_sha) != nbh_sha:
+            raise UserError(f"{run}: the experts were trained for other neighborhoods than {run / 'neighborhoods'} "
+                            f"(refit with ensemble fit-experts)")
         trunks: dict[str, torch.nn.Module] = {}
 
         def share(net, meta) -> str:

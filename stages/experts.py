@@ -89,6 +89,7 @@ def oof_stage1_va(exp, log=print) -> np.ndarray:
     pred = np.zeros((len(tr), 2), np.float32)
     kf = KFold(folds, shuffle=True, random_state=cfg.train.seed)
     for f, (a, b) in enumerate(kf.split(tr)):
+        torch.manual_seed(cfg.train.seed + 1 + f)
         net, src = build_stage_net(cfg, 2, exp.run)
         from .backbones import normalization
 
@@ -202,14 +203,24 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
             results = sorted((x for j in jobs for x in j.result()), key=lambda d: d["region"])
     else:
         results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
-    index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results}
+    index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results,
+             "neighborhoods_sha256": read_meta(exp.run / "neighborhoods")["files"]["model.joblib"]}
     if exp.rt.is_main:
         write_json(exp.run / "experts" / "index.json", index)
     return index
 
 
 def read_index(run: Path) -> dict:
+    """experts/index.json, checked: one expert per neighborhood, in order."""
     f = run / "experts" / "index.json"
     if not f.is_file():
         raise UserError(f"no experts in {run} (run ensemble fit-experts first)")
-    return json.loads(f.read_text())
+    try:
+        index = json.loads(f.read_text())
+        experts, k = index["experts"], int(index["k"])
+        if len(experts) != k or any(int(e["region"]) != r for r, e in enumerate(experts)):
+            raise ValueError("one expert per neighborhood, in order")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{f} is damaged or incomplete ({exc}); rerun ensemble fit-experts to refit the "
+                        f"neighborhoods and experts together") from None
+    return index

@@ -58,6 +58,7 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
     Returns the metrics written to ``metrics.json``.
     """
     n_out = len(data.class_names) if task == "classify" else 2
+    torch.manual_seed(cfg.train.seed)  # the initial weights come from train.seed, not from what ran before
     net, src_meta = build_stage_net(cfg, n_out, run)
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
