@@ -21,13 +21,12 @@ from pathlib import Path
 
 from common import ROOT, save
 
-import numpy as np
 import torch
 
 
 def _loader_rate(batches, n_batches: int) -> float:
     seen, t = 0, None
-    for i, (x, _, _) in enumerate(batches):
+    for i, (x, _) in enumerate(batches):
         if i == 2:
             t, seen = time.perf_counter(), 0
         seen += len(x)
@@ -87,7 +86,7 @@ def main() -> None:
     net.train()
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], fc.train, rt.device)
     seen, t = 0, None
-    for i, (x, pos, _) in enumerate(_image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0)):
+    for i, (x, pos) in enumerate(_image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0)):
         if i == 2:
             t, seen = time.perf_counter(), 0
         with rt.autocast():

@@ -20,13 +20,12 @@ from pathlib import Path
 
 from common import ROOT, save
 
-import numpy as np
 import torch
 
 
 def _rate(net, batches, opt, loss_fn, steps: int, rt, tail: bool) -> float:
     seen, t = 0, None
-    for i, (x, pos, _) in enumerate(batches):
+    for i, (x, _) in enumerate(batches):
         if i == 2:  # after warm-up
             t, seen = time.perf_counter(), 0
         with rt.autocast():

@@ -20,7 +20,6 @@ lost silently.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import os
 import warnings

@@ -69,7 +69,7 @@ def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -
     cfg = load_config(cfg_file, (QUICK if quick else []) + list(overrides))
     t0 = time.time()
     times = {}
-    log(f"[1/6] synthetic faces and data preparation")
+    log("[1/6] synthetic faces and data preparation")
     exp = open_experiment(cfg, out, log)
     steps = [("[2/6] fit-flat", lambda: fit_flat(exp, log=log)),
              ("[3/6] fit-stage1", lambda: fit_stage1(exp, log=log)),

@@ -229,10 +229,9 @@ def _loader(images, idx, batch_size, rt: Runtime, shuffle_seed: int | None, work
                                        pin_memory=rt.device.type == "cuda", persistent_workers=False)
 
 
-def to_input(batch_u8: torch.Tensor, mean, std, rt: Runtime) -> torch.Tensor:
+def to_input(batch_u8: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """(batch, H, W, 3) uint8 -> (batch, 3, H, W) float on the device, in [0, 1] (not yet normalised)."""
-    x = batch_u8.to(rt.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    return x
+    return batch_u8.to(rt.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -245,14 +244,14 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_outputs(net: nn.Module, images, idx: np.ndarray, mean, std, rt: Runtime, batch_size: int = 256,
-                    workers: int = 0, progress: bool = False, head_only_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    workers: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw outputs (n, n_out) float32 for faces ``idx``, and a mask of those that decoded."""
     net.eval()
     outs = []
     ok_all = np.zeros(len(idx), dtype=bool)
     loader = _loader(images, idx, batch_size, Runtime(rt.device, rt.amp_dtype, rt.channels_last), None, workers)
     for xb, jb, okb in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        x = normalize(to_input(xb, mean, std, rt), mean, std)
+        x = normalize(to_input(xb, rt), mean, std)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
@@ -421,14 +420,15 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                 model.train()
                 tot, nb, seen = 0.0, 0, 0
                 t_ep = time.time()
+                stats: dict = {}
                 if features is not None:
                     batches = _feature_batches(features, plan, copy, tc.batch_size, tc.seed, epoch, rt.device)
                 else:
                     batches = _image_batches(data.images, train_idx, plan, copy, tc, bc, rt, gen, mean, std,
-                                             epoch, cfg.data.num_workers)
+                                             epoch, cfg.data.num_workers, stats)
                 bar = tqdm(batches, total=steps, desc=f"{desc} {epoch + 1}/{tc.epochs}", leave=False,
                            disable=None if rt.is_main else True)
-                for x, pos, cp in bar:
+                for x, pos in bar:
                     y_idx = plan[pos]
                     with rt.autocast():
                         out = (net.tail(x) if features is not None else model(x)).float()
@@ -460,6 +460,9 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                 train_secs = time.time() - t_ep
                 row = {"epoch": epoch + 1, "train_loss": tot / max(1, nb), "lr": opt.param_groups[0]["lr"],
                        "images_per_s": seen * rt.world / max(1e-9, train_secs)}
+                if stats.get("skipped"):
+                    row["skipped_unreadable"] = stats["skipped"]
+                    n_skipped = max(n_skipped, stats["skipped"])
                 if eff_counts is not None:
                     row["class_counts"] = " ".join(f"{c}:{int(k)}" for c, k in zip(data.class_names, eff_counts))
                 metric = math.nan
@@ -509,23 +512,26 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
     return FitResult(best["state"], history, best["epoch"], best["metric"], n_skipped)
 
 
-def _image_batches(images, train_idx, plan, copy, tc, bc, rt, gen, mean, std, epoch, workers):
-    """Augmented, normalised image batches: (x, positions into plan, copy flags)."""
+def _image_batches(images, train_idx, plan, copy, tc, bc, rt, gen, mean, std, epoch, workers, stats=None):
+    """Augmented, normalised image batches: (x, positions into plan). Faces that fail to decode
+    on the fly (``data.cache = "none"``) are skipped and counted in ``stats["skipped"]``."""
     loader = _loader(images, train_idx[plan], tc.batch_size, rt, tc.seed * 1000 + epoch, workers)
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
         loader.sampler.set_epoch(epoch)
     for xb, jb, okb in loader:
         keep = okb.bool()
-        if not keep.all():  # decoded on the fly and failed: skip, counted in the history
+        if not keep.all():  # decoded on the fly and failed: skip and count
+            if stats is not None:
+                stats["skipped"] = stats.get("skipped", 0) + int((~keep).sum())
             xb, jb = xb[keep], jb[keep]
             if len(jb) == 0:
                 continue
         cp = torch.as_tensor(copy[jb.numpy()], device=rt.device)
-        x = augment(to_input(xb, mean, std, rt), cp, tc, bc, gen)
+        x = augment(to_input(xb, rt), cp, tc, bc, gen)
         x = normalize(x, mean, std)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield x, jb.numpy(), cp
+        yield x, jb.numpy()
 
 
 def evaluate(net, task, images, idx, y, class_names, mean, std, rt, val_features=None) -> dict:
@@ -581,7 +587,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
                              None, 0)
             for xb, jb, _ in loader:
                 j = jb.numpy()
-                x = to_input(xb, mean, std, rt)
+                x = to_input(xb, rt)
                 f = torch.as_tensor(flip[j], device=rt.device, dtype=torch.float32)
                 a = torch.as_tensor(np.radians(angle[j]), device=rt.device, dtype=torch.float32)
                 if bool((f != 0).any() or (a != 0).any()):
@@ -594,7 +600,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
                 if rt.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with rt.autocast():
-                    feat = frozen(x).float().cpu().numpy().astype(np.float16)
+                    feat = frozen(x).to(torch.float16).cpu().numpy()  # halve the copy off the device
                 if arr is None:
                     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(images),) + feat.shape[1:])
                 arr[j] = feat
@@ -632,7 +638,7 @@ def _feature_batches(features, plan, copy, batch_size, seed, epoch, device):
         for v in np.unique(view):
             sel = np.flatnonzero(view == v)
             x[sel] = views[v][rows[sel]]
-        yield torch.from_numpy(x).to(device), pos, None
+        yield torch.from_numpy(x).to(device), pos
 
 
 def write_history(history: list[dict], path: Path) -> None:

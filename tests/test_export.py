@@ -1,6 +1,5 @@
 """Export of the whole hierarchy (ONNX, TorchScript) and the shared trunk."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
