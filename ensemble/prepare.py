@@ -64,9 +64,9 @@ def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, wor
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     n = len(manifest)
-    arr = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     ok = np.zeros(n, dtype=bool)
-    bad: list[str] = []
+    bad: list[str] = []  # the first few, for the warning
+    n_bad = 0
     paths = manifest["path"].tolist()
     boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
     jobs = ((p, b, size) for p, b in zip(paths, boxes))
@@ -78,23 +78,32 @@ def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, wor
     else:
         pool = None
         results = map(_decode, jobs)
+    blank = bytes(size * size * 3)
     try:
-        for i, (img, err) in enumerate(results):
-            if img is None:
-                bad.append(f"{paths[i]}: {err}")
-            else:
-                arr[i] = img
-                ok[i] = True
-            bar.update()
+        # rows arrive in order and are appended to a .npy file: memory stays flat however many rows
+        with open(tmp / "images.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                    "shape": (n, size, size, 3)})
+            for i, (img, err) in enumerate(results):
+                if img is None:
+                    n_bad += 1
+                    if len(bad) < 20:
+                        bad.append(f"{paths[i]}: {err}")
+                    f.write(blank)
+                else:
+                    f.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
+                    ok[i] = True
+                bar.update()
+            f.flush()
+            os.fsync(f.fileno())
     finally:
         bar.close()
         if pool is not None:
             pool.close()
             pool.join()
-    arr.flush()
-    del arr
     np.save(tmp / "ok.npy", ok)
-    info = {"n": n, "size": size, "n_bad": len(bad), "bad_examples": bad[:20]}
+    info = {"n": n, "size": size, "n_bad": n_bad, "bad_examples": bad}
     (tmp / "info.json").write_text(json.dumps(info, indent=1))
     try:
         os.replace(tmp, folder)

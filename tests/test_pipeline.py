@@ -315,6 +315,35 @@ def test_cli_predict_good_and_broken_files(trained, tmp_path, capsys):
     assert "3 of 5 file(s) could not be read" in err
 
 
+def test_cli_predict_on_every_hostile_file_of_issue_6(trained, tmp_path, capsys):
+    """A folder holding each hostile file and one good face: the convertible images are
+    predicted, each unusable one is named in one error line, exit code 1, no traceback."""
+    from conftest import png_with_declared_size, write_broken_files
+
+    paths, _ = _test_faces(trained, 1)
+    d = tmp_path / "hostile"
+    write_broken_files(d)  # 0-byte .jpg, text named .jpg, truncated PNG
+    face = Image.open(paths[0]).convert("RGB")
+    shutil.copyfile(paths[0], d / "good face.png")
+    face.convert("RGBA").save(d / "rgba.png")
+    Image.fromarray((np.asarray(face.convert("L"), dtype=np.uint16) * 257)).save(d / "gray16.png")
+    face.convert("CMYK").save(d / "cmyk.jpg")
+    face.convert("P").save(d / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the reader must turn it upright
+    face.transpose(Image.Transpose.ROTATE_90).save(d / "exif-rotated.jpg", exif=exif)
+    face.save(d / "ñame with spaces é.png")
+    Image.new("RGB", (1, 1)).save(d / "one-pixel.png")
+    png_with_declared_size(d / "bomb.png", 30000, 30000)
+    code, out, err = _cli(["predict", str(d), "--run", str(trained["run"]), "--no-detect", "--json"], capsys)
+    assert code == 1 and "Traceback" not in out + err
+    predicted = sorted(Path(json.loads(line)["file"]).name for line in out.splitlines())
+    assert predicted == sorted(["good face.png", "rgba.png", "gray16.png", "cmyk.jpg", "palette.png",
+                                "exif-rotated.jpg", "ñame with spaces é.png"])
+    named = sorted(Path(line.split(": ")[1]).name for line in err.splitlines() if line.startswith("error:"))
+    assert named == ["bomb.png", "empty.jpg", "one-pixel.png", "text.jpg", "truncated.png"]
+
+
 def test_cli_predict_skips_and_counts_non_image_names_in_folders(trained, tmp_path, capsys):
     paths, _ = _test_faces(trained, 1)
     d = tmp_path / "walk"
