@@ -11,6 +11,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ensemble.config import load_config  # noqa: E402
@@ -108,3 +109,13 @@ def synthetic_cfg(tmp_path):
         "train.batch_size=32",
         "train.device=cpu",
     ])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny fits: on a small, busy machine two spinning
+    threads make them many times slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

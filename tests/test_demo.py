@@ -3,19 +3,10 @@
 import re
 
 import pytest
-import torch
 
 from ensemble.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a busy small machine runs tiny nets faster on one thread
-    yield
-    torch.set_num_threads(before)
 
 
 def test_demo_quick(tmp_path, capsys, one_thread, monkeypatch):

@@ -19,6 +19,8 @@ from stages.backbones import build_model, normalization, state_digest
 
 LABELS = np.array([0] * 10 + [1] * 4 + [2] * 1)  # counts 10, 4, 1
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _bal(**kw):
     return BalanceConfig(**kw)
@@ -223,15 +225,6 @@ def test_augment_is_seeded():
 BASE = ["data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", "data.image_size=32",
         "model.backbone=tinyvgg", "model.hidden=32", "train.epochs=1", "train.batch_size=32", "train.device=cpu",
         "train.precision=fp32"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, busy machine two spinning threads make a tiny fit 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

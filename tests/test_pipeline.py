@@ -22,14 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 FER_VALID = REPO.parent / "shared" / "data" / "ferplus" / "FER2013Valid"
 SIZE = 32
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, busy machine two spinning threads make tiny fits much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

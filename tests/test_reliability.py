@@ -39,6 +39,8 @@ from ensemble.predictors import FlatPredictor, HierarchicalPredictor
 
 SIZE = 32
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -48,15 +50,6 @@ def tiny(cache: Path, *extra: str, epochs: int = 2, seed: int = 0) -> list[str]:
             f"data.cache_dir={json.dumps(str(cache))}", "model.backbone=tinyvgg", "model.hidden=32",
             "train.device=cpu", "train.threads=1", "train.batch_size=32", f"train.epochs={epochs}",
             f"train.seed={seed}", "experts.min_count=5", *extra]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (the machine is small and shared); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
