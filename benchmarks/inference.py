@@ -35,18 +35,25 @@ def _time(fn, x, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def _peak_memory(run: str, which: str, batch: int) -> float:
+def _peak_memory(run: str, which: str, batch: int) -> tuple[float, float]:
+    """(peak RSS MB, of which after loading the model) for one predictor in a fresh process."""
     code = f"""
-import resource, numpy as np, torch
+import sys; sys.path.insert(0, "benchmarks")
+import numpy as np, torch
+from common import peak_rss_mb
 from ensemble import FlatPredictor, HierarchicalPredictor
 p = {'FlatPredictor' if which == 'flat' else 'HierarchicalPredictor'}.load({run!r})
 x = np.random.default_rng(0).standard_normal(({batch}, 3, p.size, p.size)).astype('float32')
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-{'p.proba_from_input(x)' if which == 'flat' else 'p.route(*p.parts_from_input(x))'}
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+loaded = peak_rss_mb()
+for _ in range(3):
+    {'p.proba_from_input(x)' if which == 'flat' else 'p.route(*p.parts_from_input(x))'}
+print(loaded, peak_rss_mb())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+    if out.returncode != 0:
+        return float("nan"), float("nan")
+    loaded, peak = map(float, out.stdout.split()[-2:])
+    return peak, loaded
 
 
 def main() -> None:
@@ -87,12 +94,14 @@ def main() -> None:
         row = {"flat_ms_per_image": f_ms, "hier_ms_per_image": h_ms, "hier_over_flat": h_ms / f_ms}
         if o_t:
             row["onnxruntime_hier_ms_per_image"] = 1000 * min(o_t) / batch
-        row["flat_peak_rss_mb"] = _peak_memory(str(run), "flat", batch)
-        row["hier_peak_rss_mb"] = _peak_memory(str(run), "hier", batch)
+        row["flat_peak_rss_mb"], row["flat_rss_after_load_mb"] = _peak_memory(str(run), "flat", batch)
+        row["hier_peak_rss_mb"], row["hier_rss_after_load_mb"] = _peak_memory(str(run), "hier", batch)
+        row["hier_over_flat_peak_rss"] = row["hier_peak_rss_mb"] / row["flat_peak_rss_mb"]
         figures["batches"][str(batch)] = row
         print(f"batch {batch:>2}: flat {f_ms:.3f} ms/img, hierarchy {h_ms:.3f} ms/img (x{h_ms / f_ms:.2f})"
               + (f", onnxruntime {row['onnxruntime_hier_ms_per_image']:.3f} ms/img" if o_t else "")
-              + f"; peak RSS flat {row['flat_peak_rss_mb']:.0f} MB, hierarchy {row['hier_peak_rss_mb']:.0f} MB")
+              + f"; peak RSS flat {row['flat_peak_rss_mb']:.0f} MB, hierarchy {row['hier_peak_rss_mb']:.0f} MB"
+              + f" (x{row['hier_over_flat_peak_rss']:.2f})")
     flat_mb = _dir_mb(run / "flat")
     stages = [run / "stage1", *sorted((run / "experts").glob("[0-9]*"))]
     borrowed = {json.loads((p / "meta.json").read_text()).get("trunk_from") for p in stages} - {"", None}

@@ -37,13 +37,12 @@ def _loader_rate(batches, n_batches: int) -> float:
 
 PREPARE = """
 import sys, time, numpy as np, pandas as pd
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {root!r} + "/benchmarks"]
+from common import peak_rss_mb as hwm
 from ensemble.prepare import prepare_images
 files = sorted(__import__('glob').glob({pattern!r}))[:500]
 n = {rows}
 df = pd.DataFrame({{"path": [files[i % len(files)] for i in range(n)], "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan}})
-def hwm():  # peak resident memory of this process, MB (VmHWM starts afresh at exec, unlike ru_maxrss)
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 base = hwm()
 t = time.time()
 folder, info = prepare_images(df, 32, {cache!r}, workers=0, progress=False)

@@ -778,24 +778,19 @@ def test_csv_first_row_with_extra_fields_keeps_the_good_rows(tiny_pngs, tmp_path
     assert sum(ds.dropped.values()) == 1
 
 
-def test_ferplus_short_first_row_keeps_the_good_rows(tiny_pngs, tmp_path):
+@pytest.mark.parametrize("first_row, kept", [
+    ("junk,1,2", 2),          # too short: dropped, the two good rows kept
+    ("{good},7", 1),          # one column too many: dropped
+])
+def test_ferplus_malformed_first_row_is_dropped_and_counted(tiny_pngs, tmp_path, first_row, kept):
     folder = tmp_path / "fp" / "FER2013Train"
     folder.mkdir(parents=True)
     shutil.copyfile(tiny_pngs[0], folder / "img0.png")
     good = 'img0.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0'
-    (folder / "label.csv").write_text(f"junk,1,2\n{good}\n{good}\n")
+    rows = [first_row.format(good=good), good] + ([good] if kept == 2 else [])
+    (folder / "label.csv").write_text("\n".join(rows) + "\n")
     ds = _load("ferplus", tmp_path / "fp")
-    assert len(ds.manifest) == 2 and sum(ds.dropped.values()) == 1
-
-
-def test_ferplus_long_first_row_is_dropped(tiny_pngs, tmp_path):
-    folder = tmp_path / "fp" / "FER2013Train"
-    folder.mkdir(parents=True)
-    shutil.copyfile(tiny_pngs[0], folder / "img0.png")
-    good = 'img0.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0'
-    (folder / "label.csv").write_text(f"{good},7\n{good}\n")
-    ds = _load("ferplus", tmp_path / "fp")
-    assert len(ds.manifest) == 1 and sum(ds.dropped.values()) == 1
+    assert len(ds.manifest) == kept and sum(ds.dropped.values()) == 1
 
 
 # --------------------------------------------------------------------------- 8. broken images in a training set
