@@ -402,3 +402,19 @@ def test_cli_predict_detects_a_face_in_an_ordinary_photo(trained, tmp_path, caps
         assert found[0]["emotion"] in CLASSES
         return
     pytest.fail(f"the Haar cascade found no face in any of the test photos: {tried}")
+
+
+def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, capsys):
+    """scikit-image ships NASA's portrait of astronaut Eileen Collins (public domain): a real
+    512x512 colour photograph with one face, whose box is known."""
+    from skimage import data  # in the test extra; bundled with the wheel, no download
+    photo = tmp_path / "astronaut portrait.jpg"
+    Image.fromarray(data.astronaut()).save(photo, quality=90)
+    code, out, err = _cli(["predict", str(photo), "--run", str(trained["run"]), "--json"], capsys)
+    assert code == 0 and "Traceback" not in out + err
+    rec = json.loads(out.splitlines()[0])
+    x, y, w, h = rec["box"]
+    assert 150 <= x + w / 2 <= 300 and 60 <= y + h / 2 <= 180 and 80 <= w <= 220, rec["box"]  # her face
+    assert rec["emotion"] in CLASSES and abs(sum(p for _, p in rec["top3"])) <= 1.0001
+    assert -1 <= rec["valence"] <= 1 and -1 <= rec["arousal"] <= 1 and rec["expert_classes"]
+
