@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import ROOT, save
 
+import numpy as np
 import torch
 
 
@@ -52,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ensemble.config import load_config
-    from ensemble.engine import _feature_batches, _image_batches, epoch_plan, feature_store, feature_views, make_optimizer
+    from ensemble.engine import _feature_batches, _feature_cache, _image_batches, epoch_plan, feature_views, make_optimizer
     from ensemble.pipeline import open_experiment
     from stages.backbones import build_model, normalization
 
@@ -89,13 +90,13 @@ def main() -> None:
     figures["head_no_cache_img_s"] = _rate(net, _image_batches(exp.images, tr, plan, copy, ec.train, ec.balance, rt, gen,
                                                               mean, std, 0, 0), opt, loss_fn, args.steps, rt, False)
     t = time.perf_counter()
-    views = feature_views(len(exp.images), ec.train, ec.balance)
-    store = feature_store(net, exp.images, mean, std, rt, views, desc="benchmark")
+    n_views = len(feature_views(len(exp.images), ec.train, ec.balance))
+    feats = _feature_cache(net, exp.images, tr, np.array([], dtype=int), mean, std, rt, ec.train, ec.balance,
+                           "benchmark", print)
     build_s = time.perf_counter() - t
     figures["cache_build_s"] = build_s
-    figures["cache_build_img_s"] = len(exp.images) * len(views) / build_s
-    feats = {"views": store, "train_rows": tr, "val": None, "n_plain": 2 if len(views) > 1 else 1,
-             "transform_view": len(views) - 1 if ec.balance.mode == "transform" else None}
+    figures["cache_views"] = n_views
+    figures["cache_build_img_s"] = len(exp.images) * n_views / build_s
     figures["head_cached_img_s"] = _rate(net, _feature_batches(feats, plan, copy, ec.train.batch_size, 0, 0, rt.device),
                                          opt, loss_fn, max(args.steps, 200), rt, True)
     print(f"head on frozen trunk: {figures['head_no_cache_img_s']:.0f} img/s from images, "

@@ -137,7 +137,11 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
         raise UserError(f"{meta_file} is not valid JSON; the artifact is damaged") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
         raise UserError(f"{meta_file} is not an artifact description; the artifact is damaged")
-    for name, digest in meta.get("files", {}).items():
+    listed = meta.get("files", {})
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != META and not f.name.startswith(".") and f.name not in listed:
+            raise UserError(f"{f} is not recorded in {meta_file}: refusing a run with files of unknown origin")
+    for name, digest in listed.items():
         f = folder / name
         if not f.is_file():
             raise UserError(f"{f} is missing; the artifact is incomplete")

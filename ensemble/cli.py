@@ -192,11 +192,19 @@ def compare_cmd(config_file, overrides, run, split, out):
     from .pipeline import open_experiment
     from .reports import compare
 
+    from .artifacts import read_meta
+
     run_p = Path(run)
+    if not (run_p / "flat" / "meta.json").is_file():  # before any data is read or prepared
+        raise UserError(f"{run_p} holds no trained run (no flat/meta.json): train it first, or pass --run")
     if config_file or overrides or not (run_p / "config.json").is_file():
         cfg = load_config(config_file, overrides)
     else:
         cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
+    trained = read_meta(run_p / "flat", "flat").get("input_size")
+    if trained != cfg.data.image_size:
+        raise UserError(f"the run's models take {trained}-px faces but the config says data.image_size = "
+                        f"{cfg.data.image_size}; compare with the config the run was trained with")
     compare(open_experiment(cfg, run_p, _log), split, Path(out) if out else None, _log)
 
 

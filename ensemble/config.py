@@ -9,6 +9,9 @@ sub-tables that override the shared sections for that stage only, e.g.::
     trunk_from = "flat"      # experts are heads on the flat model's frozen trunk
 
 An unknown key or a value of the wrong type is an error that names the key.
+``--set section.key=value`` on the command line wins over the file, also over the file's
+per-stage tables (``--set train.epochs=1`` shortens every stage); ``--set
+stage1.train.epochs=5`` targets one stage.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = library default
     seed: int = 0  # seeds data order, augmentation, initialisation
     feature_cache: bool = True  # frozen blocks run once per (face, view); the tail trains from the cache (flip and transform copies kept, random crop not)
+    transform_views: int = 4  # feature cache: fixed rotated/flipped views per face that transform copies draw from
     max_minutes: float = 0.0  # stop after the epoch that crosses this wall time; 0 = off
 
 
@@ -176,7 +180,7 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
     if expected is dict:
         if not isinstance(value, dict):
             raise UserError(f"config key {where}: expected a table, got {value!r}")
-        return dict(value)
+        return {k: (v.parsed if isinstance(v, _SetValue) else v) for k, v in value.items()}
     if expected in (int, str, bool, float):
         if isinstance(value, bool) and expected is not bool:
             raise UserError(f"config key {where}: expected {expected.__name__}, got {value!r}")
@@ -186,6 +190,75 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
     return value
 
 
+def _one_of(*choices):
+    def check(v):
+        return None if v in choices else "must be one of " + ", ".join(repr(c) for c in choices)
+    return check
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(v):
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+        if not bad:
+            return None
+        left = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+        right = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+        return "must be " + " and ".join(x for x in (left, right) if x)
+    return check
+
+
+def _device(v):
+    import re
+    ok = v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", v)
+    return None if ok else "must be auto, cpu, cuda, cuda:N or mps"
+
+
+def _weights_table(v):
+    from .data import CLASSES, canonical_class
+    for k, w in v.items():
+        if canonical_class(k) is None:
+            return f"names an unknown class {k!r} (classes: {', '.join(CLASSES)})"
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            return f"gives {k} the weight {w!r}; weights are numbers >= 0"
+    return None
+
+
+def _prototypes_table(v):
+    from .data import CLASSES, canonical_class
+    for k, va in v.items():
+        if canonical_class(k) is None:
+            return f"names an unknown class {k!r} (classes: {', '.join(CLASSES)})"
+        if (not isinstance(va, (list, tuple)) or len(va) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and -1 <= x <= 1 for x in va)):
+            return f"gives {k} {va!r}; expected [valence, arousal] in [-1, 1]"
+    return None
+
+
+# value checks per field, so that a bad value is refused when the config is read, naming the key
+_RULES: dict[type, dict[str, Any]] = {
+    DataConfig: {"format": _one_of("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic"),
+                 "image_size": _range(8, 4096), "max_samples": _range(0), "val_fraction": _range(0, 1, hi_open=True),
+                 "prototypes": _prototypes_table, "n_synthetic": _range(80), "synthetic_size": _range(16, 1024),
+                 "cache": _one_of("auto", "disk", "none"), "num_workers": _range(0)},
+    ModelConfig: {"head": _one_of("slim", "classic"), "hidden": _range(1), "dropout": _range(0, 1, hi_open=True),
+                  "trunk_from": _one_of("", "flat", "stage1")},
+    TrainConfig: {"epochs": _range(1), "batch_size": _range(1), "optimizer": _one_of("adam", "adamw", "sgd"),
+                  "lr": _range(0, lo_open=True), "momentum": _range(0, 1, hi_open=True), "weight_decay": _range(0),
+                  "schedule": _one_of("cosine", "step", "none"), "step_size": _range(1), "gamma": _range(0, lo_open=True),
+                  "warmup_epochs": _range(0), "patience": _range(0), "loss": _one_of("mse", "mse+ccc"),
+                  "label_smoothing": _range(0, 1, hi_open=True), "crop_scale": _range(0, 0.5), "device": _device,
+                  "precision": _one_of("auto", "bf16", "fp16", "fp32"), "threads": _range(0),
+                  "max_minutes": _range(0), "transform_views": _range(1, 64)},
+    BalanceConfig: {"mode": _one_of("none", "down", "up", "transform"), "cap": _range(1), "floor": _range(0),
+                    "rotation": _range(0, 180), "weights": _one_of("none", "inverse", "sqrt_inverse", "explicit"),
+                    "class_weights": _weights_table},
+    NeighborhoodsConfig: {"method": _one_of("kmeans", "gmm", "agglomerative"), "k": _range(0, 64), "k_min": _range(2, 64),
+                          "k_max": _range(2, 64), "min_share": _range(0, 1, lo_open=True), "max_fit_samples": _range(10)},
+    ExpertsConfig: {"train_on": _one_of("true", "routed", "both"), "oof_folds": _range(2, 20), "min_count": _range(1)},
+    RouterConfig: {"mode": _one_of("auto", "hard", "soft"), "temperature": _range(0)},
+}
+
+
 def _apply(cls, values: dict, where: str):
     hints = _hints(cls)
     kwargs = {}
@@ -193,6 +266,10 @@ def _apply(cls, values: dict, where: str):
         if key not in hints:
             raise UserError(f"unknown config key: {where}.{key}")
         kwargs[key] = _check_value(value, hints[key], f"{where}.{key}")
+        rule = _RULES.get(cls, {}).get(key)
+        problem = rule(kwargs[key]) if rule else None
+        if problem:
+            raise UserError(f"config key {where}.{key} = {kwargs[key]!r} {problem}")
     if cls in (StageOverrides, ExpertsConfig):
         # override tables must name real keys of their sections
         for sub, target in (("model", ModelConfig), ("train", TrainConfig), ("balance", BalanceConfig)):
@@ -227,8 +304,16 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {p} is not valid TOML: {exc}") from None
-    for item in overrides:
-        parts, value = _parse_set(item)
+    parsed = [(_parse_set(item), item) for item in overrides]
+    # the command line wins over the file at every level: --set train.epochs=1 also replaces
+    # what the file's [stage1.train] / [flat.train] / [experts.train] say of epochs
+    for (parts, _), _item in parsed:
+        if len(parts) == 2 and parts[0] in ("model", "train", "balance"):
+            for stage in ("stage1", "flat", "experts"):
+                table = raw.get(stage, {}).get(parts[0]) if isinstance(raw.get(stage), dict) else None
+                if isinstance(table, dict):
+                    table.pop(parts[1], None)
+    for (parts, value), item in parsed:
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})

@@ -24,7 +24,7 @@ import hashlib
 import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,7 @@ class Dataset:
 
     manifest: pd.DataFrame
     dropped: Counter
+    dropped_by_split: dict = field(default_factory=dict)  # split -> Counter of reasons ("unassigned": no split known)
 
 
 def canonical_class(name: str) -> str | None:
@@ -113,12 +114,15 @@ class _Drops:
     def __init__(self, strict: bool):
         self.strict = strict
         self.counts: Counter = Counter()
+        self.by_split: dict[str, Counter] = {}
+        self.split: str | None = None  # the split an adapter is reading, where it knows it
         self.examples: dict[str, list[str]] = {}
 
-    def add(self, reason: str, example: str) -> None:
+    def add(self, reason: str, example: str, split: str | None = None) -> None:
         if self.strict:
             raise UserError(f"{reason}: {example} (data.strict is on)")
         self.counts[reason] += 1
+        self.by_split.setdefault(split or self.split or "unassigned", Counter())[reason] += 1
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(str(example))
@@ -169,6 +173,7 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
         if not csv.is_file():
             continue  # an absent split is simply absent
         found = True
+        drops.split = split
         _, table = _read_table(csv, drops, "malformed label row", n_fields=12)
         for rec in table:
             name = rec[0].strip()
@@ -214,7 +219,7 @@ def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> l
             expr = int(float(rec["expression"]))
             box = [float(rec[k]) for k in ("face_x", "face_y", "face_width", "face_height")]
             val, aro = float(rec["valence"]), float(rec["arousal"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # e.g. "inf" or "1e400" as an expression code
             drops.add("malformed AffectNet row", rel or "?")
             continue
         if expr in (8, 9, 10):
@@ -242,6 +247,7 @@ def _read_affectnet(root: Path, drops: _Drops) -> list[dict]:
     for name, split in (("training.csv", "train"), ("validation.csv", "test")):
         csv = root / name
         if csv.is_file():
+            drops.split = split
             rows += _read_affectnet_csv(csv, images, split, drops)
     if not rows and not (root / "training.csv").is_file() and not (root / "validation.csv").is_file():
         raise UserError(f"no AffectNet training.csv or validation.csv under {root}")
@@ -256,6 +262,7 @@ def _read_affectnet_folder(root: Path, drops: _Drops) -> list[dict]:
         split = names.get(sub.name.lower())
         if split is None or not (sub / "images").is_dir():
             continue
+        drops.split = split
         ann = sub / "annotations"
         for img in sorted((sub / "images").iterdir()):
             if img.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -292,10 +299,10 @@ def _read_folder(root: Path, drops: _Drops) -> list[dict]:
             if not f.is_file():
                 continue
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                drops.add("not an image file name", str(f))
+                drops.add("not an image file name", str(f), split)
                 continue
             if c is None:
-                drops.add("label outside the classes", str(f))
+                drops.add("label outside the classes", str(f), split)
                 continue
             out.append(_empty_row(str(f), CLASS_INDEX[c], split))
         return out
@@ -448,8 +455,8 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
             df[c] = np.nan
     if check_files:
         exists = np.array([os.path.isfile(p) for p in df["path"]])
-        for p in df.loc[~exists, "path"]:
-            drops.add("image file missing", p)
+        for p, split in zip(df.loc[~exists, "path"], df.loc[~exists, "split"]):
+            drops.add("image file missing", p, split)
         df = df[exists]
         if df.empty:
             raise UserError(f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {drops.examples['image file missing'][0]})")
@@ -460,13 +467,20 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
     df = df.reset_index(drop=True)
     df["label"] = df["label"].astype(int)
     drops.warn()
-    return Dataset(df, drops.counts)
+    return Dataset(df, drops.counts, drops.by_split)
 
 
 def manifest_digest(df: pd.DataFrame, image_size: int) -> str:
-    """Identifies what a prepared shard holds: paths, boxes and the size."""
+    """Identifies what a prepared shard holds: paths, boxes, the size, and each file's size and
+    modification time, so that an image edited or replaced in place is prepared afresh."""
     h = hashlib.sha256(str(image_size).encode())
     h.update(pd.util.hash_pandas_object(df[["path", "x", "y", "w", "h"]], index=False).to_numpy().tobytes())
+    for path in df["path"]:
+        try:
+            st = os.stat(path)
+            h.update(b"%d:%d;" % (st.st_size, st.st_mtime_ns))
+        except OSError:
+            h.update(b"-;")  # a missing file stays missing in the shard: counted there
     return h.hexdigest()[:16]
 
 

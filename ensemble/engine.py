@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -69,6 +71,10 @@ def runtime(train_cfg) -> Runtime:
             name = "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device = {name!r} but no CUDA device is available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"train.device = {name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("train.device = 'mps' but this machine has no Apple GPU available to torch")
     if name == "cuda" and world > 1:
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(name)
@@ -135,7 +141,9 @@ def class_weights(counts: np.ndarray, balance_cfg, class_names: list[str]) -> np
     elif mode == "sqrt_inverse":
         w[present] = 1.0 / np.sqrt(counts[present])
     elif mode == "explicit":
-        known = {k.lower(): float(v) for k, v in balance_cfg.class_weights.items()}
+        from .data import canonical_class
+
+        known = {canonical_class(k): float(v) for k, v in balance_cfg.class_weights.items()}  # aliases allowed
         w = np.array([known.get(c, 1.0) for c in class_names])
         return w
     else:
@@ -390,8 +398,16 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
     start_epoch, bad_epochs = 0, 0
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
+    fingerprint = resume_fingerprint(cfg, len(train_idx), len(val_idx))
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = [k for k in sorted(set(fingerprint) | set(ck.get("fingerprint", {})))
+                   if fingerprint.get(k) != ck.get("fingerprint", {}).get(k)]
+        if changed:
+            shown = ", ".join(f"{k} ({ck.get('fingerprint', {}).get(k)!r} -> {fingerprint.get(k)!r})" for k in changed[:3])
+            raise UserError(f"{desc}: cannot resume {ckpt_path}: the run was started with other settings: {shown}"
+                            + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                            + "; resume with the same config, or start afresh without --resume")
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -476,12 +492,16 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                     t = torch.tensor([metric if rt.is_main else 0.0], dtype=torch.float64, device=rt.device)
                     torch.distributed.broadcast(t, 0)
                     metric = float(t.item())
-                improved = (not math.isnan(metric) and metric > best["metric"]) or best["state"] is None
+                if math.isnan(metric) and epoch == start_epoch and rt.is_main:
+                    log(f"{desc}: no validation faces, so no model selection or early stopping: "
+                        f"the last epoch's weights are kept")
+                # without a validation metric the newest epoch is the one to keep
+                improved = math.isnan(metric) or metric > best["metric"] or best["state"] is None
                 if improved:
                     best = {"metric": metric, "epoch": epoch + 1,
                             "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
                     bad_epochs = 0
-                else:
+                elif not math.isnan(metric):
                     bad_epochs += 1
                 history.append(row)
                 if rt.is_main:
@@ -494,7 +514,7 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                         "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "bad_epochs": bad_epochs,
                         "best_metric": best["metric"], "best_epoch": best["epoch"], "best_state": best["state"],
-                        "rng_cpu": torch.get_rng_state()}, ckpt_path)
+                        "rng_cpu": torch.get_rng_state(), "fingerprint": fingerprint}, ckpt_path)
                 if tc.patience and bad_epochs >= tc.patience:
                     if rt.is_main:
                         log(f"{desc}: early stop, no improvement for {tc.patience} epochs")
@@ -510,6 +530,20 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
         best["state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best["state"])
     return FitResult(best["state"], history, best["epoch"], best["metric"], n_skipped)
+
+
+# settings a run may change between an interruption and --resume; any other change is refused
+_RESUMABLE = {"train.epochs", "train.max_minutes", "train.patience", "train.device", "train.threads",
+              "train.compile", "data.num_workers", "data.cache", "data.cache_dir", "data.strict"}
+
+
+def resume_fingerprint(cfg, n_train: int, n_val: int) -> dict:
+    """What a checkpoint must agree on with the command that resumes it (flat, JSON-able)."""
+    flat = {f"{sec}.{k}": v for sec in ("data", "model", "train", "balance")
+            for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
+    keep = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
+            for k, v in flat.items() if k not in _RESUMABLE}
+    return {**keep, "training faces": n_train, "validation faces": n_val}
 
 
 def _image_batches(images, train_idx, plan, copy, tc, bc, rt, gen, mean, std, epoch, workers, stats=None):
@@ -555,10 +589,12 @@ def feature_views(n: int, tc, bc) -> list[tuple[str, np.ndarray, np.ndarray]]:
     views = [("plain", zero, zero)]
     if tc.augment or bc.flip:
         views.append(("flip", np.ones(n), zero))
-    if bc.mode == "transform":
-        rng = np.random.default_rng(tc.seed + 99)
-        flip = (rng.random(n) < 0.5).astype(float) if bc.flip else zero
-        views.append((f"transform-r{bc.rotation:g}-f{int(bc.flip)}-s{tc.seed}", flip, rng.uniform(-bc.rotation, bc.rotation, n)))
+    if bc.mode == "transform":  # the report's transform copies: a fixed set of rotated, flipped views per face
+        for v in range(tc.transform_views):
+            rng = np.random.default_rng([tc.seed + 99, v])
+            flip = (rng.random(n) < 0.5).astype(float) if bc.flip else zero
+            views.append((f"transform-r{bc.rotation:g}-f{int(bc.flip)}-s{tc.seed}-v{v}", flip,
+                          rng.uniform(-bc.rotation, bc.rotation, n)))
     return views
 
 
@@ -619,12 +655,13 @@ def _feature_cache(net, images, train_idx, val_idx, mean, std, rt, tc, bc, desc,
     store = feature_store(net, images, mean, std, rt, views, log, desc)
     val = torch.from_numpy(np.asarray(store[0][val_idx], dtype=np.float32)) if len(val_idx) else None
     return {"views": store, "train_rows": train_idx, "val": val,
-            "transform_view": len(views) - 1 if bc.mode == "transform" else None,
+            "transform_views": np.flatnonzero([name.startswith("transform") for name, _, _ in views]),
             "n_plain": 2 if len(views) >= 2 and views[1][0] == "flip" and tc.augment else 1}
 
 
 def _feature_batches(features, plan, copy, batch_size, seed, epoch, device):
-    """Batches of cached features: originals pick a random plain/flipped view, copies the rotated one."""
+    """Batches of cached features: originals pick a random plain/flipped view, copies a random
+    one of the rotated views."""
     rng = np.random.default_rng([seed, epoch, 11])
     order = rng.permutation(len(plan))
     views, rows_all = features["views"], features["train_rows"]
@@ -632,8 +669,9 @@ def _feature_batches(features, plan, copy, batch_size, seed, epoch, device):
         pos = order[s:s + batch_size]
         rows = rows_all[plan[pos]]
         view = rng.integers(0, features["n_plain"], len(pos))
-        if features["transform_view"] is not None:
-            view = np.where(copy[pos], features["transform_view"], view)
+        tv = features["transform_views"]
+        if len(tv):
+            view = np.where(copy[pos], tv[rng.integers(0, len(tv), len(pos))], view)
         x = np.empty((len(pos),) + views[0].shape[1:], dtype=np.float32)
         for v in np.unique(view):
             sel = np.flatnonzero(view == v)

@@ -32,8 +32,12 @@ def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
     hp = HierarchicalPredictor.load(run, router=router)
     model = ProbabilitiesOnly(hp.net).eval()
     example = torch.zeros(2, 3, hp.size, hp.size)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(b"")
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     # the TorchScript-based exporters trace the routing as plain tensor ops; their deprecation
     # notices are not for the user of this command
     with torch.no_grad(), warnings.catch_warnings():

@@ -11,6 +11,7 @@ defaults), and take a list of PIL images or file paths (already face crops)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,21 @@ class _Base:
             yield torch.from_numpy(x[s:s + batch_size]).to(self.device).contiguous(memory_format=torch.channels_last)
 
 
+def _damaged_run_is_one_line(load):
+    """A meta.json that passes its checks but lacks a field, or holds one of the wrong kind,
+    is a damaged or foreign run: say so in one line instead of a traceback."""
+    import functools
+
+    @functools.wraps(load)
+    def wrapper(cls, run, *args, **kwargs):
+        try:
+            return load(cls, run, *args, **kwargs)
+        except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as exc:
+            raise UserError(f"{run}: the run's artifacts are damaged or from an incompatible version "
+                            f"({type(exc).__name__}: {str(exc)[:120]})") from None
+    return wrapper
+
+
 class FlatPredictor(_Base):
     """The flat 8-class model of a run."""
 
@@ -64,6 +80,7 @@ class FlatPredictor(_Base):
         self.classes = meta["classes"]
 
     @classmethod
+    @_damaged_run_is_one_line
     def load(cls, run, device: str = "cpu") -> "FlatPredictor":
         from stages.neural import load_network
 
@@ -98,8 +115,9 @@ class HierarchicalPredictor(_Base):
         return self.net.mode
 
     @classmethod
+    @_damaged_run_is_one_line
     def load(cls, run, router: str | None = None, device: str = "cpu") -> "HierarchicalPredictor":
-        from stages.experts import load_neighborhoods, read_index
+        from stages.experts import load_neighborhoods, neighborhoods_sha, read_index
         from stages.neural import load_network
 
         run = Path(run)
@@ -110,8 +128,8 @@ class HierarchicalPredictor(_Base):
         index = read_index(run)
         if index["k"] != nbh.k_:
             raise UserError(f"{run}: experts were trained for {index['k']} neighborhoods, the neighborhoods have {nbh.k_}")
-        nbh_sha = read_meta(run / "neighborhoods")["files"]["model.joblib"]
-        if index.get("neighborhoods_sha256", nbh_sha) != nbh_sha:
+        nbh_sha = neighborhoods_sha(run)
+        if index.get("neighborhoods_sha256") != nbh_sha:
             raise UserError(f"{run}: the experts were trained for other neighborhoods than {run / 'neighborhoods'} "
                             f"(refit with ensemble fit-experts)")
         trunks: dict[str, torch.nn.Module] = {}
@@ -140,8 +158,15 @@ class HierarchicalPredictor(_Base):
             if meta["classes"] != info["classes"]:
                 raise UserError(f"expert {r}: classes {meta['classes']} differ from experts/index.json {info['classes']}")
             classes.append([CLASSES.index(c) for c in meta["classes"]])
-        rfile = run / "router" / "meta.json"
-        rinfo = read_meta(run / "router", "router") if rfile.is_file() else {"mode": "soft", "temperature": 0.05}
+        if (run / "router" / "meta.json").is_file():
+            read_meta(run / "router", "router")  # verifies router.json before it is read
+            rinfo = json.loads((run / "router" / "router.json").read_text())
+            if rinfo.get("neighborhoods_sha256") != nbh_sha:
+                raise UserError(f"{run / 'router'} was calibrated for other neighborhoods (rerun ensemble fit-experts)")
+        elif router is None:
+            raise UserError(f"{run} has no router (run ensemble fit-experts, which calibrates it, or pass a router mode)")
+        else:  # calibration itself, or an explicit mode: the default temperature
+            rinfo = {"mode": router, "temperature": 0.05}
         mode = router or rinfo["mode"]
         if mode not in ("hard", "soft"):
             raise UserError(f"router must be hard or soft, got {mode!r}")
@@ -198,7 +223,10 @@ def calibrate_router(exp, log=print) -> dict:
     vi = exp.idx("val")
     ok = exp.images.ok[vi]
     vi = vi[ok]
-    result = {"mode": "soft", "temperature": hp.net.posterior.temperature, "val": {}}
+    from stages.experts import neighborhoods_sha
+
+    result = {"mode": "soft", "temperature": hp.net.posterior.temperature, "val": {},
+              "neighborhoods_sha256": neighborhoods_sha(exp.run)}
     if len(vi) == 0:
         log("router: no validation faces; soft routing with the default temperature")
     else:

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
-
 from .data import CLASSES, ImageError, load_dataset, open_image
+from .errors import UserError
 
 
 def summarize(cfg, verify: bool = True) -> dict:
-    """Counts per split and class, V/A mean/std per class, dropped rows by reason."""
+    """Counts per split and class, V/A mean/std per class, dropped rows by reason (in all and per split)."""
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
     df = ds.manifest
     dropped = Counter(ds.dropped)
+    by_split = {s: Counter(c) for s, c in ds.dropped_by_split.items()}
     if verify:
-        bad = []
-        for i, path in enumerate(df["path"]):
+        bad, examples = [], []
+        for i, (path, split) in enumerate(zip(df["path"], df["split"])):
             try:
                 open_image(path)
             except ImageError as exc:
+                if cfg.data.strict:
+                    raise UserError(f"unreadable image {exc} (data.strict is on)") from None
                 bad.append(i)
-                dropped[f"unreadable image ({str(exc).split(':')[0].split(' (')[0]})"] += 1
+                reason = f"unreadable image ({str(exc).split(':')[0].split(' (')[0]})"
+                dropped[reason] += 1
+                by_split.setdefault(split, Counter())[reason] += 1
+                if len(examples) < 20:  # one line per bad file, the first 20
+                    examples.append(f"{path}: {exc}")
+        for line in examples:
+            warnings.warn(f"unreadable image {line}", stacklevel=2)
+        if len(bad) > len(examples):
+            warnings.warn(f"... and {len(bad) - len(examples)} more unreadable image(s)", stacklevel=2)
         df = df.drop(index=bad)
     splits = {}
     for split, g in df.groupby("split", sort=False):
@@ -33,8 +45,12 @@ def summarize(cfg, verify: bool = True) -> dict:
         splits[split] = {"n": int(len(g)), "counts": {c: int((g["label"] == i).sum()) for i, c in enumerate(CLASSES)},
                          "va": per_class, "va_source": sorted(g["va_source"].unique().tolist())}
     order = [s for s in ("train", "val", "test") if s in splits]
+    for s in order:
+        splits[s]["dropped"] = dict(by_split.get(s, {}))
+        splits[s]["n_dropped"] = int(sum(by_split.get(s, Counter()).values()))
     return {"format": cfg.data.format, "root": cfg.data.root, "splits": {s: splits[s] for s in order},
-            "dropped": dict(dropped), "n_dropped": int(sum(dropped.values()))}
+            "dropped": dict(dropped), "n_dropped": int(sum(dropped.values())),
+            "dropped_by_split": {s: dict(c) for s, c in by_split.items()}}
 
 
 def render_summary(result: dict) -> str:
@@ -49,6 +65,7 @@ def render_summary(result: dict) -> str:
         for c, v in info["va"].items():
             lines.append(f"  {c:<10} V {v['valence_mean']:+.2f} ± {v['valence_std']:.2f}   "
                          f"A {v['arousal_mean']:+.2f} ± {v['arousal_std']:.2f}")
-    lines += ["", f"dropped: {result['n_dropped']}"]
+    per_split = ", ".join(f"{s} {n}" for s, c in result["dropped_by_split"].items() if (n := sum(c.values())))
+    lines += ["", f"dropped: {result['n_dropped']}" + (f" ({per_split})" if per_split else "")]
     lines += [f"  {n:>7}  {reason}" for reason, n in sorted(result["dropped"].items(), key=lambda kv: -kv[1])]
     return "\n".join(lines)

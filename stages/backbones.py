@@ -46,6 +46,10 @@ def _torchvision_model(name: str, pretrained: str) -> nn.Module:
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
         raise UserError(f"unknown backbone {name!r} (any torchvision classification model, or tinyvgg)") from None
+    if name.startswith(("swin", "vit", "maxvit")):
+        raise UserError(f"backbone {name!r} is a vision transformer; supported are convolutional torchvision models "
+                        f"(vgg, alexnet, resnet, resnext, wide_resnet, mobilenet, efficientnet, densenet, convnext, "
+                        f"squeezenet) and tinyvgg")
     if pretrained in ("", "none"):
         return builder(weights=None)
     if pretrained == "imagenet":
@@ -68,8 +72,10 @@ def _torchvision_model(name: str, pretrained: str) -> nn.Module:
     model = builder(weights=None)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot load weights from {path}: {exc}") from None
+    except Exception as exc:  # pickled code, a truncated file, not a torch file at all
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"cannot load weights from {path}: not a plain tensor state_dict "
+                        f"(weights load with weights_only=True; pickled objects are refused): {first}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
@@ -194,6 +200,19 @@ def build_model(model_cfg, n_out: int, pretrained: str | None = None) -> Emotion
     net = EmotionNet(trunk, head)
     net.freeze("head" if model_cfg.trunk_from else model_cfg.trainable)
     return net
+
+
+def check_input_size(net: nn.Module, size: int, backbone: str) -> None:
+    """Refuse, in one line, an input size the backbone's pooling cannot take (e.g. alexnet at 48 px)."""
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"backbone {backbone!r} cannot take {size}-px input ({first}); raise data.image_size") from None
+    finally:
+        net.train(was_training)
 
 
 def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import KFold
 
-from ensemble.artifacts import StageWriter, read_meta, write_json
+from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions, write_json
 from ensemble.data import CLASSES
 from ensemble.engine import StageData, fit, predict_outputs
 from ensemble.errors import UserError
@@ -48,7 +48,8 @@ def fit_neighborhoods(exp, log=print) -> VANeighborhoods:
                           min_count=exp.cfg.experts.min_count, max_fit_samples=nc.max_fit_samples,
                           random_state=exp.cfg.train.seed).fit(va, labels)
     writer = StageWriter(folder)
-    joblib.dump(nbh, writer.path("model.joblib"))
+    nbh.save_arrays(writer.path("model.npz"))  # what the tool loads: plain arrays, never unpickled
+    joblib.dump(nbh, writer.path("model.joblib"))  # the scikit-learn estimator, for users' own analysis
     desc = nbh.describe(CLASSES)
     writer.json("neighborhoods.json", desc)
     plot_va_map(va, labels, nbh, CLASSES, writer.path("va_map.png"))
@@ -60,11 +61,15 @@ def fit_neighborhoods(exp, log=print) -> VANeighborhoods:
 
 
 def load_neighborhoods(folder: Path) -> VANeighborhoods:
-    read_meta(folder, "neighborhoods")  # checks the joblib file's sha256 before unpickling it
-    nbh = joblib.load(folder / "model.joblib")
-    if not isinstance(nbh, VANeighborhoods):
-        raise UserError(f"{folder}/model.joblib is not a VANeighborhoods estimator")
-    return nbh
+    """The fitted neighborhoods from ``model.npz`` (sha256-checked, plain arrays: no pickle is
+    ever loaded; ``model.joblib`` beside it is for users who want the scikit-learn object)."""
+    read_meta(folder, "neighborhoods")
+    if not (folder / "model.npz").is_file():
+        raise UserError(f"{folder} has no model.npz (written by an older ensemble); rerun ensemble fit-experts")
+    try:
+        return VANeighborhoods.load_arrays(folder / "model.npz")
+    except (OSError, ValueError, KeyError, SyntaxError, TypeError) as exc:
+        raise UserError(f"{folder}/model.npz is damaged: {type(exc).__name__}: {str(exc)[:120]}") from None
 
 
 def stage1_va(exp, idx: np.ndarray) -> np.ndarray:
@@ -150,9 +155,6 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
         writer.publish({"stage": f"expert{r}", "task": "constant", "classes": names, "region": r})
         log(f"expert {r}: one class ({names[0]}), no network")
         return {"region": r, "classes": names, "constant": True}
-    if resume and (out / "meta.json").is_file():
-        log(f"expert {r}: already trained, kept")
-        return {"region": r, "classes": names, "constant": False}
     tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
     labels = exp.manifest["label"].to_numpy()
     local = {c: i for i, c in enumerate(cls)}
@@ -204,10 +206,18 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
     else:
         results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
     index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results,
-             "neighborhoods_sha256": read_meta(exp.run / "neighborhoods")["files"]["model.joblib"]}
+             "neighborhoods_sha256": neighborhoods_sha(exp.run)}
     if exp.rt.is_main:
         write_json(exp.run / "experts" / "index.json", index)
+        write_json(exp.run / "experts" / "meta.json", {  # index.json is checked like every artifact file
+            "stage": "experts", "files": {"index.json": sha256_file(exp.run / "experts" / "index.json")},
+            "versions": versions()})
     return index
+
+
+def neighborhoods_sha(run: Path) -> str:
+    """Identifies the neighborhoods the experts and the router were fitted for."""
+    return read_meta(run / "neighborhoods", "neighborhoods")["files"]["model.npz"]
 
 
 def read_index(run: Path) -> dict:
@@ -215,6 +225,7 @@ def read_index(run: Path) -> dict:
     f = run / "experts" / "index.json"
     if not f.is_file():
         raise UserError(f"no experts in {run} (run ensemble fit-experts first)")
+    read_meta(run / "experts", "experts")
     try:
         index = json.loads(f.read_text())
         experts, k = index["experts"], int(index["k"])

@@ -97,17 +97,15 @@ class VANeighborhoods(BaseEstimator):
         """Member classes from an assignment of training faces (true or routed V/A)."""
         counts = np.zeros((self.k_, self.n_classes), dtype=np.int64)
         np.add.at(counts, (np.asarray(region, int), np.asarray(labels, int)), 1)
-        self.counts_ = counts
-        self.members_ = membership(counts, self.min_share, self.min_count)
-        return self
+        return self.set_members_from_counts(counts)
 
     def predict(self, va: np.ndarray) -> np.ndarray:
         """(n,) neighborhood of each (valence, arousal) point."""
         check_is_fitted(self, "centers_")
         va = np.asarray(va, dtype=np.float64)
-        if self.method in ("kmeans", "gmm"):
+        if self.method == "gmm":
             return self.estimator_.predict(va)
-        return np.argmin(((va[:, None, :] - self.centers_[None]) ** 2).sum(-1), axis=1)
+        return np.argmin(((va[:, None, :] - self.centers_[None]) ** 2).sum(-1), axis=1)  # what KMeans.predict does
 
     def predict_proba(self, va: np.ndarray, temperature: float = 0.05) -> np.ndarray:
         """(n, k) P(neighborhood | V/A): the mixture posterior, or softmax(-squared distance / T)."""
@@ -120,6 +118,49 @@ class VANeighborhoods(BaseEstimator):
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
+
+    # ---- a plain-array form, so that loading a shared run never unpickles anything
+    def save_arrays(self, path) -> None:
+        """Everything ``predict``, ``predict_proba`` and ``describe`` need, as a .npz of plain arrays."""
+        check_is_fitted(self, "centers_")
+        arrays = {"params": np.array([repr(self.get_params())]), "k_": np.array(self.k_), "centers_": self.centers_,
+                  "counts_": self.counts_, "scores_k": np.array(list(self.scores_), dtype=np.int64),
+                  "scores_v": np.array(list(self.scores_.values()), dtype=np.float64)}
+        if self.method == "gmm":
+            g = self.estimator_
+            arrays.update(gmm_weights=g.weights_, gmm_means=g.means_, gmm_covariances=g.covariances_,
+                          gmm_precisions_cholesky=g.precisions_cholesky_)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load_arrays(cls, path) -> "VANeighborhoods":
+        """The inverse of :meth:`save_arrays`; reads with ``allow_pickle=False``."""
+        import ast
+
+        with np.load(path, allow_pickle=False) as z:
+            params = ast.literal_eval(str(z["params"][0]))  # a dict literal of str/int/float only
+            nbh = cls(**params)
+            nbh.k_ = int(z["k_"])
+            nbh.centers_ = np.asarray(z["centers_"], dtype=np.float64)
+            nbh.scores_ = dict(zip(z["scores_k"].tolist(), z["scores_v"].tolist()))
+            if nbh.method == "gmm":
+                g = GaussianMixture(n_components=nbh.k_, covariance_type="full")
+                g.weights_, g.means_ = z["gmm_weights"], z["gmm_means"]
+                g.covariances_, g.precisions_cholesky_ = z["gmm_covariances"], z["gmm_precisions_cholesky"]
+                g.precisions_ = np.einsum("kij,klj->kil", g.precisions_cholesky_, g.precisions_cholesky_)
+                g.converged_, g.n_iter_, g.lower_bound_ = True, 0, 0.0
+                g.n_features_in_ = 2
+                nbh.estimator_ = g
+            else:  # k-means and agglomerative assign to the nearest center
+                nbh.estimator_ = None
+            nbh.set_members_from_counts(np.asarray(z["counts_"], dtype=np.int64))
+        return nbh
+
+    def set_members_from_counts(self, counts: np.ndarray) -> "VANeighborhoods":
+        self.counts_ = counts
+        self.members_ = membership(counts, self.min_share, self.min_count)
+        return self
 
     def describe(self, class_names) -> dict:
         check_is_fitted(self, "centers_")

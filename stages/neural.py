@@ -8,6 +8,7 @@ the whole hierarchy stores (and, at inference, runs) that trunk once.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -16,12 +17,11 @@ import numpy as np
 import torch
 
 from ensemble.artifacts import StageWriter, load_weights, read_meta
-from ensemble.engine import FitResult, StageData, evaluate, fit
+from ensemble.engine import FitResult, StageData, evaluate, fit, predict_outputs, resume_fingerprint
 from ensemble.errors import UserError
 from ensemble.metrics import classification_metrics, regression_metrics
-from ensemble.engine import predict_outputs
 
-from .backbones import EmotionNet, build_model, normalization, state_digest
+from .backbones import EmotionNet, build_model, check_input_size, normalization, state_digest
 
 
 def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
@@ -59,7 +59,11 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
     """
     n_out = len(data.class_names) if task == "classify" else 2
     torch.manual_seed(cfg.train.seed)  # the initial weights come from train.seed, not from what ran before
+    if cfg.model.trunk_from == name:
+        raise UserError(f"{name} cannot build on its own trunk (model.trunk_from = {name!r}); set "
+                        f"{name}.model.trunk_from = \"\" or put trunk_from in the [stage1.model] / [experts.model] tables")
     net, src_meta = build_stage_net(cfg, n_out, run)
+    check_input_size(net, cfg.data.image_size, src_meta.get("backbone", cfg.model.backbone))
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
         if src_meta["input_size"] != cfg.data.image_size:
@@ -69,6 +73,15 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
     else:
         mean, std = normalization(backbone)
     work = out.with_name(f".{out.name}.work")
+    classes = list(data.class_names) if task == "classify" else ["valence", "arousal"]
+    fingerprint = resume_fingerprint(cfg, len(data.train_idx), len(data.val_idx))
+    if resume and not (work / "checkpoint.pt").is_file() and (out / "meta.json").is_file():
+        done = read_meta(out, name)
+        if done.get("fingerprint") == fingerprint and done.get("classes") == classes:
+            log(f"{name}: already trained with these settings and data, kept ({out})")
+            return json.loads((out / "metrics.json").read_text())
+        raise UserError(f"{out} holds a finished {name} trained with other settings or data; "
+                        f"run the command without --resume to retrain it")
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -88,7 +101,7 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
         writer.copy(work / "history.csv")
         meta = {
             "stage": name, "task": task,
-            "classes": list(data.class_names) if task == "classify" else ["valence", "arousal"],
+            "classes": classes, "fingerprint": fingerprint,
             "input_size": cfg.data.image_size, "mean": list(mean), "std": list(std),
             "backbone": backbone, "head": cfg.model.head, "hidden": cfg.model.hidden, "dropout": cfg.model.dropout,
             "trainable": "head" if cfg.model.trunk_from else cfg.model.trainable,

@@ -308,3 +308,28 @@ def test_imagenet_offline_with_file_in_torch_home(offline):
     got = _tensors(trunk)
     assert len(got) == len(want)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_an_input_too_small_for_the_backbone_is_one_line():
+    from stages.backbones import check_input_size
+
+    net = build_model(ModelConfig(backbone="alexnet", pretrained="none"), 8)
+    with pytest.raises(UserError, match="'alexnet' cannot take 32-px input.*raise data.image_size"):
+        check_input_size(net, 32, "alexnet")
+    check_input_size(net, 96, "alexnet")  # large enough: no error
+    assert net.training  # left as it was
+
+
+def test_vision_transformers_are_refused_by_name():
+    with pytest.raises(UserError, match="vision transformer"):
+        build_model(ModelConfig(backbone="swin_t", pretrained="none"), 8)
+
+
+def test_a_pickle_as_pretrained_file_is_one_line(tmp_path):
+    f = tmp_path / "evil.pth"
+    import pickle
+
+    f.write_bytes(pickle.dumps({"a": object()}))
+    with pytest.raises(UserError) as exc:
+        build_model(ModelConfig(backbone="mobilenet_v2", pretrained=str(f)), 8)
+    assert "\n" not in str(exc.value) and "weights_only=False" not in str(exc.value)

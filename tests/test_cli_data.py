@@ -153,3 +153,28 @@ def test_python_m_ensemble_help():
     for name in COMMANDS:
         assert name in proc.stdout
     assert proc.stderr == ""
+
+
+def test_data_summary_drops_per_split_and_names_each_unreadable_file(tmp_path, capsys):
+    root = _tree(tmp_path / "faces")
+    write_broken_files(root / "test" / "sad")
+    code = run_main(["data", "summary", "--format", "folder", "--root", str(root), "--json",
+                     "--set", "data.val_fraction=0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["splits"]["train"]["n_dropped"] == 4 and result["splits"]["test"]["n_dropped"] == 3
+    assert result["dropped_by_split"]["test"] == {"unreadable image (cannot decode image)": 3}
+    unreadable = [line for line in captured.err.splitlines() if line.startswith("warning: unreadable image")]
+    assert len(unreadable) == 6  # one line per bad file, each naming it
+    for name in ("empty.jpg", "text.jpg", "truncated.png"):
+        assert sum(name in line for line in unreadable) == 2
+
+
+def test_data_summary_strict_refuses_an_unreadable_image(tmp_path, capsys):
+    root = tmp_path / "faces"
+    write_image(root / "happy" / "h1.png", seed=1)
+    write_broken_files(root / "sad")
+    code = run_main(["data", "summary", "--format", "folder", "--root", str(root), "--strict"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreadable image" in _one_error_line(err) and "data.strict" in err

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import json
+
 import pytest
 
 from ensemble.config import Config, config_from_dict, load_config
@@ -229,3 +231,48 @@ def test_demo_toml_matches_package_copy():
     cfg = load_config(REPO / "configs" / "demo.toml")
     assert cfg.model.backbone == "tinyvgg"
     assert cfg.for_stage("experts").train.epochs == 10
+
+
+@pytest.mark.parametrize("item, key, says", [
+    ("train.device=tpu", "train.device", "cuda:N"),
+    ("data.image_size=0", "data.image_size", ">= 8"),
+    ("train.batch_size=0", "train.batch_size", ">= 1"),
+    ("train.lr=-1", "train.lr", "> 0"),
+    ("train.epochs=0", "train.epochs", ">= 1"),
+    ("model.dropout=2.0", "model.dropout", "< 1"),
+    ("train.schedule=linear", "train.schedule", "'cosine'"),
+    ("data.cache=bogus", "data.cache", "'disk'"),
+    ("data.max_samples=-5", "data.max_samples", ">= 0"),
+    ("balance.cap=0", "balance.cap", ">= 1"),
+    ("router.mode=oracle", "router.mode", "'soft'"),
+    ("experts.train_on=all", "experts.train_on", "'routed'"),
+    ("neighborhoods.method=dbscan", "neighborhoods.method", "'gmm'"),
+    ("experts.train.lr=0", "experts.train.lr", "> 0"),
+    ("balance.class_weights={contemp=3.0}", "balance.class_weights", "unknown class 'contemp'"),
+    ("balance.class_weights.contempt=-1", "balance.class_weights", ">= 0"),
+    ("data.prototypes.contempt=[-0.5]", "data.prototypes", "[valence, arousal]"),
+])
+def test_bad_values_are_refused_naming_the_key(item, key, says):
+    with pytest.raises(UserError) as exc:
+        load_config(None, [item])
+    msg = str(exc.value)
+    assert f"config key {key}" in msg and says in msg, msg
+
+
+def test_set_into_a_table_by_dotted_key():
+    cfg = load_config(None, ["balance.class_weights.contempt=8", "balance.class_weights.angry=2.5",
+                             "data.prototypes.contempt=[-0.5, 0.3]"])
+    assert cfg.balance.class_weights == {"contempt": 8, "angry": 2.5}
+    assert cfg.data.prototypes == {"contempt": [-0.5, 0.3]}
+    json.dumps(cfg.to_dict())  # the resolved config is written next to every output
+
+
+def test_command_line_wins_over_the_files_stage_tables(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nepochs = 5\n[stage1.train]\nepochs = 30\nlr = 0.01\n[experts.train]\nepochs = 20\n")
+    cfg = load_config(f, ["train.epochs=1"])
+    assert [cfg.for_stage(s).train.epochs for s in ("flat", "stage1", "experts")] == [1, 1, 1]
+    assert cfg.for_stage("stage1").train.lr == 0.01  # keys the command line did not name stay
+    cfg = load_config(f, ["train.epochs=1", "stage1.train.epochs=3"])
+    assert [cfg.for_stage(s).train.epochs for s in ("flat", "stage1", "experts")] == [1, 3, 1]
+    assert load_config(f).for_stage("stage1").train.epochs == 30

@@ -634,3 +634,36 @@ def test_synthetic_balance_and_va(synthetic_cfg):
     assert df.loc[df.label == C["sad"], "valence"].mean() < -0.4
     arr = face_array(df["path"].iloc[0], None, synthetic_cfg.data.image_size)
     _check_good(arr, 32)
+
+
+def test_affectnet_expression_inf_or_huge_is_a_counted_drop(tmp_path):
+    root = build_affectnet(tmp_path / "affectnet")
+    with open(root / "training.csv", "a") as f:
+        f.write(_affectnet_line("9/inf.jpg", "inf", 0.1, 0.1) + "\n")
+        f.write(_affectnet_line("9/huge.jpg", "1e400", 0.1, 0.1) + "\n")
+    ds = load_dataset(dcfg("affectnet", root, val_fraction=0.25))
+    assert ds.dropped["malformed AffectNet row"] == 3 and len(ds.manifest) == 14
+    assert ds.dropped_by_split["train"]["malformed AffectNet row"] == 3
+
+
+def test_prepared_shard_follows_an_image_edited_in_place(tmp_path):
+    """The shard is keyed by each file's size and mtime too: a repaired or replaced image is
+    prepared afresh, never served stale from the cache."""
+    import os
+
+    from ensemble.prepare import load_images
+
+    root = tmp_path / "faces"
+    for i in range(3):
+        write_image(root / "happy" / f"h{i}.png", seed=i)
+    broken = root / "happy" / "h1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    ds = load_dataset(dcfg("folder", root, val_fraction=0))
+    with pytest.warns(UserWarning, match="unreadable"):
+        before = load_images(ds.manifest, 16, tmp_path / "cache")
+    assert before.ok.sum() == 2
+    write_image(broken, seed=1)  # repaired in place, same path
+    st = broken.stat()
+    os.utime(broken, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after = load_images(ds.manifest, 16, tmp_path / "cache")
+    assert after.ok.all() and after.digest != before.digest

@@ -421,3 +421,48 @@ def test_runtime_cpu_and_precision():
     assert rt.amp_dtype is torch.bfloat16  # no fp16 autocast on CPU
     with pytest.raises(UserError, match="train.precision"):
         runtime(SimpleNamespace(device="cpu", precision="fp8", channels_last=False, threads=0))
+
+
+def test_without_validation_faces_the_last_epoch_is_kept(synth, tmp_path):
+    make_cfg, exp = synth
+    cfg = make_cfg("train.epochs=2", "train.patience=1")
+    y = exp.manifest["label"].to_numpy()
+    tr = exp.idx("train")
+    data = StageData(exp.images, tr, y[tr], np.array([], dtype=int), np.array([], dtype=int), list(CLASSES))
+    net = _net(cfg)
+    mean, std = normalization(cfg.model.backbone)
+    logs = []
+    res = fit(net, "classify", data, cfg, mean, std, runtime(cfg.train), tmp_path, log=logs.append)
+    assert res.best_epoch == 2 and len(res.history) == 2  # not epoch 1's weights, and no early stop
+    assert any("no validation faces" in m and "last epoch" in m for m in logs), logs
+
+
+def test_resume_with_other_settings_is_refused_naming_them(synth, tmp_path):
+    make_cfg, exp = synth
+    _fit(make_cfg("train.epochs=1"), exp, tmp_path)
+    with pytest.raises(UserError, match=r"other settings: train\.lr \(0\.001 -> 0\.01\)"):
+        _fit(make_cfg("train.epochs=2", "train.lr=0.01"), exp, tmp_path, resume=True)
+    with pytest.raises(UserError, match=r"model\.hidden"):
+        _fit(make_cfg("train.epochs=2", "model.hidden=16"), exp, tmp_path, resume=True)
+    # more epochs (and another device or time limit) is what resuming is for
+    _, res, logs = _fit(make_cfg("train.epochs=2"), exp, tmp_path, resume=True)
+    assert len(res.history) == 2 and any("resumed after epoch 1" in m for m in logs)
+
+
+def test_transform_copies_draw_from_several_cached_views():
+    tc, bc = TrainConfig(transform_views=3), BalanceConfig(mode="transform", rotation=45.0)
+    views = engine.feature_views(50, tc, bc)
+    names = [v[0] for v in views]
+    assert names[:2] == ["plain", "flip"] and len(names) == 5 and len(set(names)) == 5
+    angles = np.stack([v[2] for v in views[2:]])
+    assert np.abs(angles).max() <= 45 and not np.allclose(angles[0], angles[1])
+    # every view of row i holds the value of its view's number: copies must land in 2..4, several of them
+    store = [np.full((50, 1, 1, 1), v, dtype=np.float16) for v in range(5)]
+    feats = {"views": store, "train_rows": np.arange(50), "n_plain": 2, "transform_views": np.array([2, 3, 4])}
+    plan, copy = np.arange(50).repeat(4), np.tile([False, True, True, True], 50)
+    seen_copy, seen_orig = set(), set()
+    for x, pos in engine._feature_batches(feats, plan, copy, 64, 0, 0, "cpu"):
+        v = x.flatten().numpy().astype(int)
+        seen_copy |= set(v[copy[pos]])
+        seen_orig |= set(v[~copy[pos]])
+    assert seen_copy == {2, 3, 4} and seen_orig == {0, 1}

@@ -2,6 +2,7 @@
 tamper detection, the comparison report and ``ensemble predict``."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -418,3 +419,48 @@ def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, caps
     assert rec["emotion"] in CLASSES and abs(sum(p for _, p in rec["top3"])) <= 1.0001
     assert -1 <= rec["valence"] <= 1 and -1 <= rec["arousal"] <= 1 and rec["expert_classes"]
 
+
+
+def _reopen(trained, run, *extra):
+    from ensemble.pipeline import open_experiment
+
+    exp = trained["exp"]
+    cfg = load_config(None, [f"{sec}.{k}={json.dumps(v)}" for sec in ("data", "model", "train")
+                             for k, v in dataclasses.asdict(getattr(exp.cfg, sec)).items()
+                             if not isinstance(v, dict)] + ["experts.min_count=5", *extra])
+    return open_experiment(cfg, run, log=lambda m: None, progress=False)
+
+
+def test_resume_keeps_a_finished_stage_and_refuses_other_settings(trained, run_copy):
+    from stages.flat import fit_flat
+
+    weights = _sha256(run_copy / "flat" / "weights.pt")
+    logs = []
+    metrics = fit_flat(_reopen(trained, run_copy), resume=True, log=logs.append)
+    assert any("already trained" in m and "kept" in m for m in logs), logs
+    assert metrics == json.loads((run_copy / "flat" / "metrics.json").read_text())
+    with pytest.raises(UserError, match="finished flat trained with other settings"):
+        fit_flat(_reopen(trained, run_copy, "train.lr=0.05"), resume=True, log=logs.append)
+    assert _sha256(run_copy / "flat" / "weights.pt") == weights
+
+
+def test_a_stage_cannot_build_on_its_own_trunk(trained, run_copy):
+    from stages.flat import fit_flat
+
+    weights = _sha256(run_copy / "flat" / "weights.pt")
+    with pytest.raises(UserError, match="cannot build on its own trunk"):
+        fit_flat(_reopen(trained, run_copy, "flat.model.trunk_from=flat"), log=lambda m: None)
+    assert _sha256(run_copy / "flat" / "weights.pt") == weights
+
+
+def test_compare_refuses_a_config_of_another_input_size(trained, run_copy, capsys):
+    code, out, err = _cli(["compare", "--run", str(run_copy), "--set", "data.format=synthetic",
+                           "--set", "data.image_size=48"], capsys)
+    assert code == 2 and "data.image_size = 48" in err and "Traceback" not in err
+
+
+def test_compare_on_a_folder_without_a_run_reads_no_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(["compare", "--run", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "holds no trained run" in err
+    assert not (tmp_path / "artifacts").exists()  # no synthetic faces were generated

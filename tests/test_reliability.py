@@ -167,6 +167,16 @@ def _edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(obj, indent=2))
 
 
+def _edit_index(run: Path, change) -> None:
+    """Edit experts/index.json and record its new sha256, as a careless tool (or a mix of two
+    runs) would: the consistency checks, not the hash, must then catch it."""
+    from ensemble.artifacts import sha256_file
+
+    _edit_json(run / "experts" / "index.json", change)
+    _edit_json(run / "experts" / "meta.json",
+               lambda m: m["files"].update({"index.json": sha256_file(run / "experts" / "index.json")}))
+
+
 # --------------------------------------------------------------------------- 1. interruption (subprocesses)
 
 SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -403,8 +413,8 @@ def test_untouched_copy_loads(run_copy):
 
 
 def test_index_k_differs_from_neighborhoods(run_copy):
-    _edit_json(run_copy / "experts" / "index.json", lambda ix: ix.update(k=ix["k"] + 1))
-    with pytest.raises(UserError, match="neighborhoods"):
+    _edit_index(run_copy, lambda ix: ix.update(k=ix["k"] + 1))
+    with pytest.raises(UserError, match="neighborhoods|one expert per neighborhood"):
         HierarchicalPredictor.load(run_copy)
 
 
@@ -416,7 +426,7 @@ def test_expert_classes_disagree_with_index(run_copy, hier):
         others = [c for c in CLASSES if c not in mine]
         ix["experts"][r]["classes"] = others[:len(mine)]
 
-    _edit_json(run_copy / "experts" / "index.json", change)
+    _edit_index(run_copy, change)
     with pytest.raises(UserError, match=f"expert {r}: classes"):
         HierarchicalPredictor.load(run_copy)
 
@@ -445,7 +455,7 @@ def test_expert_with_other_normalisation(run_copy, hier):
 
 
 def test_index_with_fewer_experts_than_neighborhoods_is_refused(run_copy):
-    _edit_json(run_copy / "experts" / "index.json", lambda ix: ix.update(experts=ix["experts"][:-1]))
+    _edit_index(run_copy, lambda ix: ix.update(experts=ix["experts"][:-1]))
     with pytest.raises(UserError, match="expert"):
         HierarchicalPredictor.load(run_copy)
 
@@ -511,6 +521,59 @@ def test_pickled_code_in_weights_is_never_run(run_copy, tmp_path, capsys):
     assert code == 2
     assert "weights.pt" in _one_error_line(err)
     assert not marker.exists()
+
+
+def test_pickled_code_in_the_clustering_is_never_run(run_copy, tmp_path):
+    """model.joblib is written for users' own analysis; the tool loads the neighborhoods from
+    plain arrays, so even a joblib with a matching hash never gets unpickled."""
+    marker = tmp_path / "pwned_by_joblib"
+    f = run_copy / "neighborhoods" / "model.joblib"
+    f.write_bytes(pickle.dumps(_Payload(marker)))
+    _edit_json(run_copy / "neighborhoods" / "meta.json", lambda m: m["files"].update({"model.joblib": _sha256(f)}))
+    hp = HierarchicalPredictor.load(run_copy)
+    assert hp.predict_proba([_face(tmp_path)]).shape == (1, 8)
+    assert not marker.exists()
+
+
+def test_a_file_not_recorded_in_meta_is_refused(run_copy, tmp_path):
+    """Dropping a file's line from meta.json does not make it trusted."""
+    _edit_json(run_copy / "neighborhoods" / "meta.json", lambda m: m["files"].pop("model.joblib"))
+    with pytest.raises(UserError, match="model.joblib is not recorded"):
+        HierarchicalPredictor.load(run_copy)
+
+
+def test_edited_index_json_is_refused_by_its_hash(run_copy):
+    _edit_json(run_copy / "experts" / "index.json", lambda ix: ix["experts"][0].update(constant=True))
+    with pytest.raises(UserError, match="index.json does not match the sha256"):
+        HierarchicalPredictor.load(run_copy)
+
+
+def test_edited_router_is_refused_and_a_missing_one_named(run_copy):
+    _edit_json(run_copy / "router" / "router.json", lambda r: r.update(temperature=9.0))
+    with pytest.raises(UserError, match="router.json does not match the sha256"):
+        HierarchicalPredictor.load(run_copy)
+    shutil.rmtree(run_copy / "router")
+    with pytest.raises(UserError, match="has no router"):
+        HierarchicalPredictor.load(run_copy)
+    assert HierarchicalPredictor.load(run_copy, router="hard").mode == "hard"  # an explicit mode still works
+
+
+def test_router_from_another_run_is_refused(run_copy, hier, tmp_path):
+    """A router calibrated for other neighborhoods (here: its record rewritten consistently)."""
+    from ensemble.artifacts import sha256_file
+
+    _edit_json(run_copy / "router" / "router.json", lambda r: r.update(neighborhoods_sha256="0" * 64))
+    _edit_json(run_copy / "router" / "meta.json",
+               lambda m: m["files"].update({"router.json": sha256_file(run_copy / "router" / "router.json")}))
+    with pytest.raises(UserError, match="other neighborhoods"):
+        HierarchicalPredictor.load(run_copy)
+
+
+def test_meta_without_a_field_is_one_line(run_copy, tmp_path, capsys):
+    _edit_json(run_copy / "flat" / "meta.json", lambda m: m.pop("backbone"))
+    code, out, err = _cli(["predict", str(_face(tmp_path)), "--run", str(run_copy), "--no-detect", "--flat"], capsys)
+    assert code == 2
+    assert "damaged" in _one_error_line(err)
 
 
 # --------------------------------------------------------------------------- 6. version drift
