@@ -32,7 +32,7 @@ class DataConfig:
     format: str = "synthetic"  # affectnet | affectnet-folder | ferplus | folder | csv | synthetic
     root: str = ""  # data-set root (for csv: the manifest file); unused by synthetic
     image_size: int = 48  # network input side in pixels (the report's recipe: 224)
-    max_samples: int = 0  # cap per split (stratified, seeded) for smoke runs; 0 = all
+    max_samples: int = 0  # cap per split (stratified, seeded; at least one face per class kept) for smoke runs; 0 = all
     val_fraction: float = 0.1  # held out of train (stratified) when the format has no val split
     prototypes: dict = field(default_factory=dict)  # class -> [valence, arousal]; overrides the derived-V/A table
     n_synthetic: int = 4000  # synthetic: images over all splits

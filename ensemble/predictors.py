@@ -128,7 +128,7 @@ class HierarchicalPredictor(_Base):
         index = read_index(run)
         if index["k"] != nbh.k_:
             raise UserError(f"{run}: experts were trained for {index['k']} neighborhoods, the neighborhoods have {nbh.k_}")
-        nbh_sha = neighborhoods_sha(run)
+        nbh_sha = neighborhoods_sha(run / "neighborhoods")
         if index.get("neighborhoods_sha256") != nbh_sha:
             raise UserError(f"{run}: the experts were trained for other neighborhoods than {run / 'neighborhoods'} "
                             f"(refit with ensemble fit-experts)")
@@ -226,7 +226,7 @@ def calibrate_router(exp, log=print) -> dict:
     from stages.experts import neighborhoods_sha
 
     result = {"mode": "soft", "temperature": hp.net.posterior.temperature, "val": {},
-              "neighborhoods_sha256": neighborhoods_sha(exp.run)}
+              "neighborhoods_sha256": neighborhoods_sha(exp.run / "neighborhoods")}
     if len(vi) == 0:
         log("router: no validation faces; soft routing with the default temperature")
     else:

@@ -9,7 +9,9 @@ covers every class that reaches it in meaningful numbers under that assignment.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -22,7 +24,7 @@ from sklearn.model_selection import KFold
 
 from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions, write_json
 from ensemble.data import CLASSES
-from ensemble.engine import StageData, fit, predict_outputs
+from ensemble.engine import StageData, fit, predict_outputs, resume_fingerprint
 from ensemble.errors import UserError
 
 from .neighborhoods import VANeighborhoods, membership, plot_va_map
@@ -30,17 +32,18 @@ from .neural import build_stage_net, load_network, train_network
 from .stage1 import va_targets
 
 
-def fit_neighborhoods(exp, log=print) -> VANeighborhoods:
-    """Cluster the training V/A labels; write ``RUN/neighborhoods`` (or reuse it if the config matches)."""
+def fit_neighborhoods(exp, log=print, staging: Path | None = None) -> tuple[VANeighborhoods, Path]:
+    """Cluster the training V/A labels; reuse ``RUN/neighborhoods`` if its settings match, else
+    write a new fit (under ``staging`` when given, to be swapped in with the experts).
+    Returns the neighborhoods and the folder that holds them."""
     nc = exp.cfg.neighborhoods
-    folder = exp.run / "neighborhoods"
     settings = {**nc.__dict__, "min_count": exp.cfg.experts.min_count, "seed": exp.cfg.train.seed,
                 "n_train": int(len(exp.idx("train")))}
-    if (folder / "meta.json").is_file():
-        meta = read_meta(folder, "neighborhoods")
-        if meta.get("settings") == settings:
-            log(f"neighborhoods: reusing {folder}")
-            return load_neighborhoods(folder)
+    folder = (staging or exp.run) / "neighborhoods"
+    for existing in dict.fromkeys([exp.run / "neighborhoods", folder]):
+        if (existing / "meta.json").is_file() and read_meta(existing, "neighborhoods").get("settings") == settings:
+            log(f"neighborhoods: reusing {existing}")
+            return load_neighborhoods(existing), existing
     tr = exp.idx("train")
     va = va_targets(exp.manifest)[tr]
     labels = exp.manifest["label"].to_numpy()[tr]
@@ -57,7 +60,7 @@ def fit_neighborhoods(exp, log=print) -> VANeighborhoods:
     for n in desc["neighborhoods"]:
         log(f"neighborhood {n['id']}: V {n['center']['valence']:+.2f} A {n['center']['arousal']:+.2f}  "
             f"{', '.join(n['classes'])}")
-    return nbh
+    return nbh, folder
 
 
 def load_neighborhoods(folder: Path) -> VANeighborhoods:
@@ -79,7 +82,7 @@ def stage1_va(exp, idx: np.ndarray) -> np.ndarray:
     return np.clip(out, -1, 1)
 
 
-def oof_stage1_va(exp, log=print) -> np.ndarray:
+def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
     """Stage 1's V/A on the training faces, each predicted by a refit that did not see it."""
     cfg = exp.cfg.for_stage("stage1")
     folds = exp.cfg.experts.oof_folds
@@ -87,31 +90,39 @@ def oof_stage1_va(exp, log=print) -> np.ndarray:
         raise UserError("experts.oof_folds must be >= 2 for train_on = routed or both")
     tr, vi = exp.idx("train"), exp.idx("val")
     y = va_targets(exp.manifest)
-    cache = exp.run / "experts" / f".oof_va_{folds}.npy"
+    # each fold's predictions are kept as it finishes (keyed by stage 1's weights, the stage-1
+    # settings and the faces), and a fold cut short resumes from its checkpoint with --resume
     stage1_sha = read_meta(exp.run / "stage1").get("files", {}).get("weights.pt")
-    if cache.is_file() and (cache.with_suffix(".sha")).is_file() and cache.with_suffix(".sha").read_text() == f"{stage1_sha}:{len(tr)}":
-        return np.load(cache)
+    key = hashlib.sha256(json.dumps([stage1_sha, folds, resume_fingerprint(cfg, len(tr), len(vi))],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = exp.run / ".oof" / key
+    folder.mkdir(parents=True, exist_ok=True)
     pred = np.zeros((len(tr), 2), np.float32)
     kf = KFold(folds, shuffle=True, random_state=cfg.train.seed)
     for f, (a, b) in enumerate(kf.split(tr)):
+        done = folder / f"fold{f}.npy"
+        if done.is_file():
+            pred[b] = np.load(done)
+            continue
         torch.manual_seed(cfg.train.seed + 1 + f)
         net, src = build_stage_net(cfg, 2, exp.run)
         from .backbones import normalization
 
         mean, std = (src["mean"], src["std"]) if src else normalization(cfg.model.backbone)
-        work = exp.run / f".stage1_fold{f}.work"
+        work = folder / f"fold{f}.work"
         fit(net, "regress", StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]), cfg, mean, std, exp.rt, work,
-            desc=f"stage1 fold {f + 1}/{folds}", log=log)
+            resume=resume, desc=f"stage1 fold {f + 1}/{folds}", log=log)
         out, _ = predict_outputs(net, exp.images, tr[b], mean, std, exp.rt)
         pred[b] = np.clip(out, -1, 1)
+        if exp.rt.is_main:
+            tmp = folder / f".fold{f}.tmp.npy"
+            np.save(tmp, pred[b])
+            os.replace(tmp, done)
         shutil.rmtree(work, ignore_errors=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, pred)
-    cache.with_suffix(".sha").write_text(f"{stage1_sha}:{len(tr)}")
     return pred
 
 
-def assignments(exp, nbh: VANeighborhoods, log=print) -> dict:
+def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> dict:
     """Per region: training and validation positions (into exp.idx) and the expert's classes."""
     ec = exp.cfg.experts
     if ec.train_on not in ("true", "routed", "both"):
@@ -126,7 +137,7 @@ def assignments(exp, nbh: VANeighborhoods, log=print) -> dict:
         in_tr, in_vi = true_tr, true_vi
     else:
         log(f"experts: routing training faces with stage 1 predicted out-of-fold ({ec.oof_folds} folds)")
-        routed_tr = np.eye(k, dtype=bool)[nbh.predict(oof_stage1_va(exp, log))]
+        routed_tr = np.eye(k, dtype=bool)[nbh.predict(oof_stage1_va(exp, log, resume))]
         routed_vi = np.eye(k, dtype=bool)[nbh.predict(stage1_va(exp, vi))] if len(vi) else true_vi
         in_tr = routed_tr if ec.train_on == "routed" else routed_tr | true_tr
         in_vi = routed_vi if ec.train_on == "routed" else routed_vi | true_vi
@@ -144,9 +155,15 @@ def assignments(exp, nbh: VANeighborhoods, log=print) -> dict:
     return {"train_on": ec.train_on, "regions": regions}
 
 
+def _staging(run: Path) -> Path:
+    """New experts are trained here and swapped in whole when all are done, so an interrupted
+    refit leaves the run's working experts untouched."""
+    return run / ".experts.new"
+
+
 def _train_expert(exp, region: dict, resume: bool, log) -> dict:
     r, cls = region["id"], region["classes"]
-    out = exp.run / "experts" / str(r)
+    out = _staging(exp.run) / str(r)
     names = [CLASSES[c] for c in cls]
     cfg = exp.cfg.for_stage("experts")
     if len(cls) == 1:  # a one-class neighborhood needs no network
@@ -188,13 +205,17 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
     if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true":
         raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
-    nbh = fit_neighborhoods(exp, log)
-    plan = assignments(exp, nbh, log)
-    (exp.run / "experts").mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for old in (exp.run / "experts").iterdir():
-            if old.is_dir() and old.name.isdigit():
-                shutil.rmtree(old)
+    final, staging = exp.run / "experts", _staging(exp.run)
+    if exp.rt.is_main:
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)
+        elif not staging.exists() and final.is_dir():
+            shutil.copytree(final, staging)  # finished experts are kept where their settings still match
+        staging.mkdir(parents=True, exist_ok=True)
+    if exp.rt.world > 1:
+        torch.distributed.barrier()
+    nbh, nbh_folder = fit_neighborhoods(exp, log, staging)
+    plan = assignments(exp, nbh, log, resume)
     n_gpu = torch.cuda.device_count() if exp.rt.device.type == "cuda" and exp.rt.world == 1 else 0
     if n_gpu > 1:
         log(f"experts: training in parallel on {n_gpu} GPUs")
@@ -206,18 +227,32 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
     else:
         results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
     index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results,
-             "neighborhoods_sha256": neighborhoods_sha(exp.run)}
+             "neighborhoods_sha256": neighborhoods_sha(nbh_folder)}
     if exp.rt.is_main:
-        write_json(exp.run / "experts" / "index.json", index)
-        write_json(exp.run / "experts" / "meta.json", {  # index.json is checked like every artifact file
-            "stage": "experts", "files": {"index.json": sha256_file(exp.run / "experts" / "index.json")},
+        for stale in staging.iterdir():  # experts of an earlier, larger k
+            if stale.is_dir() and stale.name.isdigit() and int(stale.name) >= nbh.k_:
+                shutil.rmtree(stale)
+        if nbh_folder != exp.run / "neighborhoods":  # a new fit: it goes in with its experts
+            _swap_in(nbh_folder, exp.run / "neighborhoods")
+        write_json(staging / "index.json", index)
+        write_json(staging / "meta.json", {  # index.json is checked like every artifact file
+            "stage": "experts", "files": {"index.json": sha256_file(staging / "index.json")},
             "versions": versions()})
+        _swap_in(staging, final)
     return index
 
 
-def neighborhoods_sha(run: Path) -> str:
-    """Identifies the neighborhoods the experts and the router were fitted for."""
-    return read_meta(run / "neighborhoods", "neighborhoods")["files"]["model.npz"]
+def _swap_in(new: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def neighborhoods_sha(folder: Path) -> str:
+    """Identifies the neighborhoods (``RUN/neighborhoods``) the experts and the router were fitted for."""
+    return read_meta(folder, "neighborhoods")["files"]["model.npz"]
 
 
 def read_index(run: Path) -> dict:

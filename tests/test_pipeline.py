@@ -464,3 +464,41 @@ def test_compare_on_a_folder_without_a_run_reads_no_data(tmp_path, capsys, monke
     code, out, err = _cli(["compare", "--run", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "holds no trained run" in err
     assert not (tmp_path / "artifacts").exists()  # no synthetic faces were generated
+
+
+def test_an_interrupted_expert_refit_leaves_the_working_experts(trained, run_copy, monkeypatch):
+    import stages.experts as experts_mod
+    from ensemble.engine import TrainingInterrupted
+
+    before = {p.name: _sha256(p / "meta.json") for p in (run_copy / "experts").iterdir() if p.is_dir()}
+    real = experts_mod.train_network
+    calls = []
+
+    def interrupted_on_the_second(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise TrainingInterrupted("interrupted (test)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(experts_mod, "train_network", interrupted_on_the_second)
+    with pytest.raises(TrainingInterrupted):
+        experts_mod.fit_experts(_reopen(trained, run_copy, "train.seed=1"), log=lambda m: None)
+    monkeypatch.setattr(experts_mod, "train_network", real)
+    after = {p.name: _sha256(p / "meta.json") for p in (run_copy / "experts").iterdir() if p.is_dir()}
+    assert after == before  # the run still holds its complete, working experts
+    HierarchicalPredictor.load(run_copy).predict_proba(_test_faces(trained, 2)[0])
+    logs = []
+    experts_mod.fit_experts(_reopen(trained, run_copy, "train.seed=1"), resume=True, log=logs.append)
+    assert sum("already trained" in m for m in logs) == 1  # the expert finished before the interruption
+    assert not (run_copy / ".experts.new").exists()
+
+
+def test_out_of_fold_stage1_keeps_each_finished_fold(trained, run_copy, monkeypatch):
+    import stages.experts as experts_mod
+
+    exp = _reopen(trained, run_copy, "experts.train_on=routed", "experts.oof_folds=2")
+    first = experts_mod.oof_stage1_va(exp, log=lambda m: None)
+    folds = sorted(p.name for p in (run_copy / ".oof").rglob("fold*.npy"))
+    assert folds == ["fold0.npy", "fold1.npy"] and first.shape == (len(exp.idx("train")), 2)
+    monkeypatch.setattr(experts_mod, "fit", lambda *a, **k: pytest.fail("a finished fold was refitted"))
+    np.testing.assert_array_equal(experts_mod.oof_stage1_va(exp, log=lambda m: None), first)
