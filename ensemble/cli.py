@@ -174,6 +174,8 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
     the exit code is non-zero; the other files are still predicted."""
     from .predict import run_predict
 
+    if use_flat and router:
+        raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
     n_failed = run_predict(paths, Path(run), as_json, not no_detect, router, use_flat, batch_size)
     if n_failed:
         sys.exit(1)

@@ -30,7 +30,7 @@ class ProbabilitiesOnly(nn.Module):
 
 def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
     hp = HierarchicalPredictor.load(run, router=router)
-    model = ProbabilitiesOnly(hp.net).eval()
+    model = ProbabilitiesOnly(hp.net).eval().requires_grad_(False)  # an inference graph: no autograd
     example = torch.zeros(2, 3, hp.size, hp.size)
     tmp = out.with_name(out.name + ".tmp")
     try:

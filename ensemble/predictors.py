@@ -23,10 +23,26 @@ from .errors import UserError
 from .router import MODES, HierarchyNet, RegionPosterior, fit_temperature
 
 
+def _as_image_list(images) -> list:
+    """One image (a path, a PIL image, an (H, W[, C]) uint8 array) or a sequence of them."""
+    from PIL import Image
+
+    if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        images = [images]
+    out = []
+    for im in images:
+        if isinstance(im, np.ndarray):
+            if im.dtype != np.uint8 or im.ndim not in (2, 3) or (im.ndim == 3 and im.shape[2] not in (1, 3, 4)):
+                raise UserError(f"an array image must be uint8 (H, W) or (H, W, 1|3|4), got {im.dtype} {im.shape}")
+            im = Image.fromarray(im[..., 0] if im.ndim == 3 and im.shape[2] == 1 else im)
+        out.append(im)
+    return out
+
+
 def _preprocess(images, size: int, mean, std) -> np.ndarray:
     """(n, 3, size, size) float32, exactly what the networks see."""
     arrs = []
-    for im in images:
+    for im in _as_image_list(images):
         try:
             arrs.append(face_array(im, None, size))
         except ImageError as exc:

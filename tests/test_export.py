@@ -78,9 +78,9 @@ def test_torchscript_matches_predict_proba(shared_run, tmp_path):
     assert out.is_file()
     hp = HierarchicalPredictor.load(run)
     x = hp.preprocess(faces)
-    with torch.no_grad():
-        got = torch.jit.load(str(out))(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(got, hp.predict_proba(faces), atol=1e-4)
+    got = torch.jit.load(str(out))(torch.from_numpy(x))  # no torch.no_grad() needed: an inference graph
+    assert not got.requires_grad
+    np.testing.assert_allclose(got.numpy(), hp.predict_proba(faces), atol=1e-4)
 
 
 def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):

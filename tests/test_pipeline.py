@@ -502,3 +502,23 @@ def test_out_of_fold_stage1_keeps_each_finished_fold(trained, run_copy, monkeypa
     assert folds == ["fold0.npy", "fold1.npy"] and first.shape == (len(exp.idx("train")), 2)
     monkeypatch.setattr(experts_mod, "fit", lambda *a, **k: pytest.fail("a finished fold was refitted"))
     np.testing.assert_array_equal(experts_mod.oof_stage1_va(exp, log=lambda m: None), first)
+
+
+def test_predictors_take_one_image_or_arrays(trained):
+    from PIL import Image as PILImage
+
+    paths, _ = _test_faces(trained, 2)
+    fp = FlatPredictor.load(trained["run"])
+    one = fp.predict_proba(str(paths[0]))  # a single path, not its characters
+    assert one.shape == (1, 8)
+    arr = np.asarray(PILImage.open(paths[0]).convert("RGB"))
+    np.testing.assert_allclose(fp.predict_proba(arr), one, atol=1e-6)
+    np.testing.assert_allclose(fp.predict_proba([arr, paths[1]])[0], one[0], atol=1e-6)
+    with pytest.raises(UserError, match="uint8"):
+        fp.predict_proba(arr.astype(np.float32))
+
+
+def test_cli_predict_flat_with_a_router_is_refused(trained, tmp_path, capsys):
+    paths, _ = _test_faces(trained, 1)
+    code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--flat", "--router", "soft"], capsys)
+    assert code == 2 and "--flat" in err and "Traceback" not in err
