@@ -207,7 +207,8 @@ def compare_cmd(config_file, overrides, run, split, out):
     if trained != cfg.data.image_size:
         raise UserError(f"the run's models take {trained}-px faces but the config says data.image_size = "
                         f"{cfg.data.image_size}; compare with the config the run was trained with")
-    compare(open_experiment(cfg, run_p, _log), split, Path(out) if out else None, _log)
+    report_dir = Path(out) if out else run_p / "reports"  # the run itself is only read
+    compare(open_experiment(cfg, run_p, _log, out=report_dir), split, report_dir, _log)
 
 
 @cli.command("export", short_help="Export the whole hierarchy as one ONNX or TorchScript graph.")

@@ -30,10 +30,12 @@ class Experiment:
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
 
 
-def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True) -> Experiment:
-    """Check the run folder, load the data set, prepare its images once, pick the device."""
+def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True, out: Path | None = None) -> Experiment:
+    """Check the output folder (``out``, by default the run), load the data set, prepare its
+    images once, pick the device; the resolved config is written into the output folder."""
     run = Path(run)
-    check_output_dir(run)
+    out = Path(out) if out is not None else run
+    check_output_dir(out)
     rt = runtime(cfg.train)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
     images = load_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
@@ -44,5 +46,5 @@ def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True) ->
         log(f"data: {cfg.data.format} {', '.join(f'{k} {v}' for k, v in counts.items())}"
             + (f"; dropped {sum(ds.dropped.values())}" if ds.dropped else "")
             + f"; device {rt.device}, precision {rt.amp_dtype or 'fp32'}")
-        save_config(cfg, run / "config.json")
+        save_config(cfg, out / "config.json")
     return Experiment(cfg, run, ds.manifest, ds.dropped, images, rt)

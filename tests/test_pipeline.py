@@ -522,3 +522,12 @@ def test_cli_predict_flat_with_a_router_is_refused(trained, tmp_path, capsys):
     paths, _ = _test_faces(trained, 1)
     code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--flat", "--router", "soft"], capsys)
     assert code == 2 and "--flat" in err and "Traceback" not in err
+
+
+def test_cli_compare_writes_only_into_its_report_folder(trained, run_copy, tmp_path, capsys):
+    before = _sha256(run_copy / "config.json")
+    rep = tmp_path / "report"
+    code, out, err = _cli(["compare", "--run", str(run_copy), "--out", str(rep)], capsys)
+    assert code == 0, err
+    assert (rep / "report.md").is_file() and (rep / "config.json").is_file()
+    assert _sha256(run_copy / "config.json") == before
