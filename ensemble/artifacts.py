@@ -156,10 +156,12 @@ def _warn_versions(meta: dict, folder: Path) -> None:
     import sklearn
 
     now = {"torch": torch.__version__, "scikit-learn": sklearn.__version__}
+    run = folder.parent.parent if folder.parent.name == "experts" else folder.parent
     for lib, current in now.items():
         then = meta.get("versions", {}).get(lib)
         if then and then.split(".")[0] != current.split(".")[0]:
-            warnings.warn(f"{folder.name} was written with {lib} {then}; this is {lib} {current}", stacklevel=3)
+            # one message per run and library (Python shows an identical warning once), not one per stage
+            warnings.warn(f"{run} was written with {lib} {then}; this is {lib} {current}", stacklevel=1)
 
 
 def load_weights(folder: Path, name: str = "weights.pt") -> dict:
