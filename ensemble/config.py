@@ -276,7 +276,10 @@ def _apply(cls, values: dict, where: str):
             if sub in kwargs:
                 checked = _apply(target, kwargs[sub], f"{where}.{sub}")
                 kwargs[sub] = {k: getattr(checked, k) for k in kwargs[sub]}
-    return cls(**{**dataclasses.asdict(cls()), **kwargs})
+    obj = cls(**{**dataclasses.asdict(cls()), **kwargs})
+    if cls is NeighborhoodsConfig and obj.k_min > obj.k_max:
+        raise UserError(f"config keys {where}.k_min = {obj.k_min} and k_max = {obj.k_max}: k_min must not exceed k_max")
+    return obj
 
 
 def _parse_set(item: str) -> tuple[list[str], Any]:
@@ -336,4 +339,6 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    from .artifacts import write_json
+
+    write_json(path, json.loads(json.dumps(cfg.to_dict(), sort_keys=True)))  # atomically

@@ -344,11 +344,12 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
         c = canonical_class(raw_label)
         if c is None and raw_label.isascii() and raw_label.isdigit() and int(raw_label) < len(CLASSES):
             c = CLASSES[int(raw_label)]
+        split = str(rec[cols["split"]]).strip().lower() if "split" in cols else "train"
+        split = {"valid": "val", "validation": "val"}.get(split, split)
+        drops.split = split if split in SPLITS else None
         if c is None:
             drops.add("label outside the classes", f"{rec[path_col]} ({raw_label})")
             continue
-        split = str(rec[cols["split"]]).strip().lower() if "split" in cols else "train"
-        split = {"valid": "val", "validation": "val"}.get(split, split)
         if split not in SPLITS:
             drops.add("unknown split", f"{rec[path_col]} ({split})")
             continue

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -357,7 +359,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime, work_dir: Path,
-        resume: bool = False, desc: str = "train", log=print) -> FitResult:
+        resume: bool = False, desc: str = "train", log=print, fingerprint_extra: dict | None = None) -> FitResult:
     """Train ``net`` in place; keep the weights of the best validation epoch.
 
     ``task``: classify (cross-entropy, selection on balanced accuracy) or regress
@@ -398,7 +400,7 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
     start_epoch, bad_epochs = 0, 0
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
-    fingerprint = resume_fingerprint(cfg, len(train_idx), len(val_idx))
+    fingerprint = resume_fingerprint(cfg, train_idx, val_idx, fingerprint_extra)
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = [k for k in sorted(set(fingerprint) | set(ck.get("fingerprint", {})))
@@ -492,16 +494,17 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                     t = torch.tensor([metric if rt.is_main else 0.0], dtype=torch.float64, device=rt.device)
                     torch.distributed.broadcast(t, 0)
                     metric = float(t.item())
-                if math.isnan(metric) and epoch == start_epoch and rt.is_main:
+                no_val = len(val_idx) == 0
+                if no_val and epoch == start_epoch and rt.is_main:
                     log(f"{desc}: no validation faces, so no model selection or early stopping: "
                         f"the last epoch's weights are kept")
-                # without a validation metric the newest epoch is the one to keep
-                improved = math.isnan(metric) or metric > best["metric"] or best["state"] is None
+                # without validation faces the newest epoch is the one to keep; a NaN metric otherwise never wins
+                improved = no_val or (not math.isnan(metric) and metric > best["metric"]) or best["state"] is None
                 if improved:
                     best = {"metric": metric, "epoch": epoch + 1,
                             "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
                     bad_epochs = 0
-                elif not math.isnan(metric):
+                elif not no_val:
                     bad_epochs += 1
                 history.append(row)
                 if rt.is_main:
@@ -537,13 +540,17 @@ _RESUMABLE = {"train.epochs", "train.max_minutes", "train.patience", "train.devi
               "train.compile", "data.num_workers", "data.cache", "data.cache_dir", "data.strict"}
 
 
-def resume_fingerprint(cfg, n_train: int, n_val: int) -> dict:
-    """What a checkpoint must agree on with the command that resumes it (flat, JSON-able)."""
+def resume_fingerprint(cfg, train_idx: np.ndarray, val_idx: np.ndarray, extra: dict | None = None) -> dict:
+    """What a checkpoint (or a finished stage) must agree on with the command that resumes it:
+    the settings, which faces train and validate it, and ``extra`` (e.g. the trunk it builds
+    on, the neighborhoods an expert belongs to). Flat and JSON-able."""
     flat = {f"{sec}.{k}": v for sec in ("data", "model", "train", "balance")
             for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
     keep = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
             for k, v in flat.items() if k not in _RESUMABLE}
-    return {**keep, "training faces": n_train, "validation faces": n_val}
+    faces = hashlib.sha256(np.asarray(train_idx, np.int64).tobytes() + b"|" + np.asarray(val_idx, np.int64).tobytes())
+    return {**keep, "training faces": int(len(train_idx)), "validation faces": int(len(val_idx)),
+            "which faces": faces.hexdigest()[:16], **(extra or {})}
 
 
 def _image_batches(images, train_idx, plan, copy, tc, bc, rt, gen, mean, std, epoch, workers, stats=None):
@@ -638,6 +645,12 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
                 with rt.autocast():
                     feat = frozen(x).to(torch.float16).cpu().numpy()  # halve the copy off the device
                 if arr is None:
+                    need = len(images) * feat[0].nbytes
+                    free = shutil.disk_usage(root).free
+                    if need > 0.95 * free:
+                        raise UserError(f"the feature cache view '{name}' needs {need / 1e9:.1f} GB under {root} and "
+                                        f"{free / 1e9:.1f} GB are free: set train.feature_cache = false, fewer "
+                                        f"train.transform_views, or data.cache_dir on a larger disk")
                     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(images),) + feat.shape[1:])
                 arr[j] = feat
             arr.flush()

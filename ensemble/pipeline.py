@@ -30,7 +30,8 @@ class Experiment:
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
 
 
-def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True, out: Path | None = None) -> Experiment:
+def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True, out: Path | None = None,
+                    save: bool = True) -> Experiment:
     """Check the output folder (``out``, by default the run), load the data set, prepare its
     images once, pick the device; the resolved config is written into the output folder."""
     run = Path(run)
@@ -46,5 +47,6 @@ def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True, ou
         log(f"data: {cfg.data.format} {', '.join(f'{k} {v}' for k, v in counts.items())}"
             + (f"; dropped {sum(ds.dropped.values())}" if ds.dropped else "")
             + f"; device {rt.device}, precision {rt.amp_dtype or 'fp32'}")
-        save_config(cfg, out / "config.json")
+        if save:  # not from the per-GPU expert workers: the parent's config is the run's
+            save_config(cfg, out / "config.json")
     return Experiment(cfg, run, ds.manifest, ds.dropped, images, rt)

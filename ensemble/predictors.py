@@ -174,15 +174,19 @@ class HierarchicalPredictor(_Base):
             if meta["classes"] != info["classes"]:
                 raise UserError(f"expert {r}: classes {meta['classes']} differ from experts/index.json {info['classes']}")
             classes.append([CLASSES.index(c) for c in meta["classes"]])
+        rinfo = None
         if (run / "router" / "meta.json").is_file():
             read_meta(run / "router", "router")  # verifies router.json before it is read
             rinfo = json.loads((run / "router" / "router.json").read_text())
             if rinfo.get("neighborhoods_sha256") != nbh_sha:
-                raise UserError(f"{run / 'router'} was calibrated for other neighborhoods (rerun ensemble fit-experts)")
-        elif router is None:
-            raise UserError(f"{run} has no router (run ensemble fit-experts, which calibrates it, or pass a router mode)")
-        else:  # calibration itself, or an explicit mode: the default temperature
-            rinfo = {"mode": router, "temperature": 0.05}
+                if router is None:
+                    raise UserError(f"{run / 'router'} was calibrated for other neighborhoods "
+                                    f"(rerun ensemble fit-experts, which calibrates it)")
+                rinfo = None
+        if rinfo is None:
+            if router is None:
+                raise UserError(f"{run} has no router (run ensemble fit-experts, which calibrates it, or pass a router mode)")
+            rinfo = {"mode": router, "temperature": 0.05}  # calibration itself, or an explicit mode
         mode = router or rinfo["mode"]
         if mode not in ("hard", "soft"):
             raise UserError(f"router must be hard or soft, got {mode!r}")

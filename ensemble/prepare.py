@@ -34,11 +34,12 @@ def _decode(job):
 class ImageSource:
     """Faces of a manifest at one size: ``get(i) -> (size, size, 3) uint8 or None``."""
 
-    def __init__(self, manifest: pd.DataFrame, size: int, array: np.ndarray | None = None, ok: np.ndarray | None = None):
+    def __init__(self, manifest: pd.DataFrame, size: int, array: np.ndarray | None = None, ok: np.ndarray | None = None,
+                 digest: str | None = None):
         self.paths = manifest["path"].tolist()
         self.boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
         self.size = size
-        self.digest = manifest_digest(manifest, size)  # names caches derived from these faces
+        self.digest = digest or manifest_digest(manifest, size)  # names caches derived from these faces
         self.array = array  # prepared (n, size, size, 3) memmap, or None (decode on demand)
         self.ok = ok if ok is not None else np.ones(len(self.paths), dtype=bool)
 
@@ -55,7 +56,7 @@ class ImageSource:
 def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, workers: int = 0,
                    progress: bool = True) -> tuple[Path, dict]:
     """Write (or find) the prepared shard for ``manifest``; returns its folder and stats."""
-    folder = Path(cache_dir) / "prepared" / f"{manifest_digest(manifest, size)}"
+    folder = Path(cache_dir) / "prepared" / manifest_digest(manifest, size)  # the folder's name is the digest
     info_file = folder / "info.json"
     if info_file.is_file():
         return folder, json.loads(info_file.read_text())
@@ -125,6 +126,6 @@ def load_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, mode: 
         warnings.warn(f"skipped {info['n_bad']} unreadable image(s): {shown}", stacklevel=2)
     array = np.load(folder / "images.npy", mmap_mode="r")
     ok = np.load(folder / "ok.npy")
-    src = ImageSource(manifest, size, array, ok)
+    src = ImageSource(manifest, size, array, ok, digest=folder.name)
     src.cache_dir = Path(cache_dir)
     return src

@@ -44,6 +44,16 @@ def fit_neighborhoods(exp, log=print, staging: Path | None = None) -> tuple[VANe
         if (existing / "meta.json").is_file() and read_meta(existing, "neighborhoods").get("settings") == settings:
             log(f"neighborhoods: reusing {existing}")
             return load_neighborhoods(existing), existing
+    if exp.rt.world > 1:  # one rank fits and writes, the others read what it wrote
+        if exp.rt.is_main:
+            _fit_and_write_neighborhoods(exp, settings, folder, log)
+        torch.distributed.barrier()
+        return load_neighborhoods(folder), folder
+    return _fit_and_write_neighborhoods(exp, settings, folder, log), folder
+
+
+def _fit_and_write_neighborhoods(exp, settings: dict, folder: Path, log) -> VANeighborhoods:
+    nc = exp.cfg.neighborhoods
     tr = exp.idx("train")
     va = va_targets(exp.manifest)[tr]
     labels = exp.manifest["label"].to_numpy()[tr]
@@ -60,7 +70,7 @@ def fit_neighborhoods(exp, log=print, staging: Path | None = None) -> tuple[VANe
     for n in desc["neighborhoods"]:
         log(f"neighborhood {n['id']}: V {n['center']['valence']:+.2f} A {n['center']['arousal']:+.2f}  "
             f"{', '.join(n['classes'])}")
-    return nbh, folder
+    return nbh
 
 
 def load_neighborhoods(folder: Path) -> VANeighborhoods:
@@ -93,9 +103,13 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
     # each fold's predictions are kept as it finishes (keyed by stage 1's weights, the stage-1
     # settings and the faces), and a fold cut short resumes from its checkpoint with --resume
     stage1_sha = read_meta(exp.run / "stage1").get("files", {}).get("weights.pt")
-    key = hashlib.sha256(json.dumps([stage1_sha, folds, resume_fingerprint(cfg, len(tr), len(vi))],
+    key = hashlib.sha256(json.dumps([stage1_sha, folds, resume_fingerprint(cfg, tr, vi)],
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = exp.run / ".oof" / key
+    if exp.rt.is_main:
+        for other in (exp.run / ".oof").glob("*"):  # folds of an earlier stage 1 or other settings
+            if other.name != key:
+                shutil.rmtree(other, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     pred = np.zeros((len(tr), 2), np.float32)
     kf = KFold(folds, shuffle=True, random_state=cfg.train.seed)
@@ -111,7 +125,8 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
         mean, std = (src["mean"], src["std"]) if src else normalization(cfg.model.backbone)
         work = folder / f"fold{f}.work"
         fit(net, "regress", StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]), cfg, mean, std, exp.rt, work,
-            resume=resume, desc=f"stage1 fold {f + 1}/{folds}", log=log)
+            resume=resume, desc=f"stage1 fold {f + 1}/{folds}", log=log,
+            fingerprint_extra={"trunk it builds on": src.get("trunk_sha256", "")})
         out, _ = predict_outputs(net, exp.images, tr[b], mean, std, exp.rt)
         pred[b] = np.clip(out, -1, 1)
         if exp.rt.is_main:
@@ -186,7 +201,9 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
     metrics = train_network(f"expert{r}", "classify", cfg, data, out, exp.run, exp.rt, resume,
                             {"val": (v_idx, data.val_y),
                              "test": (te_idx, to_local(labels[te_idx]) if len(te_idx) else np.zeros(0, int))},
-                            extra_meta={"region": r, "train_on": exp.cfg.experts.train_on}, log=log)
+                            extra_meta={"region": r, "train_on": exp.cfg.experts.train_on}, log=log,
+                            fingerprint_extra={"neighborhoods": region["neighborhoods_sha256"],
+                                               "experts.train_on": exp.cfg.experts.train_on})
     return {"region": r, "classes": names, "constant": False, "val_balanced_accuracy":
             metrics.get("val", {}).get("balanced_accuracy")}
 
@@ -197,7 +214,7 @@ def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resu
     from ensemble.pipeline import open_experiment
 
     cfg_dict["train"]["device"] = device
-    exp = open_experiment(config_from_dict(cfg_dict), Path(run), progress=False)
+    exp = open_experiment(config_from_dict(cfg_dict), Path(run), progress=False, save=False)
     return [_train_expert(exp, reg, resume, print) for reg in regions]
 
 
@@ -216,6 +233,9 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
         torch.distributed.barrier()
     nbh, nbh_folder = fit_neighborhoods(exp, log, staging)
     plan = assignments(exp, nbh, log, resume)
+    nbh_sha = neighborhoods_sha(nbh_folder)
+    for region in plan["regions"]:
+        region["neighborhoods_sha256"] = nbh_sha
     n_gpu = torch.cuda.device_count() if exp.rt.device.type == "cuda" and exp.rt.world == 1 else 0
     if n_gpu > 1:
         log(f"experts: training in parallel on {n_gpu} GPUs")
@@ -227,13 +247,14 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
     else:
         results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
     index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results,
-             "neighborhoods_sha256": neighborhoods_sha(nbh_folder)}
+             "neighborhoods_sha256": nbh_sha}
     if exp.rt.is_main:
-        for stale in staging.iterdir():  # experts of an earlier, larger k
-            if stale.is_dir() and stale.name.isdigit() and int(stale.name) >= nbh.k_:
+        for stale in list(staging.iterdir()):  # experts of an earlier, larger k; leftovers of interruptions
+            if stale.is_dir() and not (stale.name.isdigit() and int(stale.name) < nbh.k_) and stale != nbh_folder:
                 shutil.rmtree(stale)
         if nbh_folder != exp.run / "neighborhoods":  # a new fit: it goes in with its experts
             _swap_in(nbh_folder, exp.run / "neighborhoods")
+            shutil.rmtree(exp.run / "router", ignore_errors=True)  # calibrated for the old ones
         write_json(staging / "index.json", index)
         write_json(staging / "meta.json", {  # index.json is checked like every artifact file
             "stage": "experts", "files": {"index.json": sha256_file(staging / "index.json")},

@@ -52,7 +52,8 @@ def build_stage_net(cfg, n_out: int, run: Path) -> tuple[EmotionNet, dict]:
 
 
 def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Path, rt, resume: bool,
-                  eval_sets: dict, extra_meta: dict | None = None, log=print) -> dict:
+                  eval_sets: dict, extra_meta: dict | None = None, log=print,
+                  fingerprint_extra: dict | None = None) -> dict:
     """Fit a stage, evaluate the best epoch on ``eval_sets`` ({split: (idx, y)}), publish ``out``.
 
     Returns the metrics written to ``metrics.json``.
@@ -74,7 +75,8 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
         mean, std = normalization(backbone)
     work = out.with_name(f".{out.name}.work")
     classes = list(data.class_names) if task == "classify" else ["valence", "arousal"]
-    fingerprint = resume_fingerprint(cfg, len(data.train_idx), len(data.val_idx))
+    extra = {"trunk it builds on": src_meta.get("trunk_sha256", ""), **(fingerprint_extra or {})}
+    fingerprint = resume_fingerprint(cfg, data.train_idx, data.val_idx, extra)
     if resume and not (work / "checkpoint.pt").is_file() and (out / "meta.json").is_file():
         done = read_meta(out, name)
         if done.get("fingerprint") == fingerprint and done.get("classes") == classes:
@@ -85,7 +87,8 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    result: FitResult = fit(net, task, data, cfg, mean, std, rt, work, resume=resume, desc=name, log=log)
+    result: FitResult = fit(net, task, data, cfg, mean, std, rt, work, resume=resume, desc=name, log=log,
+                            fingerprint_extra=extra)
     metrics = {"best_epoch": result.best_epoch, "skipped_unreadable": result.n_skipped}
     if rt.is_main:
         for split, (idx, y) in eval_sets.items():

@@ -1,6 +1,7 @@
 """Backbones: trunk blocks, freezing, heads, and where pretrained weights come from."""
 
 import shutil
+import warnings
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -330,6 +331,7 @@ def test_a_pickle_as_pretrained_file_is_one_line(tmp_path):
     import pickle
 
     f.write_bytes(pickle.dumps({"a": object()}))
-    with pytest.raises(UserError) as exc:
+    with pytest.raises(UserError) as exc, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on the pickle protocol
         build_model(ModelConfig(backbone="mobilenet_v2", pretrained=str(f)), 8)
     assert "\n" not in str(exc.value) and "weights_only=False" not in str(exc.value)

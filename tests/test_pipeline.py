@@ -488,9 +488,17 @@ def test_an_interrupted_expert_refit_leaves_the_working_experts(trained, run_cop
     assert after == before  # the run still holds its complete, working experts
     HierarchicalPredictor.load(run_copy).predict_proba(_test_faces(trained, 2)[0])
     logs = []
-    experts_mod.fit_experts(_reopen(trained, run_copy, "train.seed=1"), resume=True, log=logs.append)
+    exp = _reopen(trained, run_copy, "train.seed=1")
+    experts_mod.fit_experts(exp, resume=True, log=logs.append)
     assert sum("already trained" in m for m in logs) == 1  # the expert finished before the interruption
     assert not (run_copy / ".experts.new").exists()
+    assert not (run_copy / "router").exists()  # calibrated for the old neighborhoods: gone with them
+    from ensemble.predictors import calibrate_router
+
+    calibrate_router(exp, log=logs.append)
+    HierarchicalPredictor.load(run_copy).predict_proba(_test_faces(trained, 2)[0])
+    leftovers = [p.name for p in (run_copy / "experts").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
 
 
 def test_out_of_fold_stage1_keeps_each_finished_fold(trained, run_copy, monkeypatch):
