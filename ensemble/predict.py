@@ -82,6 +82,7 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
             continue
         boxes = detect_faces(im) if detect else [None]
         if not boxes:
+            flush()  # results stay in file order
             if as_json:
                 click.echo(json.dumps({"file": str(f), "box": None, "emotion": None, "note": "no face found"}))
             else:
