@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data import CLASSES, FORMATS, canonical_class
 from .errors import UserError
 
 
@@ -213,21 +214,25 @@ def _device(v):
     return None if ok else "must be auto, cpu, cuda, cuda:N or mps"
 
 
+def _unknown_class(name) -> str | None:
+    if canonical_class(name) is None:
+        return f"names an unknown class {name!r} (classes: {', '.join(CLASSES)})"
+    return None
+
+
 def _weights_table(v):
-    from .data import CLASSES, canonical_class
     for k, w in v.items():
-        if canonical_class(k) is None:
-            return f"names an unknown class {k!r} (classes: {', '.join(CLASSES)})"
+        if problem := _unknown_class(k):
+            return problem
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             return f"gives {k} the weight {w!r}; weights are numbers >= 0"
     return None
 
 
 def _prototypes_table(v):
-    from .data import CLASSES, canonical_class
     for k, va in v.items():
-        if canonical_class(k) is None:
-            return f"names an unknown class {k!r} (classes: {', '.join(CLASSES)})"
+        if problem := _unknown_class(k):
+            return problem
         if (not isinstance(va, (list, tuple)) or len(va) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and -1 <= x <= 1 for x in va)):
             return f"gives {k} {va!r}; expected [valence, arousal] in [-1, 1]"
@@ -236,7 +241,7 @@ def _prototypes_table(v):
 
 # value checks per field, so that a bad value is refused when the config is read, naming the key
 _RULES: dict[type, dict[str, Any]] = {
-    DataConfig: {"format": _one_of("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic"),
+    DataConfig: {"format": _one_of(*FORMATS),
                  "image_size": _range(8, 4096), "max_samples": _range(0), "val_fraction": _range(0, 1, hi_open=True),
                  "prototypes": _prototypes_table, "n_synthetic": _range(80), "synthetic_size": _range(16, 1024),
                  "cache": _one_of("auto", "disk", "none"), "num_workers": _range(0)},

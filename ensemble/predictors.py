@@ -139,7 +139,8 @@ class HierarchicalPredictor(_Base):
         run = Path(run)
         if not run.is_dir():
             raise UserError(f"run folder not found: {run}")
-        stage1, m1 = load_network(run / "stage1", run)
+        sources: dict = {}  # a trunk borrowed by several stages is verified and read once
+        stage1, m1 = load_network(run / "stage1", run, sources)
         nbh = load_neighborhoods(run / "neighborhoods")
         index = read_index(run)
         if index["k"] != nbh.k_:
@@ -164,7 +165,7 @@ class HierarchicalPredictor(_Base):
                 heads.append(None)
                 keys.append(s1_key)
             else:
-                net, meta = load_network(folder, run)
+                net, meta = load_network(folder, run, sources)
                 for key in ("input_size", "mean", "std"):
                     if meta[key] != m1[key]:
                         raise UserError(f"expert {r} and stage 1 disagree on {key} ({meta[key]} vs {m1[key]}); "

@@ -41,9 +41,9 @@ def fit_neighborhoods(exp, log=print, staging: Path | None = None) -> tuple[VANe
                 "n_train": int(len(exp.idx("train")))}
     folder = (staging or exp.run) / "neighborhoods"
     for existing in dict.fromkeys([exp.run / "neighborhoods", folder]):
-        if (existing / "meta.json").is_file() and read_meta(existing, "neighborhoods").get("settings") == settings:
+        if (existing / "meta.json").is_file() and _recorded_meta(existing).get("settings") == settings:
             log(f"neighborhoods: reusing {existing}")
-            return load_neighborhoods(existing), existing
+            return load_neighborhoods(existing), existing  # verified here
     if exp.rt.world > 1:  # one rank fits and writes, the others read what it wrote
         if exp.rt.is_main:
             _fit_and_write_neighborhoods(exp, settings, folder, log)
@@ -271,9 +271,15 @@ def _swap_in(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _recorded_meta(folder: Path) -> dict:
+    """meta.json as written, not re-verified: for folders :func:`load_neighborhoods` verifies."""
+    return json.loads((folder / "meta.json").read_text())
+
+
 def neighborhoods_sha(folder: Path) -> str:
-    """Identifies the neighborhoods (``RUN/neighborhoods``) the experts and the router were fitted for."""
-    return read_meta(folder, "neighborhoods")["files"]["model.npz"]
+    """Identifies the neighborhoods (``RUN/neighborhoods``) the experts and the router were fitted
+    for: the digest of model.npz that its meta.json records (checked whenever they are loaded)."""
+    return _recorded_meta(folder)["files"]["model.npz"]
 
 
 def read_index(run: Path) -> dict:

@@ -128,16 +128,23 @@ def stage_metrics(net, task, images, idx, y, class_names, mean, std, rt) -> dict
     return regression_metrics(y, np.clip(out, -1, 1))
 
 
-def load_network(folder: Path, run: Path | None = None) -> tuple[EmotionNet, dict]:
-    """A trained stage, verified, in eval mode on the CPU, and its meta."""
+def load_network(folder: Path, run: Path | None = None, sources: dict | None = None) -> tuple[EmotionNet, dict]:
+    """A trained stage, verified, in eval mode on the CPU, and its meta.
+
+    ``sources``: a dict shared by the calls that load one run, so that a trunk several stages
+    borrow (the flat model's, for stage 1 and every expert) is verified and read once."""
     meta = read_meta(folder)
     state = load_weights(folder)
     if meta.get("trunk_from"):
         src = (run or folder.parent) / meta["trunk_from"]
-        src_meta = read_meta(src, f"trunk stage {meta['trunk_from']!r} of {folder.name}")
+        sources = {} if sources is None else sources
+        if src not in sources:
+            src_meta = read_meta(src, f"trunk stage {meta['trunk_from']!r} of {folder.name}")
+            sources[src] = src_meta, {k: v for k, v in load_weights(src).items() if k.startswith("trunk.")}
+        src_meta, trunk_state = sources[src]
         if src_meta.get("trunk_sha256") != meta.get("trunk_sha256"):
             raise UserError(f"{folder} was trained on another {meta['trunk_from']} trunk than the one in {src}")
-        state = {**{k: v for k, v in load_weights(src).items() if k.startswith("trunk.")}, **state}
+        state = {**trunk_state, **state}
     from ensemble.config import ModelConfig
 
     mc = ModelConfig(backbone=meta["backbone"], pretrained="none", head=meta["head"], hidden=meta["hidden"],
