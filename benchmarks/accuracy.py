@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ensemble.config import load_config
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from ensemble.predictors import calibrate_router
     from ensemble.reports import compare
     from stages.experts import fit_experts

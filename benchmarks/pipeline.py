@@ -60,7 +60,7 @@ def main() -> None:
 
     from ensemble.config import load_config
     from ensemble.engine import _image_batches, epoch_plan, make_optimizer
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from ensemble.prepare import load_images
     from stages.backbones import build_model, normalization
 

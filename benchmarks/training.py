@@ -60,7 +60,7 @@ def main() -> None:
         feature_views,
         make_optimizer,
     )
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from stages.backbones import build_model, normalization
 
     cfg = load_config(args.config, args.overrides)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import swap_into_place, write_json  # noqa: F401  (write_json re-exported)
 
 META = "meta.json"
 
@@ -56,28 +57,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    _fsync_write(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
 
 
 def check_output_dir(run: Path, need_mb: int = 200) -> None:
@@ -124,12 +103,7 @@ class StageWriter:
         files = {p.name: sha256_file(p) for p in sorted(self.tmp.iterdir()) if p.is_file() and p.name != META}
         meta = {**meta, "versions": versions(), "git_commit": git_commit(), "files": files}
         write_json(self.tmp / META, meta)
-        old = self.final.with_name(f".{self.final.name}.old{os.getpid()}")
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        return swap_into_place(self.tmp, self.final)
 
 
 def read_meta(folder: Path, what: str = "stage") -> dict:
@@ -178,3 +152,12 @@ def load_weights(folder: Path, name: str = "weights.pt") -> dict:
         return torch.load(folder / name, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot load {folder / name}: {str(exc).splitlines()[0]}") from None
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's tensors: two stages with the same digest share that module."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

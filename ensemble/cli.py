@@ -38,7 +38,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def _experiment(config_file, overrides, run):
     from .config import load_config
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
 
     return open_experiment(load_config(config_file, overrides), Path(run), _log)
 
@@ -185,7 +185,7 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
     """Detect every face (OpenCV Haar cascade), then predict emotion, top 3, valence, arousal,
     neighborhood and expert. Directories are walked. Unreadable files are named on stderr and
     the exit code is non-zero; the other files are still predicted."""
-    from .predict import run_predict
+    from .commands import run_predict
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
@@ -205,7 +205,7 @@ def compare_cmd(config_file, overrides, run, split, out):
     accuracy and stage-1 RMSE/CCC; writes report.md, metrics.csv and plots."""
     from .artifacts import read_meta
     from .config import config_from_dict, load_config
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
     from .reports import compare
 
     run_p = Path(run)

@@ -24,8 +24,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import CLASSES, FORMATS, canonical_class
+from .classes import CLASSES, canonical_class
 from .errors import UserError
+
+#: The data-set formats ``data.format`` accepts (one adapter each in :mod:`ensemble.data`).
+FORMATS = ("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic")
 
 
 @dataclass
@@ -388,6 +391,6 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .artifacts import write_json
+    from .files import write_json
 
     write_json(path, json.loads(json.dumps(cfg.to_dict(), sort_keys=True)))  # atomically

@@ -31,55 +31,20 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from .classes import (  # noqa: F401  (re-exported: the manifest speaks in these)
+    CLASS_ALIASES,
+    CLASS_INDEX,
+    CLASSES,
+    VA_PROTOTYPES,
+    VOTE_COLUMNS,
+    canonical_class,
+    prototype_table,
+)
+from .config import FORMATS
 from .errors import UserError
 
-#: The canonical class order (AffectNet's expression codes 0-7), used for every logit.
-CLASSES: tuple[str, ...] = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
-CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
-VOTE_COLUMNS = [f"vote_{c}" for c in CLASSES]
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-FORMATS = ("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic")
-
-#: Names other data sets use for our classes.
-CLASS_ALIASES = {
-    "neutral": "neutral",
-    "neutrality": "neutral",
-    "calm": "neutral",
-    "happy": "happy",
-    "happiness": "happy",
-    "joy": "happy",
-    "sad": "sad",
-    "sadness": "sad",
-    "surprise": "surprise",
-    "surprised": "surprise",
-    "fear": "fear",
-    "fearful": "fear",
-    "afraid": "fear",
-    "scared": "fear",
-    "disgust": "disgust",
-    "disgusted": "disgust",
-    "anger": "anger",
-    "angry": "anger",
-    "contempt": "contempt",
-    "contemptuous": "contempt",
-}
-
-#: Prototype (valence, arousal) per class, used to derive V/A where a data set has none.
-#: Positions approximated from Russell's circumplex of affect (J. A. Russell, "A circumplex
-#: model of affect", J. Pers. Soc. Psychol. 39(6):1161-1178, 1980, Fig. 2), the reference
-#: AffectNet's annotators were shown (Mollahosseini et al., IEEE T-AFFC 10(1), 2019, §3.2),
-#: scaled to [-1, 1]. Override per class with ``data.prototypes``.
-VA_PROTOTYPES: dict[str, tuple[float, float]] = {
-    "neutral": (0.0, 0.0),
-    "happy": (0.8, 0.35),
-    "sad": (-0.7, -0.35),
-    "surprise": (0.25, 0.8),
-    "fear": (-0.55, 0.75),
-    "disgust": (-0.7, 0.3),
-    "anger": (-0.6, 0.65),
-    "contempt": (-0.5, 0.2),
-}
 
 # FER+ label.csv vote order (after file and box)
 FERPLUS_VOTES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt", "unknown", "NF")
@@ -104,23 +69,6 @@ class Dataset:
     manifest: pd.DataFrame
     dropped: Counter
     dropped_by_split: dict = field(default_factory=dict)  # split -> Counter of reasons ("unassigned": no split known)
-
-
-def canonical_class(name: str) -> str | None:
-    return CLASS_ALIASES.get(str(name).strip().lower())
-
-
-def prototype_table(overrides: dict | None = None) -> np.ndarray:
-    """(8, 2) prototype V/A per class in canonical order."""
-    table = dict(VA_PROTOTYPES)
-    for name, va in (overrides or {}).items():
-        c = canonical_class(name)
-        if c is None:
-            raise UserError(f"data.prototypes: unknown class {name!r}")
-        if not (isinstance(va, (list, tuple)) and len(va) == 2):
-            raise UserError(f"data.prototypes.{name}: expected [valence, arousal]")
-        table[c] = (float(va[0]), float(va[1]))
-    return np.array([table[c] for c in CLASSES], dtype=np.float64)
 
 
 def _warn_dropped(reason: str, examples: list[str], n: int) -> None:

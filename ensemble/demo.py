@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .classes import CLASSES
 from .config import load_config
-from .data import CLASSES
 
 #: configs/demo.toml, kept in the package so the demo runs from any folder (a test checks they agree)
 DEMO_TOML = """\
@@ -59,7 +59,7 @@ def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
 
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
     from .predictors import HierarchicalPredictor, calibrate_router
     from .reports import compare
 

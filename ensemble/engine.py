@@ -145,7 +145,7 @@ def class_weights(counts: np.ndarray, balance_cfg, class_names: list[str]) -> np
     elif mode == "sqrt_inverse":
         w[present] = 1.0 / np.sqrt(counts[present])
     elif mode == "explicit":
-        from .data import canonical_class
+        from .classes import canonical_class
 
         known = {canonical_class(k): float(v) for k, v in balance_cfg.class_weights.items()}  # aliases allowed
         w = np.array([known.get(c, 1.0) for c in class_names])
@@ -747,7 +747,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
     Keyed by the trunk's weights, the faces and the view, so stage 1, its out-of-fold refits
     and every expert built on one trunk share one cache. Returns one (n, C, h, w) array per view.
     """
-    from stages.backbones import state_digest
+    from .artifacts import state_digest
 
     root = Path(getattr(images, "cache_dir", "artifacts/cache")) / "features"
     root.mkdir(parents=True, exist_ok=True)

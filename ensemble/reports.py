@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import write_json
-from .data import CLASSES
+from .classes import CLASSES
+from .files import write_json
 from .metrics import classification_metrics, regression_metrics
 from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .data import CLASSES, VA_PROTOTYPES
+from .classes import CLASSES, VA_PROTOTYPES
 
 #: share of each class in train/val (AffectNet-like imbalance, about 10:1)
 CLASS_SHARES = {

@@ -13,12 +13,12 @@ blocks + head, about half of VGG16's layers), ``all``.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ensemble.artifacts import state_digest  # noqa: F401  (re-exported)
 from ensemble.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -259,12 +259,3 @@ def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
         except (ValueError, AttributeError):
             pass
     return IMAGENET_MEAN, IMAGENET_STD
-
-
-def state_digest(module: nn.Module) -> str:
-    """sha256 of a module's tensors: two stages with the same digest share that module."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

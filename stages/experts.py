@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -22,10 +21,11 @@ import numpy as np
 import torch
 from sklearn.model_selection import KFold
 
-from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions, write_json
-from ensemble.data import CLASSES
+from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions
+from ensemble.classes import CLASSES
 from ensemble.engine import StageData, fit, predict_outputs, resume_fingerprint
 from ensemble.errors import UserError
+from ensemble.files import atomic_write, swap_into_place, write_json
 
 from .neighborhoods import VANeighborhoods, membership, plot_va_map
 from .neural import build_stage_net, load_network, train_network
@@ -155,9 +155,8 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
         out, _ = predict_outputs(net, exp.images, tr[b], mean, std, exp.rt)
         pred[b] = np.clip(out, -1, 1)
         if exp.rt.is_main:
-            tmp = folder / f".fold{f}.tmp.npy"
-            np.save(tmp, pred[b])
-            os.replace(tmp, done)
+            with atomic_write(done) as fh:
+                np.save(fh, pred[b])
         shutil.rmtree(work, ignore_errors=True)
     return pred
 
@@ -264,7 +263,7 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
 def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resume: bool) -> list[dict]:
     """One GPU's share of the experts, in its own process."""
     from ensemble.config import config_from_dict
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     cfg_dict["train"]["device"] = device
     exp = open_experiment(config_from_dict(cfg_dict), Path(run), progress=False, save=False)
@@ -308,7 +307,7 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
             if stale.is_dir() and not (stale.name.isdigit() and int(stale.name) < nbh.k_) and stale != nbh_folder:
                 shutil.rmtree(stale)
         if nbh_folder != exp.run / "neighborhoods":  # a new fit: it goes in with its experts
-            _swap_in(nbh_folder, exp.run / "neighborhoods")
+            swap_into_place(nbh_folder, exp.run / "neighborhoods")
             shutil.rmtree(exp.run / "router", ignore_errors=True)  # calibrated for the old ones
         write_json(staging / "index.json", index)
         write_json(
@@ -319,16 +318,8 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
                 "versions": versions(),
             },
         )
-        _swap_in(staging, final)
+        swap_into_place(staging, final)
     return index
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _recorded_meta(folder: Path) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.data import CLASSES, VOTE_COLUMNS
+from ensemble.classes import CLASSES, VOTE_COLUMNS
 from ensemble.engine import StageData
 
 from .neural import train_network

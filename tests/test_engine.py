@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ensemble import engine
+from ensemble.classes import CLASSES
 from ensemble.config import BalanceConfig, TrainConfig, load_config
-from ensemble.data import CLASSES
 from ensemble.engine import StageData, TrainingInterrupted, augment, ccc_loss, class_weights, epoch_plan, fit, runtime
 from ensemble.errors import UserError
 from ensemble.metrics import ccc, classification_metrics, confusion, pcc, regression_metrics
@@ -243,7 +243,7 @@ BASE = [
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """The synthetic faces, prepared once for this module: (cfg factory, experiment)."""
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     root = tmp_path_factory.mktemp("engine")
     cache = f"data.cache_dir={root / 'cache'}"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ensemble.classes import CLASSES
 from ensemble.cli import main
 from ensemble.config import load_config
-from ensemble.data import CLASSES
 from ensemble.errors import UserError
 from ensemble.predictors import FlatPredictor, HierarchicalPredictor
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """flat, stage 1, neighborhoods + experts, router and the comparison, trained once."""
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from ensemble.predictors import calibrate_router
     from ensemble.reports import compare
     from stages.experts import fit_experts
@@ -457,7 +457,7 @@ def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, caps
 
 
 def _reopen(trained, run, *extra):
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     exp = trained["exp"]
     cfg = load_config(

@@ -123,7 +123,7 @@ def _face(tmp: Path) -> Path:
 def _fit_flat_run(cache: Path, run: Path, seed: int, epochs: int = 2, global_seed: int | None = 1234):
     """fit-flat in this process. ``global_seed`` puts torch's global RNG where a fresh process
     has it (any fixed value will do); None leaves it wherever earlier work left it."""
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from stages.flat import fit_flat
 
     cfg = load_config(None, tiny(cache, "train.precision=fp32", epochs=epochs, seed=seed))
@@ -941,7 +941,7 @@ def test_ferplus_malformed_first_row_is_dropped_and_counted(tiny_pngs, tmp_path,
 
 
 def test_training_skips_broken_images(tmp_path, one_thread):
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from stages.flat import fit_flat
 
     root = tmp_path / "faces"

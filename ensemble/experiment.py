@@ -1,4 +1,4 @@
-"""An experiment: a config, a run folder, the data set and its prepared images, the runtime."""
+"""The experiment (``Experiment``, ``open_experiment``): a config, a run folder, the data set and its prepared images, the runtime."""
 
 from __future__ import annotations
 

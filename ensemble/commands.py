@@ -1,4 +1,4 @@
-"""``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
+"""Bodies of CLI commands too long for cli.py. ``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
 
 from __future__ import annotations
 
