@@ -262,3 +262,8 @@ def main(argv=None) -> None:
             click.echo(f"stopped: {exc}", err=True)
             sys.exit(130)
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # (a command that never imported torch has no group)
+            from .runtime import shutdown
+
+            shutdown()

@@ -12,8 +12,8 @@ import pandas as pd
 from .artifacts import check_output_dir
 from .config import Config, save_config
 from .data import load_dataset
-from .engine import Runtime, runtime
 from .prepare import ImageSource, load_images
+from .runtime import Runtime, runtime
 
 
 @dataclass

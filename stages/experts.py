@@ -22,10 +22,12 @@ import torch
 from sklearn.model_selection import KFold
 
 from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions
+from ensemble.checkpoints import resume_fingerprint
 from ensemble.classes import CLASSES
-from ensemble.engine import StageData, fit, predict_outputs, resume_fingerprint
+from ensemble.engine import StageData, fit, predict_outputs
 from ensemble.errors import UserError
 from ensemble.files import atomic_write, swap_into_place, write_json
+from ensemble.tasks import CLASSIFY, VA_REGRESSION
 
 from .neighborhoods import VANeighborhoods, membership, plot_va_map
 from .neural import build_stage_net, load_network, train_network
@@ -140,7 +142,7 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
         work = folder / f"fold{f}.work"
         fit(
             net,
-            "regress",
+            VA_REGRESSION,
             StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]),
             cfg,
             mean,
@@ -237,7 +239,7 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
     log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
     metrics = train_network(
         f"expert{r}",
-        "classify",
+        CLASSIFY,
         cfg,
         data,
         out,

@@ -6,6 +6,7 @@ import numpy as np
 
 from ensemble.classes import CLASSES, VOTE_COLUMNS
 from ensemble.engine import StageData
+from ensemble.tasks import CLASSIFY
 
 from .neural import train_network
 
@@ -26,7 +27,7 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
     data = StageData(exp.images, tr, y[tr], va, y[va], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
     return train_network(
         "flat",
-        "classify",
+        CLASSIFY,
         cfg,
         data,
         exp.run / "flat",

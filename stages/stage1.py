@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ensemble.engine import StageData
+from ensemble.tasks import VA_REGRESSION
 
 from .neural import train_network
 
@@ -22,7 +23,7 @@ def fit_stage1(exp, resume: bool = False, log=print) -> dict:
     data = StageData(exp.images, tr, y[tr], va, y[va])
     return train_network(
         "stage1",
-        "regress",
+        VA_REGRESSION,
         cfg,
         data,
         exp.run / "stage1",

@@ -21,7 +21,7 @@ LAYERS = {
         "ensemble.engine",
         "ensemble.runtime",
         "ensemble.batches",
-        "ensemble.features",
+        "ensemble.feature_cache",
         "ensemble.checkpoints",
         "ensemble.tasks",
         "ensemble.locks",
