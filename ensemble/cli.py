@@ -142,18 +142,9 @@ def fit_flat_cmd(config_file, overrides, run, resume):
 def fit_experts_cmd(config_file, overrides, run, resume):
     """Cluster the training V/A labels into neighborhoods, train one expert per neighborhood,
     then fit the router on validation; writes RUN/neighborhoods, RUN/experts, RUN/router."""
-    from stages.experts import fit_experts
+    from .routing import fit_experts_and_router
 
-    from .predictors import calibrate_router
-
-    exp = _experiment(config_file, overrides, run)
-    fit_experts(exp, resume, _log)
-    if exp.rt.is_main:
-        if not (exp.run / "stage1" / "meta.json").is_file():
-            raise UserError(
-                "experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again"
-            )
-        calibrate_router(exp, _log)
+    fit_experts_and_router(_experiment(config_file, overrides, run), resume, _log)
 
 
 def _print_metrics(stage: str, metrics: dict) -> None:

@@ -58,8 +58,7 @@ def run_predict(
                 {
                     "valence": round(float(v[0]), 4),
                     "arousal": round(float(v[1]), 4),
-                    "neighborhood": int(r),
-                    "expert": int(r),
+                    "neighborhood": int(r),  # one expert per neighborhood: its classes follow
                     "expert_classes": model.expert_classes[int(r)],
                 }
                 for v, r in zip(va, w.argmax(1))

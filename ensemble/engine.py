@@ -110,13 +110,11 @@ def make_optimizer(params, train_cfg, device: torch.device):
         cls, kw = torch.optim.Adam, {"weight_decay": tc.weight_decay}
     elif name == "adamw":
         cls, kw = torch.optim.AdamW, {"weight_decay": tc.weight_decay}
-    elif name == "sgd":
+    else:  # sgd (config._RULES allows nothing else)
         cls, kw = (
             torch.optim.SGD,
             {"momentum": tc.momentum, "weight_decay": tc.weight_decay, "nesterov": tc.nesterov and tc.momentum > 0},
         )
-    else:
-        raise UserError(f"train.optimizer must be adam, adamw or sgd, got {name!r}")
     if device.type in ("cuda", "cpu"):
         try:
             return cls(params, lr=tc.lr, fused=True, **kw)

@@ -78,9 +78,7 @@ def runtime(train_cfg) -> Runtime:
             prec = "bf16"
         else:
             prec = "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(prec, "bad")
-    if dtype == "bad":
-        raise UserError(f"train.precision must be auto, bf16, fp16 or fp32, got {prec!r}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec]  # checked by config._RULES
     if dtype is torch.float16 and device.type == "cpu":
         dtype = torch.bfloat16
     return Runtime(device, dtype, train_cfg.channels_last, rank, world)

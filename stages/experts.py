@@ -111,8 +111,6 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
     """Stage 1's V/A on the training faces, each predicted by a refit that did not see it."""
     cfg = exp.cfg.for_stage("stage1")
     folds = exp.cfg.experts.oof_folds
-    if folds < 2:
-        raise UserError("experts.oof_folds must be >= 2 for train_on = routed or both")
     tr, vi = exp.idx("train"), exp.idx("val")
     y = va_targets(exp.manifest)
     # each fold's predictions are kept as it finishes (keyed by stage 1's weights, the stage-1
@@ -166,15 +164,13 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
 def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> dict:
     """Per region: training and validation positions (into exp.idx) and the expert's classes."""
     ec = exp.cfg.experts
-    if ec.train_on not in ("true", "routed", "both"):
-        raise UserError(f"experts.train_on must be true, routed or both, got {ec.train_on!r}")
     tr, vi = exp.idx("train"), exp.idx("val")
     va_true = va_targets(exp.manifest)
     labels = exp.manifest["label"].to_numpy()
     k = nbh.k_
     true_tr = np.eye(k, dtype=bool)[nbh.predict(va_true[tr])]
     true_vi = np.eye(k, dtype=bool)[nbh.predict(va_true[vi])] if len(vi) else np.zeros((0, k), bool)
-    if ec.train_on == "true":
+    if ec.train_on == "true_va":
         in_tr, in_vi = true_tr, true_vi
     else:
         log(f"experts: routing training faces with stage 1 predicted out-of-fold ({ec.oof_folds} folds)")
@@ -274,7 +270,7 @@ def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resu
 
 def fit_experts(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
-    if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true":
+    if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true_va":
         raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
     final, staging = exp.run / "experts", _staging(exp.run)
     if exp.rt.is_main:

@@ -15,6 +15,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_is_fitted
 
+from ensemble.config import DEFAULT_TEMPERATURE
 from ensemble.errors import UserError
 
 METHODS = ("kmeans", "gmm", "agglomerative")
@@ -118,7 +119,7 @@ class VANeighborhoods(BaseEstimator):
             return self.estimator_.predict(va)
         return np.argmin(((va[:, None, :] - self.centers_[None]) ** 2).sum(-1), axis=1)  # what KMeans.predict does
 
-    def predict_proba(self, va: np.ndarray, temperature: float = 0.05) -> np.ndarray:
+    def predict_proba(self, va: np.ndarray, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
         """(n, k) P(neighborhood | V/A): the mixture posterior, or softmax(-squared distance / T)."""
         check_is_fitted(self, "centers_")
         va = np.asarray(va, dtype=np.float64)

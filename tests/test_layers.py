@@ -35,9 +35,8 @@ LAYERS = {
         "stages.flat",
         "stages.neighborhoods",
         "stages.experts",
-        "stages.router",
     ],
-    "predictors": ["ensemble.router", "ensemble.predictors", "ensemble.reports", "ensemble.export"],
+    "predictors": ["ensemble.router", "ensemble.predictors", "ensemble.routing", "ensemble.reports", "ensemble.export"],
     "cli": ["ensemble", "ensemble.cli", "ensemble.__main__", "ensemble.commands", "ensemble.demo", "ensemble.summary"],
 }
 ORDER = list(LAYERS)

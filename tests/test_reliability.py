@@ -153,7 +153,7 @@ def flat_runs(tmp_path_factory, cache, one_thread):
 @pytest.fixture(scope="module")
 def hier(tmp_path_factory, cache, one_thread):
     """A complete run (flat, stage 1, neighborhoods, experts, router), trained once."""
-    from ensemble.predictors import calibrate_router
+    from ensemble.routing import calibrate_router
     from stages.experts import fit_experts
     from stages.stage1 import fit_stage1
 
