@@ -224,11 +224,9 @@ def build_head(
     raise UserError(f"model.head must be slim or classic, got {kind!r}")
 
 
-def build_model(model_cfg, n_out: int, pretrained: str | None = None) -> EmotionNet:
+def build_model(model_cfg, n_out: int) -> EmotionNet:
     """The network a stage trains, frozen as ``model_cfg.trainable`` says."""
-    trunk, channels, classifier = build_trunk(
-        model_cfg.backbone, model_cfg.pretrained if pretrained is None else pretrained
-    )
+    trunk, channels, classifier = build_trunk(model_cfg.backbone, model_cfg.pretrained)
     head = build_head(model_cfg.head, channels, n_out, model_cfg.hidden, model_cfg.dropout, classifier)
     net = EmotionNet(trunk, head)
     net.freeze("head" if model_cfg.trunk_from else model_cfg.trainable)

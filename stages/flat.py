@@ -23,8 +23,8 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
     """Train the flat classifier; select on validation balanced accuracy; write ``RUN/flat``."""
     cfg = exp.cfg.for_stage("flat")
     y = exp.manifest["label"].to_numpy()
-    tr, va, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
-    data = StageData(exp.images, tr, y[tr], va, y[va], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
+    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    data = StageData(exp.images, tr, y[tr], vi, y[vi], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
     return train_network(
         "flat",
         CLASSIFY,
@@ -34,6 +34,6 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
         exp.run,
         exp.rt,
         resume,
-        {"val": (va, y[va]), "test": (te, y[te])},
+        {"val": (vi, y[vi]), "test": (te, y[te])},
         log=log,
     )

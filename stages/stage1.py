@@ -19,8 +19,8 @@ def fit_stage1(exp, resume: bool = False, log=print) -> dict:
     """Train stage 1 on the training split; select on validation CCC; write ``RUN/stage1``."""
     cfg = exp.cfg.for_stage("stage1")
     y = va_targets(exp.manifest)
-    tr, va, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
-    data = StageData(exp.images, tr, y[tr], va, y[va])
+    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    data = StageData(exp.images, tr, y[tr], vi, y[vi])
     return train_network(
         "stage1",
         VA_REGRESSION,
@@ -30,6 +30,6 @@ def fit_stage1(exp, resume: bool = False, log=print) -> dict:
         exp.run,
         exp.rt,
         resume,
-        {"val": (va, y[va]), "test": (te, y[te])},
+        {"val": (vi, y[vi]), "test": (te, y[te])},
         log=log,
     )

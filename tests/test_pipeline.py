@@ -615,3 +615,15 @@ def test_router_without_validation_faces_keeps_the_configured_mode_and_temperatu
         assert (saved["mode"], saved["temperature"]) == (want_mode, want_t)
         hp = HierarchicalPredictor.load(run_copy)
         assert hp.mode == want_mode and hp.net.posterior.temperature == pytest.approx(want_t)
+
+
+def test_fit_experts_without_stage1_is_refused_before_anything_trains(trained, tmp_path):
+    from ensemble.routing import fit_experts_and_router
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(trained["run"] / "flat", run / "flat")
+    exp = _reopen(trained, run, 'experts.train_on="true_va"')
+    with pytest.raises(UserError, match="fit-experts needs stage 1.*fit-stage1 first"):
+        fit_experts_and_router(exp, log=lambda m: None)
+    assert not any((run / name).exists() for name in ("neighborhoods", "experts", ".experts.new", "router"))
