@@ -28,6 +28,7 @@ META = "meta.json"
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -36,6 +37,7 @@ def sha256_file(path: Path) -> str:
 
 
 def versions() -> dict:
+    """Library versions recorded beside every artifact (pickles and weights carry what made them)."""
     import numpy
     import sklearn
     import torchvision
@@ -50,6 +52,7 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """This checkout's commit, or None outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5

@@ -231,6 +231,7 @@ def export_cmd(run, fmt, out, router):
 
 
 def main(argv=None) -> None:
+    """The ``ensemble`` command: a user error is one ``error:`` line and exit 2, never a traceback."""
     warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="ensemble", standalone_mode=False)

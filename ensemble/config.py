@@ -420,6 +420,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
 
 
 def config_from_dict(raw: dict) -> Config:
+    """A Config from a dict of sections (a TOML file, a saved config.json), every key and value checked."""
     sections = {}
     for name, value in raw.items():
         if name not in _SECTION_TYPES:
@@ -432,6 +433,7 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config as sorted JSON at ``path``, atomically."""
     from .files import write_json
 
     write_json(path, json.loads(json.dumps(cfg.to_dict(), sort_keys=True)))  # atomically

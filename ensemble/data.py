@@ -539,5 +539,6 @@ def face_array(source, box, size: int) -> np.ndarray:
 
 
 def row_box(row) -> tuple | None:
+    """A manifest row's face box (x, y, w, h), or None when the face is the whole image."""
     box = (row.x, row.y, row.w, row.h)
     return box if all(np.isfinite(box)) else None

@@ -29,6 +29,7 @@ class ProbabilitiesOnly(nn.Module):
 
 
 def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
+    """The hierarchy of ``run`` as one ONNX or TorchScript file: faces (batch, 3, H, W) -> probabilities (batch, 8)."""
     hp = HierarchicalPredictor.load(run, router=router)
     model = ProbabilitiesOnly(hp.net).eval().requires_grad_(False)  # an inference graph: no autograd
     example = torch.zeros(2, 3, hp.size, hp.size)

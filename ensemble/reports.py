@@ -82,6 +82,7 @@ def _pct(v) -> str:
 
 
 def summary_table(result: dict) -> str:
+    """The comparison as the plain-text table the CLI and the demo print."""
     head = f"{'model':<8}{'acc':>7}{'bal.acc':>9}{'F1':>7}{'route':>7}  " + " ".join(f"{c[:7]:>7}" for c in CLASSES)
     lines = [f"comparison on {result['split']} ({result['n']} faces), recall per class in %", head, "-" * len(head)]
     for m, r in result["models"].items():
@@ -100,6 +101,7 @@ def summary_table(result: dict) -> str:
 
 
 def render_report(result: dict, run: Path) -> str:
+    """The comparison as report.md (tables; it names the confusion plots written beside it)."""
     rows = []
     for m, r in result["models"].items():
         rows.append(

@@ -67,6 +67,7 @@ def summarize(cfg, verify: bool = True) -> dict:
 
 
 def render_summary(result: dict) -> str:
+    """A data-set summary as plain text: faces per class and split, V/A mean ± std per class, dropped rows by reason."""
     lines = [f"data set: {result['format']} {result['root']}".rstrip()]
     head = f"{'class':<10}" + "".join(f"{s:>9}" for s in result["splits"])
     lines += ["", head, "-" * len(head)]

@@ -188,6 +188,7 @@ class EmotionNet(nn.Module):
 def build_head(
     kind: str, in_channels: int, n_out: int, hidden: int, dropout: float, classifier: nn.Module | None = None
 ) -> nn.Module:
+    """The head: ``slim`` (global pool -> hidden -> n_out) or ``classic`` (VGG's 4096-4096 classifier, its pretrained layers kept)."""
     if kind == "slim":
         return nn.Sequential(
             nn.AdaptiveAvgPool2d(1),

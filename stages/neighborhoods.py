@@ -179,11 +179,13 @@ class VANeighborhoods(BaseEstimator):
         return nbh
 
     def set_members_from_counts(self, counts: np.ndarray) -> "VANeighborhoods":
+        """Which classes belong to each neighborhood, from per-neighborhood class counts (k, 8)."""
         self.counts_ = counts
         self.members_ = membership(counts, self.min_share, self.min_count)
         return self
 
     def describe(self, class_names) -> dict:
+        """The fitted neighborhoods as a JSON-able dict: method, k and its scores, and per neighborhood its center, classes and counts."""
         check_is_fitted(self, "centers_")
         return {
             "method": self.method,
