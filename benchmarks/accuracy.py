@@ -20,7 +20,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "ferplus-cpu.toml"))
     ap.add_argument("--run", default=str(ROOT / "artifacts" / "ferplus-cpu"))
-    ap.add_argument("--split", default="val", help="FER+ ships no test split here: FER2013Valid is 'val'")
+    ap.add_argument(
+        "--split", default="valid", help="valid = FER2013Valid, a test split (the selection split is held out of train)"
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="accuracy")

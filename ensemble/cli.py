@@ -148,7 +148,7 @@ def fit_experts_cmd(config_file, overrides, run, resume):
 
 
 def _print_metrics(stage: str, metrics: dict) -> None:
-    for split in ("val", "test"):
+    for split in ("val", "valid", "test"):
         m = metrics.get(split)
         if not m:
             continue
@@ -189,7 +189,13 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
 @CONFIG
 @SET
 @click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "valid", "val"]),
+    default="test",
+    show_default=True,
+    help="test / valid: test splits (FER+: FER2013Test / FER2013Valid); val: the selection split (optimistic).",
+)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (default RUN/reports).")
 def compare_cmd(config_file, overrides, run, split, out):
     """Accuracy, balanced accuracy, macro-F1, per-class recall, confusion matrices, routing

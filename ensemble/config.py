@@ -147,8 +147,12 @@ class ExpertsConfig(StageOverrides):
 
 @dataclass
 class RouterConfig:
-    mode: Literal["auto", "hard", "soft"] = "auto"  # auto (best on validation) | hard | soft
-    temperature: float = 0.0  # soft routing temperature; 0 = fitted on validation
+    mode: Literal["auto", "hard", "soft"] = "auto"  # auto (best on the selection split) | hard | soft
+    temperature: float = 0.0  # soft routing temperature; 0 = fitted on the selection split
+    alpha: float = -1.0  # final p ~ p_flat^alpha * p_hier^(1-alpha): 1 = the flat model, 0 = the hierarchy alone; -1 = chosen on the selection split
+    logit_adjust: Literal["auto", "off"] = (
+        "auto"  # auto: subtract tau * log(class prior), tau chosen on the selection split (0 allowed), for flat and hierarchy alike | off
+    )
 
 
 @dataclass
@@ -340,7 +344,12 @@ _RULES: dict[type, dict[str, Any]] = {
         "max_fit_samples": _range(10),
     },
     ExpertsConfig: {"oof_folds": _range(2, 20), "min_count": _range(1)},
-    RouterConfig: {"temperature": _range(0)},
+    RouterConfig: {
+        "temperature": _range(0),
+        "alpha": lambda v: (
+            None if v == -1 or 0 <= v <= 1 else "must be in [0, 1], or -1 (chosen on the selection split)"
+        ),
+    },
 }
 for _cls in _RULES:
     for _name, _hint in typing.get_type_hints(_cls).items():

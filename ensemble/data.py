@@ -10,7 +10,10 @@ label          class index in :data:`CLASSES` order (int)
 valence        in [-1, 1]; measured (AffectNet) or derived from the label distribution
 arousal        in [-1, 1]
 va_source      "measured" | "derived"
-split          "train" | "val" | "test"
+split          "train" | "val" (the selection split: every choice a run makes is made on it;
+               held out of train, seeded and stratified, where the data set has none) |
+               "valid" | "test" (test splits: nothing is tuned on them; "valid" is FER+'s
+               FER2013Valid, reported beside FER2013Test)
 vote_<class>   the 8-class label distribution for vote-labelled data (FER+); NaN otherwise
 =============  =====================================================================
 
@@ -43,12 +46,17 @@ from .classes import (  # noqa: F401  (re-exported: the manifest speaks in these
 from .config import FORMATS
 from .errors import UserError
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "valid", "test")
+SELECTION_SPLIT = "val"
+#: Splits that only report: no epoch, router mode, temperature, weight or threshold is chosen on them.
+TEST_SPLITS = ("valid", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 # FER+ label.csv vote order (after file and box)
 FERPLUS_VOTES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt", "unknown", "NF")
-FERPLUS_SPLITS = {"FER2013Train": "train", "FER2013Valid": "val", "FER2013Test": "test"}
+# FER2013Valid is a test split here (the selection split is held out of FER2013Train): the
+# FER+ paper tuned on it, we report on it
+FERPLUS_SPLITS = {"FER2013Train": "train", "FER2013Valid": "valid", "FER2013Test": "test"}
 AFFECTNET_COLUMNS = [
     "subDirectory_filePath",
     "face_x",

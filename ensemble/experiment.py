@@ -10,7 +10,7 @@ import pandas as pd
 
 from .artifacts import check_output_dir
 from .config import Config, save_config
-from .data import load_dataset
+from .data import SELECTION_SPLIT, TEST_SPLITS, load_dataset
 from .locks import lock_run
 from .prepare import ImageSource, load_images
 from .runtime import Runtime, runtime
@@ -27,6 +27,12 @@ class Experiment:
     def idx(self, split: str) -> np.ndarray:
         """Manifest positions of a split's faces (empty when the split is absent)."""
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
+
+    def eval_splits(self) -> list[str]:
+        """The selection split and every test split present: what a stage reports its metrics on
+        (the test figures are information only; nothing is chosen on them)."""
+        present = set(self.manifest["split"])
+        return [s for s in (SELECTION_SPLIT, *TEST_SPLITS) if s in present]
 
 
 def open_experiment(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CLASSES
+from .data import SELECTION_SPLIT, TEST_SPLITS
 from .files import write_json
 from .metrics import classification_metrics, regression_metrics
 from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
@@ -19,8 +20,9 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dic
     """Score every model on one split; write report.md, metrics.csv, confusion PNGs."""
     idx = exp.idx(split)
     if len(idx) == 0:
-        fallback = "val"
-        log(f"compare: no {split} split in this data set; using {fallback}")
+        fallback = next((s for s in (*TEST_SPLITS, SELECTION_SPLIT) if len(exp.idx(s))), SELECTION_SPLIT)
+        note = " (the selection split: every choice was made on it, so the figures are optimistic)"
+        log(f"compare: no {split} split in this data set; using {fallback}" + (note if fallback == "val" else ""))
         split, idx = fallback, exp.idx(fallback)
     idx = idx[exp.images.ok[idx]]
     out = Path(out) if out else exp.run / "reports"

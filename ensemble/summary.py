@@ -52,7 +52,7 @@ def summarize(cfg, verify: bool = True) -> dict:
             "va": per_class,
             "va_source": sorted(g["va_source"].unique().tolist()),
         }
-    order = [s for s in ("train", "val", "test") if s in splits]
+    order = [s for s in ("train", "val", "valid", "test") if s in splits]
     for s in order:
         splits[s]["dropped"] = dict(by_split.get(s, {}))
         splits[s]["n_dropped"] = int(sum(by_split.get(s, Counter()).values()))

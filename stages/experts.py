@@ -216,12 +216,16 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
         writer.publish({"stage": f"expert{r}", "task": "constant", "classes": names, "region": r})
         log(f"expert {r}: one class ({names[0]}), no network")
         return {"region": r, "classes": names, "constant": True}
-    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    tr, vi = exp.idx("train"), exp.idx("val")
     labels = exp.manifest["label"].to_numpy()
     local = {c: i for i, c in enumerate(cls)}
-    to_local = np.vectorize(local.get)
+
+    def to_local(y):
+        return np.array([local[int(c)] for c in y], dtype=int)
+
     t_idx, v_idx = tr[region["train_pos"]], vi[region["val_pos"]]
-    te_idx = te[np.isin(labels[te], cls)]
+    # information only: the test splits' faces of the expert's classes
+    tests = {s: exp.idx(s)[np.isin(labels[exp.idx(s)], cls)] for s in exp.eval_splits() if s != "val"}
     if len(t_idx) == 0:
         raise UserError(f"expert {r}: no training faces in its neighborhood")
     data = StageData(
@@ -229,7 +233,7 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
         t_idx,
         to_local(labels[t_idx]),
         v_idx,
-        to_local(labels[v_idx]) if len(v_idx) else np.zeros(0, int),
+        to_local(labels[v_idx]),
         names,
     )
     log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
@@ -242,7 +246,7 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
         exp.run,
         exp.rt,
         resume,
-        {"val": (v_idx, data.val_y), "test": (te_idx, to_local(labels[te_idx]) if len(te_idx) else np.zeros(0, int))},
+        {"val": (v_idx, data.val_y), **{s: (idx, to_local(labels[idx])) for s, idx in tests.items()}},
         extra_meta={"region": r, "train_on": exp.cfg.experts.train_on},
         log=log,
         fingerprint_extra={

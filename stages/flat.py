@@ -20,10 +20,10 @@ def soft_targets(manifest) -> np.ndarray:
 
 
 def fit_flat(exp, resume: bool = False, log=print) -> dict:
-    """Train the flat classifier; select on validation balanced accuracy; write ``RUN/flat``."""
+    """Train the flat classifier; select on the selection split's balanced accuracy; write ``RUN/flat``."""
     cfg = exp.cfg.for_stage("flat")
     y = exp.manifest["label"].to_numpy()
-    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    tr, vi = exp.idx("train"), exp.idx("val")
     data = StageData(exp.images, tr, y[tr], vi, y[vi], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
     return train_network(
         "flat",
@@ -34,6 +34,6 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
         exp.run,
         exp.rt,
         resume,
-        {"val": (vi, y[vi]), "test": (te, y[te])},
+        {s: (exp.idx(s), y[exp.idx(s)]) for s in exp.eval_splits()},
         log=log,
     )

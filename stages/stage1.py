@@ -19,7 +19,7 @@ def fit_stage1(exp, resume: bool = False, log=print) -> dict:
     """Train stage 1 on the training split; select on validation CCC; write ``RUN/stage1``."""
     cfg = exp.cfg.for_stage("stage1")
     y = va_targets(exp.manifest)
-    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    tr, vi = exp.idx("train"), exp.idx("val")
     data = StageData(exp.images, tr, y[tr], vi, y[vi])
     return train_network(
         "stage1",
@@ -30,6 +30,6 @@ def fit_stage1(exp, resume: bool = False, log=print) -> dict:
         exp.run,
         exp.rt,
         resume,
-        {"val": (vi, y[vi]), "test": (te, y[te])},
+        {s: (exp.idx(s), y[exp.idx(s)]) for s in exp.eval_splits()},
         log=log,
     )

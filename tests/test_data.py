@@ -228,9 +228,11 @@ def test_ferplus(tmp_path):
     root = build_ferplus(tmp_path / "ferplus")
     ds = load_dataset(dcfg("ferplus", root))
     df = ds.manifest
-    assert set(df["split"]) == {"train", "val"}  # no FER2013Test: simply absent
+    # FER2013Valid is a test split; one face per class is too few to hold a selection split out
+    # of; no FER2013Test: simply absent
+    assert set(df["split"]) == {"train", "valid"}
     assert counts(df, "train") == {"neutral": 1, "sad": 1, "contempt": 1}
-    assert counts(df, "val") == {"surprise": 1}
+    assert counts(df, "valid") == {"surprise": 1}
     assert dict(ds.dropped) == {"tied top vote": 1, "top vote unknown or not a face": 2, "bad vote counts": 3}
     assert np.allclose(df[VOTE_COLUMNS].sum(axis=1), 1.0)
 
@@ -307,7 +309,7 @@ def test_real_ferplus_valid_counts(tmp_path):
     os.symlink(SHARED_FERPLUS / "FER2013Valid", root / "FER2013Valid")  # skip the large train folder
     cfg = load_config(None, ["data.format=ferplus", f"data.root={json.dumps(str(root))}"])
     ds = load_dataset(cfg.data)
-    df = ds.manifest[ds.manifest["split"] == "val"]
+    df = ds.manifest[ds.manifest["split"] == "valid"]
     assert len(df) == len(ds.manifest)
     assert counts(df) == {
         "neutral": 1241,
