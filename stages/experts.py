@@ -29,6 +29,7 @@ from ensemble.errors import UserError
 from ensemble.files import atomic_write, swap_into_place, write_json
 from ensemble.tasks import CLASSIFY, VA_REGRESSION
 
+from .flat import ensure_flat_trunk
 from .neighborhoods import VANeighborhoods, membership, plot_va_map
 from .neural import build_stage_net, load_network, train_network
 from .stage1 import va_targets
@@ -276,6 +277,7 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
     if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true_va":
         raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
+    ensure_flat_trunk(exp, exp.cfg.for_stage("experts"), "experts", resume, log)
     final, staging = exp.run / "experts", _staging(exp.run)
     if exp.rt.is_main:
         if not resume:

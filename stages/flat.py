@@ -37,3 +37,15 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
         {s: (exp.idx(s), y[exp.idx(s)]) for s in exp.eval_splits()},
         log=log,
     )
+
+
+def ensure_flat_trunk(exp, stage_cfg, stage: str, resume: bool = False, log=print) -> None:
+    """The mission's order (fit-stage1, fit-experts, predict) on a fresh run: a stage that builds
+    on the flat model's trunk (``model.trunk_from = "flat"``) trains the flat model first when
+    the run has none, and says so."""
+    if stage_cfg.model.trunk_from == "flat" and not (exp.run / "flat" / "meta.json").is_file():
+        log(
+            f'{stage}: builds on the flat model\'s trunk (model.trunk_from = "flat") and {exp.run / "flat"} '
+            "has none: training the flat model first"
+        )
+        fit_flat(exp, resume, log)

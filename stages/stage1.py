@@ -7,6 +7,7 @@ import numpy as np
 from ensemble.engine import StageData
 from ensemble.tasks import VA_REGRESSION
 
+from .flat import ensure_flat_trunk
 from .neural import train_network
 
 
@@ -18,6 +19,7 @@ def va_targets(manifest) -> np.ndarray:
 def fit_stage1(exp, resume: bool = False, log=print) -> dict:
     """Train stage 1 on the training split; select on validation CCC; write ``RUN/stage1``."""
     cfg = exp.cfg.for_stage("stage1")
+    ensure_flat_trunk(exp, cfg, "stage1", resume, log)
     y = va_targets(exp.manifest)
     tr, vi = exp.idx("train"), exp.idx("val")
     data = StageData(exp.images, tr, y[tr], vi, y[vi])

@@ -56,3 +56,54 @@ def test_the_ferplus_config_follows_the_protocol():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "ferplus-cpu.toml")
     assert cfg.data.format == "ferplus" and cfg.data.val_fraction > 0
     assert cfg.router.alpha == -1 and cfg.router.logit_adjust == "auto"  # chosen on the selection split
+
+
+TINY = [
+    "data.format=synthetic",
+    "data.n_synthetic=240",
+    "data.synthetic_size=32",
+    "data.image_size=32",
+    "model.backbone=tinyvgg",
+    "model.hidden=32",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "experts.min_count=5",
+]
+
+
+def _cli(argv, capsys):
+    from ensemble.cli import main
+
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_the_missions_order_trains_the_flat_trunk_first_and_says_so(tmp_path, capsys):
+    """fit-stage1, then fit-experts, then predict, on a fresh run whose stages build on the flat trunk."""
+    cfg = tmp_path / "mission.toml"
+    cfg.write_text(
+        '[experts]\ntrain_on = "true_va"\n\n[experts.model]\ntrunk_from = "flat"\n\n[stage1.model]\ntrunk_from = "flat"\n'
+    )
+    run = tmp_path / "run"
+    sets = [a for s in [*TINY, f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"] for a in ("--set", s)]
+    code, out, err = _cli(["fit-stage1", "--config", str(cfg), "--out", str(run), *sets], capsys)
+    assert code == 0, err
+    said = [line for line in (out + err).splitlines() if "training the flat model first" in line]
+    assert len(said) == 1 and 'trunk_from = "flat"' in said[0]
+    assert (run / "flat" / "meta.json").is_file() and (run / "stage1" / "meta.json").is_file()
+    code, out, err = _cli(["fit-experts", "--config", str(cfg), "--out", str(run), *sets], capsys)
+    assert code == 0, err
+    assert "training the flat model first" not in out + err  # it is there now
+    face = write_image(tmp_path / "face.png", size=(32, 32), seed=3)
+    code, out, err = _cli(["predict", str(face), "--run", str(run), "--no-detect", "--json"], capsys)
+    assert code == 0, err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["emotion"] in CLASS_INDEX and "neighborhood" in rec
