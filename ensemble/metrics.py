@@ -65,3 +65,40 @@ def regression_metrics(true_va, pred_va) -> dict:
         out[f"pcc_{name}"] = pcc(t[:, j], p[:, j])
         out[f"sagr_{name}"] = float(np.mean(np.sign(t[:, j]) == np.sign(p[:, j]))) if len(t) else float("nan")
     return out
+
+
+def paired_bootstrap(y_true, pred_base, pred_new, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Paired bootstrap of ``pred_new`` − ``pred_base`` on the same faces: the difference in
+    accuracy and in balanced accuracy (mean recall over the classes present in each resample),
+    its value on all faces (``diff``) and the ``level`` percentile interval (``low``, ``high``)
+    over ``n_resamples`` resamples of the faces (seeded)."""
+    y = np.asarray(y_true, int)
+    n = len(y)
+    out: dict = {"n_resamples": int(n_resamples), "seed": int(seed), "level": float(level)}
+    if n == 0:
+        for name in ("accuracy", "balanced_accuracy"):
+            out[name] = {"diff": float("nan"), "low": float("nan"), "high": float("nan")}
+        return out
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((n_resamples + 1, n))  # row 0: every face once; then how often each face is drawn
+    weights[0] = 1.0
+    rows = np.repeat(np.arange(1, n_resamples + 1), n)
+    np.add.at(weights, (rows, rng.integers(0, n, size=n_resamples * n)), 1.0)
+    onehot = np.eye(int(y.max()) + 1)[y]  # (faces, classes)
+    support = weights @ onehot  # (1 + resamples, classes)
+    present = support > 0
+
+    def both(pred) -> tuple[np.ndarray, np.ndarray]:  # accuracy, balanced accuracy per row of weights
+        right = (np.asarray(pred, int) == y).astype(float)
+        recall = np.divide(weights @ (onehot * right[:, None]), support, out=np.zeros_like(support), where=present)
+        return (weights @ right) / weights.sum(axis=1), recall.sum(axis=1) / present.sum(axis=1)
+
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    for name, base, new in zip(("accuracy", "balanced_accuracy"), both(pred_base), both(pred_new)):
+        d = new - base
+        out[name] = {
+            "diff": float(d[0]),
+            "low": float(np.percentile(d[1:], lo)),
+            "high": float(np.percentile(d[1:], hi)),
+        }
+    return out

@@ -209,7 +209,29 @@ class HierarchicalPredictor(_Base):
         if mode not in ("hard", "soft"):
             raise UserError(f"router must be hard or soft, got {mode!r}")
         post = RegionPosterior(nbh, rinfo.get("temperature", DEFAULT_TEMPERATURE))
-        net = HierarchyNet(trunks, stage1.head, s1_key, heads, keys, classes, post, mode)
+        flat_head, flat_key = None, None
+        if rinfo.get("alpha"):  # the flat model is mixed in (ensemble.combine): the one it was chosen with
+            flat, mf = load_network(run / "flat", run, sources)
+            if mf["files"]["weights.pt"] != rinfo.get("flat_weights_sha256") or mf["input_size"] != m1["input_size"]:
+                raise UserError(
+                    f"{run / 'flat'} is not the flat model the router was calibrated with (rerun ensemble fit-experts)"
+                )
+            flat_head, flat_key = flat.head, share(flat, mf)
+        net = HierarchyNet(
+            trunks,
+            stage1.head,
+            s1_key,
+            heads,
+            keys,
+            classes,
+            post,
+            mode,
+            flat_head=flat_head,
+            flat_trunk=flat_key,
+            alpha=rinfo.get("alpha", 0.0),
+            tau=rinfo.get("tau", 0.0),
+            log_prior=rinfo.get("log_prior"),
+        )
         return cls(net, nbh, m1, rinfo, device)
 
     @torch.no_grad()
@@ -221,14 +243,22 @@ class HierarchicalPredictor(_Base):
             vas.append(va.cpu().numpy())
             eps.append(ep.cpu().numpy())
         if not vas:
-            return np.zeros((0, 2), np.float32), np.zeros((len(self.net.expert_heads), 0, len(CLASSES)), np.float32)
+            rows = len(self.net.expert_heads) + (self.net.flat_head is not None)
+            return np.zeros((0, 2), np.float32), np.zeros((rows, 0, len(CLASSES)), np.float32)
         return np.concatenate(vas), np.concatenate(eps, axis=1)
 
     @torch.no_grad()
     def route(
-        self, va: np.ndarray, expert_probs: np.ndarray, mode: str | None = None, true_va: np.ndarray | None = None
+        self,
+        va: np.ndarray,
+        expert_probs: np.ndarray,
+        mode: str | None = None,
+        true_va: np.ndarray | None = None,
+        final: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Final (n, 8) probabilities and region weights (n, k) under a router mode."""
+        """Final (n, 8) probabilities and region weights (n, k) under a router mode; ``expert_probs``
+        as :meth:`parts_from_input` gives them. ``final=False``: the hierarchy alone, without the
+        flat model's share or the logit adjustment the run chose."""
         mode = mode or self.mode
         if mode not in MODES:
             raise UserError(f"router must be one of {', '.join(MODES)}, got {mode!r}")
@@ -240,7 +270,10 @@ class HierarchicalPredictor(_Base):
             ).float()
         else:
             w = self.net.weights(torch.as_tensor(va, dtype=torch.float32, device=self.device), mode).cpu()
-        p = HierarchyNet.mix(w, torch.as_tensor(expert_probs, dtype=torch.float32))
+        ep, pf = self.net.split(torch.as_tensor(expert_probs, dtype=torch.float32))
+        p = HierarchyNet.mix(w, ep)
+        if final:
+            p = self.net.finish(p, pf)
         return p.numpy(), w.numpy()
 
     def predict(self, images, router: str | None = None) -> dict:

@@ -8,16 +8,20 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CLASSES
+from .combine import final_proba
 from .data import SELECTION_SPLIT, TEST_SPLITS
 from .files import write_json
-from .metrics import classification_metrics, regression_metrics
+from .metrics import classification_metrics, paired_bootstrap, regression_metrics
 from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
 
-MODELS = ("flat", "hard", "soft", "oracle")
+#: flat; the hierarchy alone (hard, soft, oracle routing); mixed: the run's router with the flat
+#: model's share α; +la: with the logit adjustment chosen for each (the run's final output: mixed+la)
+MODELS = ("flat", "hard", "soft", "oracle", "mixed", "flat+la", "mixed+la")
 
 
-def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dict:
-    """Score every model on one split; write report.md, metrics.csv, confusion PNGs."""
+def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resamples: int = 1000) -> dict:
+    """Score every model on one split, with paired bootstrap intervals of each hierarchy − flat;
+    write report.md, metrics.json, metrics.csv, confusion PNGs."""
     idx = exp.idx(split)
     if len(idx) == 0:
         fallback = next((s for s in (*TEST_SPLITS, SELECTION_SPLIT) if len(exp.idx(s))), SELECTION_SPLIT)
@@ -42,23 +46,42 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dic
     va, ep = np.concatenate(vas), np.concatenate(eps, axis=1)
     true_region = hier.nbh.predict(true_va)
     routing = {}
-    for mode in ("hard", "soft", "oracle"):
-        probs[mode], w = hier.route(va, ep, mode, true_va)
+    for mode in ("hard", "soft", "oracle"):  # the hierarchy alone
+        probs[mode], w = hier.route(va, ep, mode, true_va, final=False)
         routing[mode] = float((w.argmax(1) == true_region).mean())
+    # the run's final distribution (ensemble.combine), with and without the logit adjustment, and
+    # the flat model with its own adjustment: both chosen on the selection split
+    r = hier.router
+    alpha, tau, flat_tau, lp = r.get("alpha", 0.0), r.get("tau", 0.0), r.get("flat_tau", 0.0), r.get("log_prior")
+    probs["mixed"] = final_proba(probs[hier.mode], probs["flat"], alpha)
+    probs["flat+la"] = final_proba(probs["flat"], tau=flat_tau, log_prior=lp)
+    probs["mixed+la"] = final_proba(probs["mixed"], tau=tau, log_prior=lp)
+    routing["mixed"] = routing["mixed+la"] = routing[hier.mode]
     metrics = {m: classification_metrics(y, probs[m].argmax(1), CLASSES) for m in MODELS}
+    pred = {m: probs[m].argmax(1) for m in MODELS}
+    vs_flat = {
+        m: {"baseline": base, **paired_bootstrap(y, pred[base], pred[m], n_resamples=n_resamples, seed=0)}
+        for m, base in (("hard", "flat"), ("soft", "flat"), ("mixed", "flat"), ("mixed+la", "flat+la"))
+    }
     stage1 = regression_metrics(true_va, va)
     result = {
         "split": split,
         "n": int(len(idx)),
         "router_default": hier.mode,
+        "alpha": alpha,
+        "tau": tau,
+        "flat_tau": flat_tau,
         "models": metrics,
         "routing_accuracy": routing,
+        "vs_flat": vs_flat,
         "stage1": stage1,
     }
     write_json(out / "metrics.json", result)
     _write_csv(out / "metrics.csv", metrics, routing)
     for m in MODELS:
-        _plot_confusion(np.array(metrics[m]["confusion"]), f"{m} ({split})", out / f"confusion_{m}.png")
+        _plot_confusion(
+            np.array(metrics[m]["confusion"]), f"{m} ({split})", out / f"confusion_{m.replace('+', '_')}.png"
+        )
     (out / "report.md").write_text(render_report(result, exp.run))
     log(summary_table(result))
     log(f"report: {out / 'report.md'}")
@@ -93,13 +116,32 @@ def summary_table(result: dict) -> str:
             f"{_pct(result['routing_accuracy'].get(m)):>7}  "
             + " ".join(f"{_pct(r['per_class_recall'][c]):>7}" for c in CLASSES)
         )
+    lines += _interval_lines(result)
     s = result["stage1"]
     lines.append(
         f"stage 1: RMSE valence {s['rmse_valence']:.3f} arousal {s['rmse_arousal']:.3f}, "
         f"CCC valence {s['ccc_valence']:.3f} arousal {s['ccc_arousal']:.3f}; "
-        f"default router: {result['router_default']}"
+        f"default router: {result['router_default']}, flat weight alpha {result['alpha']:g}, "
+        f"logit adjustment tau {result['tau']:g} (flat: {result['flat_tau']:g})"
     )
     return "\n".join(lines)
+
+
+def _interval_lines(result: dict) -> list[str]:
+    """Each hierarchy − its flat baseline, in points, with the paired bootstrap interval."""
+    any_ = next(iter(result["vs_flat"].values()))
+    lines = [
+        f"hierarchy - flat, points, paired bootstrap {100 * any_['level']:.0f}% ({any_['n_resamples']} resamples):"
+    ]
+    for m, b in result["vs_flat"].items():
+        lines.append(
+            f"  {m:<9} - {b['baseline']:<8} accuracy {_signed(b['accuracy'])}, balanced accuracy {_signed(b['balanced_accuracy'])}"
+        )
+    return lines
+
+
+def _signed(d: dict) -> str:
+    return f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
 def render_report(result: dict, run: Path) -> str:
@@ -122,6 +164,8 @@ def render_report(result: dict, run: Path) -> str:
             "",
             "Balanced accuracy is the mean per-class recall (the figure AffectNet results are compared on).",
             "`oracle` routes by the true valence/arousal: an upper bound, not a deployable model.",
+            "`hard`/`soft`/`oracle`: the hierarchy alone; `mixed`: the run's router with the flat model's share α;",
+            "`+la`: with post-hoc logit adjustment for class priors. `mixed+la` is what `ensemble predict` outputs.",
             "",
             "| model | accuracy % | balanced accuracy % | macro-F1 % | routing accuracy % |",
             "|---|---|---|---|---|",
@@ -137,9 +181,15 @@ def render_report(result: dict, run: Path) -> str:
             f"arousal {s['ccc_arousal']:.3f}; PCC {s['pcc_valence']:.3f} / {s['pcc_arousal']:.3f}; "
             f"SAGR {s['sagr_valence']:.3f} / {s['sagr_arousal']:.3f}.",
             "",
-            f"Default router (chosen on validation): **{result['router_default']}**.",
+            "## Hierarchy − flat (paired bootstrap)",
             "",
-            "Confusion matrices: " + ", ".join(f"`confusion_{m}.png`" for m in result["models"]),
+            *[f"    {line}" for line in _interval_lines(result)],
+            "",
+            f"Chosen on the selection split: router **{result['router_default']}**, flat weight "
+            f"α = {result['alpha']:g} (`mixed`), logit adjustment τ = {result['tau']:g} (`mixed+la`, the run's "
+            f"output) and τ = {result['flat_tau']:g} for the flat model (`flat+la`).",
+            "",
+            "Confusion matrices: " + ", ".join(f"`confusion_{m.replace('+', '_')}.png`" for m in result["models"]),
             "",
         ]
     )

@@ -5,7 +5,10 @@
 (the mixture posterior for ``gmm``, else softmax of negative squared distances to the
 centers with a temperature fitted on validation); classes outside an expert get zero from it.
 ``oracle``: the neighborhood of the *true* V/A, an upper bound for analysis.
-Final probabilities cover the 8 canonical classes and sum to 1.
+Final probabilities cover the 8 canonical classes and sum to 1; where the run chose them on the
+selection split, the flat model is mixed in (p ∝ p_flat^α · p_hier^(1−α)) and logits are
+adjusted for class priors (:mod:`ensemble.combine`), in the module itself so that an export
+carries them.
 
 Stages that share a trunk (same weights digest) run it once per image.
 """
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from .classes import CLASSES
+from .combine import final_proba
 
 MODES = ("hard", "soft", "oracle")
 
@@ -62,6 +66,11 @@ class HierarchyNet(nn.Module):
         expert_classes: list[list[int]],
         posterior: RegionPosterior,
         mode: str = "soft",
+        flat_head: nn.Module | None = None,
+        flat_trunk: str | None = None,
+        alpha: float = 0.0,
+        tau: float = 0.0,
+        log_prior=None,
     ):
         super().__init__()
         self.trunks = nn.ModuleDict(trunks)
@@ -79,9 +88,14 @@ class HierarchyNet(nn.Module):
             self.register_buffer(f"map{i}", m)
         self.posterior = posterior
         self.mode = mode
+        # the final distribution (ensemble.combine): the flat model's head runs only when alpha > 0
+        self.flat_head, self.flat_trunk = (flat_head, flat_trunk) if alpha else (None, None)
+        self.alpha, self.tau = float(alpha), float(tau)
+        self.register_buffer("log_prior", torch.as_tensor(log_prior if tau else [0.0] * len(CLASSES)).float())
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """V/A (n, 2) and every expert's canonical probabilities (k, n, 8)."""
+        """V/A (n, 2) and every expert's canonical probabilities (k, n, 8), then the flat model's
+        as row k when it is mixed in (:meth:`split` tells them apart)."""
         feats = {key: trunk(x) for key, trunk in self.trunks.items()}
         va = torch.clamp(self.stage1_head(feats[self.stage1_trunk]).float(), -1, 1)
         probs = []
@@ -92,7 +106,18 @@ class HierarchyNet(nn.Module):
             else:
                 p = torch.softmax(head(feats[self.expert_trunks[i]]).float(), dim=1) @ m
             probs.append(p)
+        if self.flat_head is not None:
+            probs.append(torch.softmax(self.flat_head(feats[self.flat_trunk]).float(), dim=1))
         return va, torch.stack(probs)
+
+    def split(self, parts_probs):
+        """:meth:`parts`' probabilities as (experts' (k, n, 8), the flat model's (n, 8) or None)."""
+        k = len(self.expert_heads)
+        return parts_probs[:k], (parts_probs[k] if len(parts_probs) > k else None)
+
+    def finish(self, p_hier, p_flat=None):
+        """The final distribution from the hierarchy's (n, 8) (and the flat model's, when mixed in)."""
+        return final_proba(p_hier, p_flat, self.alpha if p_flat is not None else 0.0, self.tau, self.log_prior)
 
     def weights(self, va: torch.Tensor, mode: str) -> torch.Tensor:
         post = self.posterior(va)
@@ -106,9 +131,10 @@ class HierarchyNet(nn.Module):
         return p / p.sum(1, keepdim=True).clamp_min(1e-12)
 
     def forward(self, x: torch.Tensor):
-        va, ep = self.parts(x)
+        va, probs = self.parts(x)
+        ep, pf = self.split(probs)
         w = self.weights(va, self.mode)
-        return self.mix(w, ep), va, w
+        return self.finish(self.mix(w, ep), pf), va, w
 
 
 def fit_temperature(posterior: RegionPosterior, va_pred: np.ndarray, true_region: np.ndarray) -> float:

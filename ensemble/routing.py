@@ -1,4 +1,4 @@
-"""``fit-experts`` whole: neighborhoods, one expert each, then the router calibrated on validation.
+"""``fit-experts`` whole: neighborhoods, one expert each, then the router calibrated on the selection split.
 
 The CLI, the demo and the benchmarks call :func:`fit_experts_and_router`; the router is part of
 the step that trains the experts it routes to, so no caller can forget it.
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .artifacts import StageWriter
+from .artifacts import StageWriter, read_meta
 from .classes import CLASSES
+from .combine import choose_alpha, choose_tau, final_proba, log_prior
 from .config import DEFAULT_TEMPERATURE
 from .errors import UserError
 from .metrics import classification_metrics
-from .predictors import HierarchicalPredictor, uint8_to_input
+from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
 from .router import fit_temperature
 
 
@@ -36,50 +37,96 @@ def fit_experts_and_router(exp, resume: bool = False, log=print) -> dict:
 
 
 def calibrate_router(exp, log=print) -> dict:
-    """Pick the router mode and the soft router's temperature on validation; write ``RUN/router``.
+    """Make the router's choices on the selection split (``val``, never a test split); write ``RUN/router``.
 
-    ``router.temperature`` (when not 0) is used as given, else it is fitted on validation;
-    ``router.mode`` is used as given, and ``auto`` picks the better on validation. Without
-    validation faces nothing can be fitted or compared: the configured temperature (else the
-    default) and mode (``auto``: soft) are recorded, and the log says so."""
+    In order: the soft router's temperature (``router.temperature`` when not 0, else fitted), the
+    mode (``router.mode``; ``auto`` picks the better), the flat model's weight α in the final
+    distribution (``router.alpha``; -1: chosen, ties to the flat model) and the logit adjustment
+    τ (``router.logit_adjust = "auto"``: chosen, for the hierarchy and, separately, for the flat
+    model; ties to none). Without selection faces nothing can be fitted or compared: the
+    configured values (else the defaults: soft, α = 0, τ = 0) are recorded, and the log says so."""
+    import shutil
+
     from stages.experts import neighborhoods_sha
 
+    shutil.rmtree(exp.run / "router", ignore_errors=True)  # rewritten below; never read while being chosen
     hp = HierarchicalPredictor.load(exp.run, router="soft", device=str(exp.rt.device))
     vi = exp.idx("val")
     ok = exp.images.ok[vi]
     vi = vi[ok]
     rc = exp.cfg.router
+    labels = exp.manifest["label"].to_numpy()
+    has_flat = (exp.run / "flat" / "meta.json").is_file()
     result = {
         "mode": "soft",
         "temperature": hp.net.posterior.temperature,
         "val": {},
         "neighborhoods_sha256": neighborhoods_sha(exp.run / "neighborhoods"),
+        "alpha": 0.0,
+        "tau": 0.0,
+        "flat_tau": 0.0,
+        "log_prior": log_prior(labels[exp.idx("train")], len(CLASSES)).tolist(),
     }
+    if has_flat:
+        result["flat_weights_sha256"] = read_meta(exp.run / "flat", "flat")["files"]["weights.pt"]
     if len(vi) == 0:
         result["temperature"] = rc.temperature or DEFAULT_TEMPERATURE
         result["mode"] = "soft" if rc.mode == "auto" else rc.mode
+        result["alpha"] = rc.alpha if rc.alpha > 0 and has_flat else 0.0
         log(
             f"router: no validation faces, nothing to fit or compare: {result['mode']} routing, temperature "
-            f"{result['temperature']:g} ({'router.temperature' if rc.temperature else 'the default'})"
+            f"{result['temperature']:g} ({'router.temperature' if rc.temperature else 'the default'}), "
+            f"flat weight {result['alpha']:g}, no logit adjustment"
         )
     else:
-        x = uint8_to_input(np.stack([exp.images.get(int(i)) for i in vi]), hp.mean, hp.std)
-        va, ep = hp.parts_from_input(x)
+        faces = np.stack([exp.images.get(int(i)) for i in vi])
+        va, ep = hp.parts_from_input(uint8_to_input(faces, hp.mean, hp.std))
         true_va = exp.manifest[["valence", "arousal"]].to_numpy()[vi]
         if rc.temperature:  # as configured, and the soft router is compared with it
             hp.net.posterior.temperature = result["temperature"] = rc.temperature
         else:
             result["temperature"] = fit_temperature(hp.net.posterior, va, hp.nbh.predict(true_va))
-        y = exp.manifest["label"].to_numpy()[vi]
+        y = labels[vi]
         for mode in ("hard", "soft"):
-            p, _ = hp.route(va, ep, mode)
+            p, _ = hp.route(va, ep, mode, final=False)
             result["val"][mode] = classification_metrics(y, p.argmax(1), CLASSES)["balanced_accuracy"]
         result["mode"] = max(("hard", "soft"), key=lambda m: result["val"][m]) if rc.mode == "auto" else rc.mode
         log(
             f"router: validation balanced accuracy hard {result['val']['hard']:.4f}, soft {result['val']['soft']:.4f}"
             f" (T={result['temperature']:.3g}) -> {result['mode']}"
         )
+        _choose_final(exp, result, faces, y, hp.route(va, ep, result["mode"], final=False)[0], has_flat, log)
     writer = StageWriter(exp.run / "router")
     writer.json("router.json", result)
     writer.publish({"stage": "router", **result})
     return result
+
+
+def _choose_final(exp, result: dict, faces: np.ndarray, y: np.ndarray, p_hier: np.ndarray, has_flat: bool, log) -> None:
+    """α (the flat model's weight) and then τ (logit adjustment) on the selection faces, into ``result``."""
+    rc = exp.cfg.router
+    p_flat = None
+    if has_flat:
+        flat = FlatPredictor.load(exp.run, device=str(exp.rt.device))
+        p_flat = flat.proba_from_input(uint8_to_input(faces, flat.mean, flat.std))
+    if p_flat is None:
+        if rc.alpha > 0:
+            log(f"router: router.alpha = {rc.alpha:g} but the run has no flat model to mix in: the hierarchy alone")
+    elif rc.alpha == -1:
+        result["alpha"], scores = choose_alpha(y, p_flat, p_hier)
+        result["val_alpha"] = scores
+    else:
+        result["alpha"] = rc.alpha
+    p = final_proba(p_hier, p_flat, result["alpha"])
+    if rc.logit_adjust == "auto":
+        lp = np.array(result["log_prior"])
+        result["tau"], result["val_tau"] = choose_tau(y, p, lp)
+        if p_flat is not None:
+            result["flat_tau"], result["val_flat_tau"] = choose_tau(y, p_flat, lp)
+    final = classification_metrics(
+        y, final_proba(p, tau=result["tau"], log_prior=result["log_prior"]).argmax(1), CLASSES
+    )
+    log(
+        f"router: flat weight alpha {result['alpha']:g}, logit adjustment tau {result['tau']:g} "
+        f"(flat alone: tau {result['flat_tau']:g}) -> validation balanced accuracy {final['balanced_accuracy']:.4f}"
+    )

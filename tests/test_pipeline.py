@@ -203,10 +203,14 @@ def test_hierarchical_predictor(trained, router):
     assert out["neighborhood"].shape == (len(paths),) and set(out["neighborhood"].tolist()) <= set(range(k))
     assert out["region_weights"].shape == (len(paths), k)
     assert out["label"] == [CLASSES[i] for i in out["proba"].argmax(1)]
-    if hp.mode == "hard":  # only the chosen expert's classes can have probability
-        for p, r in zip(out["proba"], out["neighborhood"]):
+    if hp.mode == "hard":  # the hierarchy alone: only the chosen expert's classes have probability
+        va, ep = hp.parts_from_input(hp.preprocess(paths))
+        alone, w = hp.route(va, ep, final=False)
+        for p, r in zip(alone, w.argmax(1)):
             allowed = [CLASSES.index(c) for c in hp.expert_classes[r]]
             assert p[np.setdiff1d(np.arange(8), allowed)].sum() == 0
+        if not hp.net.alpha and not hp.net.tau:
+            np.testing.assert_allclose(alone, out["proba"], atol=1e-6)
 
 
 def test_hierarchical_predictor_bad_inputs(trained, tmp_path):
@@ -275,14 +279,15 @@ def test_compare_report(trained):
     rep = trained["run"] / "reports"
     assert (rep / "report.md").is_file()
     text = (rep / "report.md").read_text()
-    for model in ("flat", "hard", "soft", "oracle"):
+    models = ["flat", "hard", "soft", "oracle", "mixed", "flat+la", "mixed+la"]
+    for model in models:
         assert f"| {model} |" in text
-        assert (rep / f"confusion_{model}.png").is_file()
-        with Image.open(rep / f"confusion_{model}.png") as im:
+        assert (rep / f"confusion_{model.replace('+', '_')}.png").is_file()
+        with Image.open(rep / f"confusion_{model.replace('+', '_')}.png") as im:
             assert im.size[0] > 100
     with open(rep / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["model"] for r in rows] == ["flat", "hard", "soft", "oracle"]
+    assert [r["model"] for r in rows] == models
     assert rows[3]["routing_accuracy"] and float(rows[3]["routing_accuracy"]) == pytest.approx(1.0)  # oracle
     assert rows[0]["routing_accuracy"] == ""
     result = trained["compare"]
@@ -291,6 +296,22 @@ def test_compare_report(trained):
         assert float(r["balanced_accuracy"]) == pytest.approx(result["models"][r["model"]]["balanced_accuracy"])
     # the flat row is the flat model's own test score
     assert result["models"]["flat"]["accuracy"] == pytest.approx(trained["flat"]["test"]["accuracy"])
+    # the run's output is mixed+la: what the predictor gives
+    router = trained["router"]
+    assert (result["alpha"], result["tau"], result["flat_tau"]) == (router["alpha"], router["tau"], router["flat_tau"])
+    # paired bootstrap intervals of each hierarchy against its flat baseline, in the table and the report
+    for m, base in (("hard", "flat"), ("soft", "flat"), ("mixed", "flat"), ("mixed+la", "flat+la")):
+        b = result["vs_flat"][m]
+        assert b["baseline"] == base and b["n_resamples"] == 1000
+        for metric in ("accuracy", "balanced_accuracy"):
+            want = result["models"][m][metric] - result["models"][base][metric]
+            assert b[metric]["diff"] == pytest.approx(want)
+            assert b[metric]["low"] <= b[metric]["diff"] <= b[metric]["high"]
+    assert "paired bootstrap 95% (1000 resamples)" in text
+    saved = json.loads((rep / "metrics.json").read_text())
+    assert saved["vs_flat"]["soft"]["balanced_accuracy"]["low"] == pytest.approx(
+        result["vs_flat"]["soft"]["balanced_accuracy"]["low"]
+    )
 
 
 # --------------------------------------------------------------------------- ensemble predict
@@ -330,7 +351,7 @@ def test_cli_predict_good_and_broken_files(trained, tmp_path, capsys):
         # one expert per neighborhood: the record names the neighborhood and its expert's classes,
         # not a second copy of the neighborhood's number
         assert "expert" not in r and r["expert_classes"] == trained_experts_classes(trained)[r["neighborhood"]]
-        if trained["router"]["mode"] == "hard":  # the routed expert named the emotion
+        if trained["router"]["mode"] == "hard" and not trained["router"]["alpha"]:  # the routed expert named it
             assert r["emotion"] in r["expert_classes"]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert sorted(Path(e.split(": ")[1]).name for e in errors) == ["cut.png", "empty.jpg", "notes.png"]

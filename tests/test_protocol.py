@@ -4,6 +4,7 @@ data; FER2013Valid (``valid``) and FER2013Test (``test``) are test splits nothin
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_image
 
@@ -107,3 +108,67 @@ def test_the_missions_order_trains_the_flat_trunk_first_and_says_so(tmp_path, ca
     assert code == 0, err
     rec = json.loads(out.strip().splitlines()[-1])
     assert rec["emotion"] in CLASS_INDEX and "neighborhood" in rec
+
+
+def _selections(run: Path, cache: Path, poison: bool) -> dict:
+    """A tiny pipeline with test splits ``valid`` and ``test``; with ``poison`` their labels and
+    valence/arousal are scrambled. Returns every choice the run made, and its test figures."""
+    from ensemble.experiment import open_experiment
+    from ensemble.reports import compare
+    from ensemble.routing import fit_experts_and_router
+    from stages.flat import fit_flat
+    from stages.stage1 import fit_stage1
+
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "data.n_synthetic=600",
+            "train.epochs=4",
+            "train.lr=0.003",
+            "train.optimizer=adamw",
+            f"data.cache_dir={json.dumps(str(cache))}",
+            'experts.model.trunk_from="flat"',
+            'stage1.model.trunk_from="flat"',
+        ],
+    )
+    exp = open_experiment(cfg, run, log=lambda m: None, progress=False)
+    m = exp.manifest
+    te = np.flatnonzero(m["split"].to_numpy() == "test")
+    m.loc[te[::2], "split"] = "valid"
+    if poison:
+        rng = np.random.default_rng(7)
+        m.loc[te, "label"] = rng.integers(0, 8, len(te))
+        m.loc[te, ["valence", "arousal"]] = rng.uniform(-1, 1, (len(te), 2))
+    quiet = {"log": lambda m: None}
+    fit_flat(exp, **quiet)
+    fit_stage1(exp, **quiet)
+    fit_experts_and_router(exp, **quiet)
+    report = compare(exp, "valid", **quiet)
+
+    def read(*parts):
+        return json.loads(run.joinpath(*parts).read_text())
+
+    index = read("experts", "index.json")
+    return {
+        "choices": {
+            "best epochs": [read(s, "meta.json")["best_epoch"] for s in ("flat", "stage1")]
+            + [read("experts", str(e["region"]), "meta.json").get("best_epoch") for e in index["experts"]],
+            "neighborhoods": read("neighborhoods", "neighborhoods.json"),
+            "membership": index,
+            "router": read("router", "router.json"),  # mode, temperature, alpha, tau, flat tau, their scores
+            "flat on val": read("flat", "metrics.json")["val"],
+        },
+        "test": (read("flat", "metrics.json")["test"], report["models"]),
+    }
+
+
+@pytest.mark.slow
+def test_no_choice_reads_a_test_split(tmp_path):
+    """Scrambling the test splits' labels and valence/arousal changes the test figures and no choice."""
+    # one cache each: a run that finds features cached draws its random numbers in another order
+    clean = _selections(tmp_path / "clean", tmp_path / "cache-clean", poison=False)
+    poisoned = _selections(tmp_path / "poisoned", tmp_path / "cache-poisoned", poison=True)
+    assert clean["test"] != poisoned["test"]
+    for what in clean["choices"]:
+        assert clean["choices"][what] == poisoned["choices"][what], what
