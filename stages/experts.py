@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from sklearn.model_selection import KFold
 
-from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions
+from ensemble.artifacts import StageWriter, load_weights, read_meta, sha256_file, versions
 from ensemble.checkpoints import resume_fingerprint
 from ensemble.classes import CLASSES
-from ensemble.engine import StageData, fit, predict_outputs
+from ensemble.engine import StageData, evaluate, fit, predict_outputs
 from ensemble.errors import UserError
 from ensemble.files import atomic_write, swap_into_place, write_json
 from ensemble.tasks import CLASSIFY, VA_REGRESSION
@@ -188,12 +188,14 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
         cls = members[r]
         t = np.flatnonzero(in_tr[:, r] & np.isin(labels[tr], cls))
         v = np.flatnonzero(in_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
+        true_v = np.flatnonzero(true_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
         regions.append(
             {
                 "id": r,
                 "classes": cls,
                 "train_pos": t,
                 "val_pos": v,
+                "true_val_pos": true_v,  # the expert against the restricted flat model, inside its true neighborhood
                 "counts": {CLASSES[c]: int(counts[r, c]) for c in cls},
             }
         )
@@ -238,6 +240,8 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
         names,
     )
     log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
+    init_head = restricted_flat_head(exp.run, cfg, cls) if cfg.model.trunk_from == "flat" else None
+    eval_sets = {"val": (v_idx, data.val_y), **{s: (idx, to_local(labels[idx])) for s, idx in tests.items()}}
     metrics = train_network(
         f"expert{r}",
         CLASSIFY,
@@ -247,20 +251,88 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
         exp.run,
         exp.rt,
         resume,
-        {"val": (v_idx, data.val_y), **{s: (idx, to_local(labels[idx])) for s, idx in tests.items()}},
-        extra_meta={"region": r, "train_on": exp.cfg.experts.train_on},
+        eval_sets,
+        extra_meta={"region": r, "train_on": exp.cfg.experts.train_on, "init": "flat" if init_head else "fresh"},
         log=log,
         fingerprint_extra={
             "neighborhoods": region["neighborhoods_sha256"],
             "experts.train_on": exp.cfg.experts.train_on,
+            "experts.init": "flat" if init_head else "fresh",
         },
+        init_head=init_head,
     )
+    against = None
+    if init_head is not None and exp.rt.is_main:
+        true_v = vi[region["true_val_pos"]]
+        against = _keep_or_restricted_flat(
+            exp, out, r, names, init_head, true_v, to_local(labels[true_v]), eval_sets, log
+        )
+        metrics = json.loads((out / "metrics.json").read_text())
     return {
         "region": r,
         "classes": names,
         "constant": False,
         "val_balanced_accuracy": metrics.get("val", {}).get("balanced_accuracy"),
+        **({"true_neighborhood_val": against} if against else {}),
     }
+
+
+def restricted_flat_head(run: Path, cfg, classes: list[int]) -> dict | None:
+    """The flat model's head with only its output rows for ``classes``: a network that starts
+    exactly at "the flat model restricted to my classes" (softmax over those logits). None when
+    the expert's head (``model.head``, ``model.hidden``) differs from the flat model's."""
+    meta = read_meta(run / "flat", "flat (model.trunk_from)")
+    if (cfg.model.head, cfg.model.hidden) != (meta["head"], meta["hidden"]):
+        return None
+    head = {k[len("head.") :]: v for k, v in load_weights(run / "flat").items() if k.startswith("head.")}
+    *_, weight, bias = head  # the output layer's, last in the head
+    head[weight], head[bias] = head[weight][classes].clone(), head[bias][classes].clone()
+    return head
+
+
+def _keep_or_restricted_flat(exp, out: Path, r: int, names, init_head: dict, idx, y, eval_sets: dict, log) -> dict:
+    """Keep the trained expert only if it beats the flat model restricted to its classes on the
+    selection faces of its true neighborhood; else publish the restricted flat model as the
+    expert. Both figures go into the expert's metrics.json; returns them."""
+    trained, meta = load_network(out, exp.run)
+    mean, std = meta["mean"], meta["std"]
+    flat_r, _ = load_network(out, exp.run)
+    flat_r.head.load_state_dict(init_head)
+    if len(idx) == 0:
+        fig = {"n": 0, "expert": None, "restricted_flat": None, "kept": "expert"}
+        log(f"expert {r}: no selection faces in its true neighborhood to compare with the restricted flat model; kept")
+    else:
+        e, f = (evaluate(n, CLASSIFY, exp.images, idx, y, names, mean, std, exp.rt) for n in (trained, flat_r))
+        kept = "expert" if e["balanced_accuracy"] > f["balanced_accuracy"] else "restricted flat"
+        fig = {
+            "n": int(len(idx)),
+            "expert": e["balanced_accuracy"],
+            "restricted_flat": f["balanced_accuracy"],
+            "kept": kept,
+        }
+        log(
+            f"expert {r}: balanced accuracy in its true neighborhood (selection split) {e['balanced_accuracy']:.4f}, "
+            f"the flat model restricted to its classes {f['balanced_accuracy']:.4f} -> "
+            + ("the trained expert" if kept == "expert" else "the restricted flat model replaces it")
+        )
+    metrics = json.loads((out / "metrics.json").read_text())
+    if fig["kept"] == "restricted flat":
+        for split, (sidx, sy) in eval_sets.items():
+            if len(sidx):
+                metrics[split] = evaluate(flat_r, CLASSIFY, exp.images, sidx, sy, names, mean, std, exp.rt)
+    metrics["true_neighborhood_val_balanced_accuracy"] = fig
+    writer = StageWriter(out)
+    if fig["kept"] == "restricted flat":
+        writer.save_weights({f"head.{k}": v for k, v in init_head.items()})
+    else:
+        writer.copy(out / "weights.pt")
+    writer.copy(out / "config.json")
+    writer.copy(out / "history.csv")
+    writer.json("metrics.json", metrics)
+    writer.publish(
+        {k: v for k, v in meta.items() if k not in ("files", "versions", "git_commit")} | {"kept": fig["kept"]}
+    )
+    return fig
 
 
 def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resume: bool) -> list[dict]:

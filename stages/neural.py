@@ -68,8 +68,10 @@ def train_network(
     extra_meta: dict | None = None,
     log=print,
     fingerprint_extra: dict | None = None,
+    init_head: dict | None = None,
 ) -> dict:
     """Fit a stage, evaluate the best epoch on ``eval_sets`` ({split: (idx, y)}), publish ``out``.
+    ``init_head``: the head's starting weights (a state_dict of the head), else a fresh head.
 
     Returns the metrics written to ``metrics.json``.
     """
@@ -82,6 +84,8 @@ def train_network(
             f'{name}.model.trunk_from = "" or put trunk_from in the [stage1.model] / [experts.model] tables'
         )
     net, src_meta = build_stage_net(cfg, n_out, run)
+    if init_head is not None:
+        net.head.load_state_dict(init_head)
     check_input_size(net, cfg.data.image_size, src_meta.get("backbone", cfg.model.backbone))
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
