@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -156,6 +157,9 @@ class Config:
         return cfg
 
 
+#: more decoder processes than this is a typo, not a machine (``prepare --workers``, ``data.num_workers``)
+MAX_WORKERS = 256
+
 _SECTION_TYPES = {f.name: f.type for f in fields(Config)}
 
 
@@ -169,6 +173,9 @@ class _SetValue:
     def __init__(self, parsed: Any, raw: str):
         self.parsed, self.raw = parsed, raw
 
+    def __repr__(self) -> str:  # error messages show what the user typed
+        return self.raw.strip()
+
 
 def _check_value(value: Any, expected: Any, where: str) -> Any:
     if isinstance(value, _SetValue):
@@ -177,7 +184,9 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
         else:
             value = value.parsed
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key {where} = {value!r} must be a finite number")
     if expected is dict:
         if not isinstance(value, dict):
             raise UserError(f"config key {where}: expected a table, got {value!r}")
@@ -224,7 +233,7 @@ def _weights_table(v):
     for k, w in v.items():
         if problem := _unknown_class(k):
             return problem
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             return f"gives {k} the weight {w!r}; weights are numbers >= 0"
     return None
 
@@ -244,15 +253,15 @@ _RULES: dict[type, dict[str, Any]] = {
     DataConfig: {"format": _one_of(*FORMATS),
                  "image_size": _range(8, 4096), "max_samples": _range(0), "val_fraction": _range(0, 1, hi_open=True),
                  "prototypes": _prototypes_table, "n_synthetic": _range(80), "synthetic_size": _range(16, 1024),
-                 "cache": _one_of("auto", "disk", "none"), "num_workers": _range(0)},
+                 "cache": _one_of("auto", "disk", "none"), "num_workers": _range(0, MAX_WORKERS)},
     ModelConfig: {"head": _one_of("slim", "classic"), "hidden": _range(1), "dropout": _range(0, 1, hi_open=True),
                   "trunk_from": _one_of("", "flat", "stage1")},
     TrainConfig: {"epochs": _range(1), "batch_size": _range(1), "optimizer": _one_of("adam", "adamw", "sgd"),
                   "lr": _range(0, lo_open=True), "momentum": _range(0, 1, hi_open=True), "weight_decay": _range(0),
                   "schedule": _one_of("cosine", "step", "none"), "step_size": _range(1), "gamma": _range(0, lo_open=True),
-                  "warmup_epochs": _range(0), "patience": _range(0), "loss": _one_of("mse", "mse+ccc"),
+                  "warmup_epochs": _range(0, 1000), "patience": _range(0), "loss": _one_of("mse", "mse+ccc"),
                   "label_smoothing": _range(0, 1, hi_open=True), "crop_scale": _range(0, 0.5), "device": _device,
-                  "precision": _one_of("auto", "bf16", "fp16", "fp32"), "threads": _range(0),
+                  "precision": _one_of("auto", "bf16", "fp16", "fp32"), "threads": _range(0, 4096),
                   "max_minutes": _range(0), "transform_views": _range(1, 64)},
     BalanceConfig: {"mode": _one_of("none", "down", "up", "transform"), "cap": _range(1), "floor": _range(0),
                     "rotation": _range(0, 180), "weights": _one_of("none", "inverse", "sqrt_inverse", "explicit"),
