@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .metrics import classification_metrics, regression_metrics
+from .paths import make_dir
 
 
 class TrainingInterrupted(Exception):
@@ -402,7 +404,16 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
     ckpt_path = work_dir / "checkpoint.pt"
     fingerprint = resume_fingerprint(cfg, train_idx, val_idx, fingerprint_extra)
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:  # a truncated, pickled or foreign file is refused in one line; nothing in it runs
+            with warnings.catch_warnings():  # torch's notes on pickle protocols are not for this user
+                warnings.simplefilter("ignore")
+                ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or not isinstance(ck.get("fingerprint", {}), dict):
+                raise ValueError("not a checkpoint of this tool")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise UserError(f"{desc}: cannot resume from {ckpt_path}: not a readable checkpoint ({first}); "
+                            f"delete it, or run without --resume to start fresh") from None
         changed = [k for k in sorted(set(fingerprint) | set(ck.get("fingerprint", {})))
                    if fingerprint.get(k) != ck.get("fingerprint", {}).get(k)]
         if changed:
@@ -410,13 +421,18 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
             raise UserError(f"{desc}: cannot resume {ckpt_path}: the run was started with other settings: {shown}"
                             + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
                             + "; resume with the same config, or start afresh without --resume")
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        history, start_epoch, bad_epochs = ck["history"], ck["epoch"] + 1, ck["bad_epochs"]
-        best = {"metric": ck["best_metric"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
-        torch.set_rng_state(ck["rng_cpu"])
+        try:
+            net.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            history, start_epoch, bad_epochs = ck["history"], ck["epoch"] + 1, ck["bad_epochs"]
+            best = {"metric": ck["best_metric"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
+            torch.set_rng_state(ck["rng_cpu"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{desc}: cannot resume from {ckpt_path}: the checkpoint is damaged or incomplete "
+                            f"({type(exc).__name__}: {str(exc)[:100]}); delete it, or run without --resume "
+                            f"to start fresh") from None
         if rt.is_main:
             log(f"{desc}: resumed after epoch {ck['epoch'] + 1}")
     elif resume and rt.is_main:
@@ -615,7 +631,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
     from stages.backbones import state_digest
 
     root = Path(getattr(images, "cache_dir", "artifacts/cache")) / "features"
-    root.mkdir(parents=True, exist_ok=True)
+    make_dir(root, "data.cache_dir")
     frozen = net.trunk[:net.n_frozen_blocks]
     trunk_key = f"{state_digest(frozen)[:16]}-b{net.n_frozen_blocks}"
     out = []

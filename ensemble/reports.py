@@ -19,9 +19,18 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dic
     """Score every model on one split; write report.md, metrics.csv, confusion PNGs."""
     idx = exp.idx(split)
     if len(idx) == 0:
-        fallback = "val"
+        fallback = "val" if split == "test" else "test"
+        if len(exp.idx(fallback)) == 0:
+            from .errors import UserError
+
+            raise UserError(f"compare: the data set has neither a {split} nor a {fallback} split to score on "
+                            f"(set data.val_fraction, or add a {split} split)")
         log(f"compare: no {split} split in this data set; using {fallback}")
         split, idx = fallback, exp.idx(fallback)
+    if not exp.images.ok[idx].any():
+        from .errors import UserError
+
+        raise UserError(f"compare: none of the {len(idx)} {split} image(s) could be read")
     idx = idx[exp.images.ok[idx]]
     out = Path(out) if out else exp.run / "reports"
     out.mkdir(parents=True, exist_ok=True)
