@@ -409,8 +409,8 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                 warnings.simplefilter("ignore")
                 ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             if not isinstance(ck, dict) or not isinstance(ck.get("fingerprint", {}), dict):
-                raise ValueError("not a checkpoint of this tool")
-        except Exception as exc:
+                raise TypeError("not a checkpoint of this tool")
+        except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
             raise UserError(f"{desc}: cannot resume from {ckpt_path}: not a readable checkpoint ({first}); "
                             f"delete it, or run without --resume to start fresh") from None
