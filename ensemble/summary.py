@@ -48,13 +48,15 @@ def summarize(cfg, verify: bool = True) -> dict:
     for s in order:
         splits[s]["dropped"] = dict(by_split.get(s, {}))
         splits[s]["n_dropped"] = int(sum(by_split.get(s, Counter()).values()))
-    return {"format": cfg.data.format, "root": cfg.data.root, "splits": {s: splits[s] for s in order},
+    return {"format": cfg.data.format, "root": cfg.data.root, "notes": list(ds.notes),
+            "splits": {s: splits[s] for s in order},
             "dropped": dict(dropped), "n_dropped": int(sum(dropped.values())),
             "dropped_by_split": {s: dict(c) for s, c in by_split.items()}}
 
 
 def render_summary(result: dict) -> str:
     lines = [f"data set: {result['format']} {result['root']}".rstrip()]
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     head = f"{'class':<10}" + "".join(f"{s:>9}" for s in result["splits"])
     lines += ["", head, "-" * len(head)]
     for c in CLASSES:
