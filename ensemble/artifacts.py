@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .meta_schema import check_meta
 
 META = "meta.json"
 
@@ -135,8 +136,7 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{meta_file} is not valid JSON; the artifact is damaged") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
-        raise UserError(f"{meta_file} is not an artifact description; the artifact is damaged")
+    check_meta(meta, meta_file)  # before any listed file is touched
     listed = meta.get("files", {})
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.name != META and not f.name.startswith(".") and f.name not in listed:

@@ -53,6 +53,34 @@ def write_user_file(path: Path, write: Callable[[Path], None], what: str = "outp
     return path
 
 
+def not_regular(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file ("no such file", "a FIFO", …), or None for a regular file.
+    Only stat()s: a FIFO or a device is never opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "a broken link" if os.path.islink(path) else "no such file"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO, not a regular file"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return "a device, not a regular file"
+    return "not a regular file"
+
+
+def shown(path) -> str:
+    """A path for one line of text output: newlines and other control characters escaped."""
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def make_dir(path: Path, what: str) -> Path:
     """Create the folder ``path`` (and its parents) or say in one line why it cannot be."""
     path = Path(path)

@@ -17,11 +17,20 @@ import numpy as np
 import torch
 
 from ensemble.artifacts import StageWriter, load_weights, read_meta
+from ensemble.crop import training_crop
 from ensemble.engine import FitResult, StageData, evaluate, fit, predict_outputs, resume_fingerprint
 from ensemble.errors import UserError
 from ensemble.metrics import classification_metrics, regression_metrics
 
-from .backbones import EmotionNet, build_model, check_input_size, normalization, state_digest
+from .backbones import (
+    EmotionNet,
+    build_model,
+    check_input_size,
+    describe_trainable,
+    normalization,
+    state_digest,
+    trainable_counts,
+)
 
 
 def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
@@ -65,6 +74,10 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
                         f"{name}.model.trunk_from = \"\" or put trunk_from in the [stage1.model] / [experts.model] tables")
     net, src_meta = build_stage_net(cfg, n_out, run)
     check_input_size(net, cfg.data.image_size, src_meta.get("backbone", cfg.model.backbone))
+    counts = trainable_counts(net)
+    if rt.is_main:
+        trainable = "head" if cfg.model.trunk_from else cfg.model.trainable
+        log(f"{name}: model.trainable = {trainable!r}: {describe_trainable(counts)}")
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
         if src_meta["input_size"] != cfg.data.image_size:
@@ -111,6 +124,7 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
             "pretrained": cfg.model.pretrained, "trunk_from": cfg.model.trunk_from,
             "trunk_sha256": state_digest(net.trunk), "n_blocks": len(net.trunk),
             "seed": cfg.train.seed, "best_epoch": result.best_epoch, "n_train": int(len(data.train_idx)),
+            **counts, "crop": training_crop(data.images.boxes[i] for i in data.train_idx.tolist()),
             **(extra_meta or {}),
         }
         writer.publish(meta)

@@ -4,9 +4,7 @@ Every hostile file is built in tmp_path; no real device is ever opened or writte
 import math
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from ensemble.cli import main
 from ensemble.config import load_config
