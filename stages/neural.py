@@ -22,15 +22,8 @@ from ensemble.engine import FitResult, StageData, evaluate, fit, predict_outputs
 from ensemble.errors import UserError
 from ensemble.metrics import classification_metrics, regression_metrics
 
-from .backbones import (
-    EmotionNet,
-    build_model,
-    check_input_size,
-    describe_trainable,
-    normalization,
-    state_digest,
-    trainable_counts,
-)
+from .backbones import (EmotionNet, build_model, check_input_size, describe_trainable, normalization,
+                        state_digest, trainable_counts)
 
 
 def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
