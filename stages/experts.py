@@ -27,7 +27,7 @@ from ensemble.data import CLASSES
 from ensemble.engine import StageData, fit, predict_outputs, resume_fingerprint
 from ensemble.errors import UserError
 
-from .neighborhoods import VANeighborhoods, membership, plot_va_map
+from .neighborhoods import VANeighborhoods, complete_membership, membership, plot_va_map
 from .neural import build_stage_net, load_network, train_network
 from .stage1 import va_targets
 
@@ -159,14 +159,17 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
     counts = np.zeros((k, len(CLASSES)), np.int64)
     for r in range(k):
         np.add.at(counts[r], labels[tr][in_tr[:, r]], 1)
-    members = membership(counts, nbh.min_share, ec.min_count)
+    members, merged, notes = complete_membership(membership(counts, nbh.min_share, ec.min_count), counts,
+                                                 nbh.centers_, CLASSES)
+    for note in notes:
+        log(note)
     regions = []
     for r in range(k):
-        cls = members[r]
-        t = np.flatnonzero(in_tr[:, r] & np.isin(labels[tr], cls))
-        v = np.flatnonzero(in_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
+        cls, src = members[r], merged.get(r, r)  # a merged neighborhood learns from its target's faces
+        t = np.flatnonzero(in_tr[:, src] & np.isin(labels[tr], cls))
+        v = np.flatnonzero(in_vi[:, src] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
         regions.append({"id": r, "classes": cls, "train_pos": t, "val_pos": v,
-                        "counts": {CLASSES[c]: int(counts[r, c]) for c in cls}})
+                        "counts": {CLASSES[c]: int(counts[src, c]) for c in cls}})
     return {"train_on": ec.train_on, "regions": regions}
 
 
