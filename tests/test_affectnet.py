@@ -205,3 +205,52 @@ def test_a_float_image_of_unknown_range_is_refused_by_name(values, tmp_path):
     Image.fromarray(arr, "F").save(tmp_path / "f.tif")
     with pytest.raises(ImageError, match="float image"):
         open_image(tmp_path / "f.tif")
+
+
+# --------------------------------------------------------------------------- item 1: the report's experiments
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {  # config -> (optimizer, balance.mode, balance.weights, the report's figure)
+    "affectnet-adam-baseline": ("adam", "none", "none", "48%"),
+    "affectnet-upsample-20k": ("adam", "transform", "none", "50%"),
+    "affectnet-sgd-weighted": ("sgd", "none", "inverse", "55%"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_the_report_experiments_are_configs_that_say_what_they_reproduce(name):
+    optimizer, mode, weights, figure = RECIPES[name]
+    cfg = load_config(REPO / "configs" / f"{name}.toml")
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.trainable, cfg.model.head) == (
+        "vgg16", "imagenet", "block3", "classic")
+    assert (cfg.train.optimizer, cfg.balance.mode, cfg.balance.weights) == (optimizer, mode, weights)
+    assert cfg.data.format == "affectnet" and cfg.data.image_size == 224
+    if mode == "transform":
+        assert cfg.balance.cap == 20000
+    if optimizer == "sgd":
+        assert cfg.train.momentum > 0 and cfg.train.weight_decay > 0
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if f"`configs/{name}.toml`" in line and line.startswith("|"))
+    assert figure in row
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_the_report_configs_run_as_they_are_on_a_fixture(name, tmp_path, capsys, one_thread):
+    """Each config trains the flat model on the fixture tree (header-less validation.csv), with only
+    what a CPU test must change: a tiny backbone without downloads, small faces, one epoch."""
+    root = build_official(tmp_path / "an", val_header=False)
+    run = tmp_path / "run"
+    main(["fit-flat", "--config", str(REPO / "configs" / f"{name}.toml"), "--out", str(run),
+          "--set", f"data.root={str(root)!r}", "--set", f"data.cache_dir={str(tmp_path / 'c')!r}",
+          "--set", "data.num_workers=0", "--set", "model.backbone=tinyvgg", "--set", "model.pretrained=none",
+          "--set", "data.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=16",
+          "--set", "train.device=cpu", "--set", "train.precision=fp32"])
+    out = capsys.readouterr().out
+    meta = json.loads((run / "flat" / "meta.json").read_text())
+    config = json.loads((run / "flat" / "config.json").read_text())
+    optimizer, mode, weights, _ = RECIPES[name]
+    assert (config["train"]["optimizer"], config["balance"]["mode"], config["balance"]["weights"]) == (
+        optimizer, mode, weights)
+    assert meta["trainable"] == "block3" and meta["head"] == "classic"
+    assert meta["crop"] == {"box_source": "annotation", "margin": 0.0}
+    assert "flat: model.trainable = 'block3'" in out and "flat test:" in out
