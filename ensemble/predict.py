@@ -37,7 +37,7 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
     margin = crop_margin(model.meta)  # frame detected faces as the model's training crops were
     files, skipped = _walk(paths)
     if skipped:
-        click.echo(f"skipped {len(skipped)} file(s) in folders without an image extension or not regular files "
+        click.echo(f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
                    f"(e.g. {', '.join(shown(f) for f in skipped[:3])})", err=True)
     if not files:
         raise UserError("no image files to predict")
