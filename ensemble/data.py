@@ -532,7 +532,6 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
     for c in VOTE_COLUMNS:
         if c not in df.columns:
             df[c] = np.nan
-    df = _drop_duplicates(df, drops)
     if check_files:
         exists = np.array([os.path.isfile(p) for p in df["path"]])
         for p, split in zip(df.loc[~exists, "path"], df.loc[~exists, "split"]):
@@ -541,6 +540,7 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
         if df.empty:
             first = (drops.examples.get("image file missing") or drops.examples.get(DROP_NOT_REGULAR))[0]
             raise UserError(f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {first})")
+    df = _drop_duplicates(df, drops)  # after the file check: a missing file is only missing
     df = derive_va(df, prototype_table(data_cfg.prototypes))
     df = _hold_out_val(df, data_cfg.val_fraction, seed)
     if data_cfg.max_samples:
