@@ -15,10 +15,16 @@ import click
 from .errors import UserError
 
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Experiment TOML file.")
-SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                   help="Override one config value (repeatable), e.g. --set train.epochs=1.")
-OUT = click.option("--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True,
-                   help="Run folder.")
+SET = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config value (repeatable), e.g. --set train.epochs=1.",
+)
+OUT = click.option(
+    "--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True, help="Run folder."
+)
 RESUME = click.option("--resume", is_flag=True, help="Continue from the last complete epoch's checkpoint.")
 
 
@@ -32,7 +38,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def _experiment(config_file, overrides, run):
     from .config import load_config
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
 
     return open_experiment(load_config(config_file, overrides), Path(run), _log)
 
@@ -87,8 +93,9 @@ def summary_cmd(config_file, overrides, fmt, root, as_json, no_verify, strict):
 @cli.command("prepare", short_help="Decode, crop and resize every image once into shards.")
 @CONFIG
 @SET
-@click.option("--workers", type=click.IntRange(0, 256), default=None,
-              help="Decoder processes, 0-256 (default: data.num_workers).")
+@click.option(
+    "--workers", type=click.IntRange(0, 256), default=None, help="Decoder processes, 0-256 (default: data.num_workers)."
+)
 def prepare_cmd(config_file, overrides, workers):
     """Write the uint8 shard that training and evaluation read (it is also built on first use)."""
     from .config import load_config
@@ -97,8 +104,9 @@ def prepare_cmd(config_file, overrides, workers):
 
     cfg = load_config(config_file, overrides)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
-    folder, info = prepare_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
-                                  cfg.data.num_workers if workers is None else workers)
+    folder, info = prepare_images(
+        ds.manifest, cfg.data.image_size, cfg.data.cache_dir, cfg.data.num_workers if workers is None else workers
+    )
     click.echo(f"prepared {info['n']} faces at {info['size']} px in {folder} ({info['n_bad']} unreadable)")
 
 
@@ -136,16 +144,9 @@ def fit_flat_cmd(config_file, overrides, run, resume):
 def fit_experts_cmd(config_file, overrides, run, resume):
     """Cluster the training V/A labels into neighborhoods, train one expert per neighborhood,
     then fit the router on validation; writes RUN/neighborhoods, RUN/experts, RUN/router."""
-    from stages.experts import fit_experts
+    from .routing import fit_experts_and_router
 
-    from .predictors import calibrate_router
-
-    exp = _experiment(config_file, overrides, run)
-    fit_experts(exp, resume, _log)
-    if exp.rt.is_main:
-        if not (exp.run / "stage1" / "meta.json").is_file():
-            raise UserError("experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again")
-        calibrate_router(exp, _log)
+    fit_experts_and_router(_experiment(config_file, overrides, run), resume, _log)
 
 
 def _print_metrics(stage: str, metrics: dict) -> None:
@@ -154,11 +155,15 @@ def _print_metrics(stage: str, metrics: dict) -> None:
         if not m:
             continue
         if "balanced_accuracy" in m:
-            click.echo(f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
-                       f"macro-F1 {m['macro_f1']:.4f}")
+            click.echo(
+                f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+                f"macro-F1 {m['macro_f1']:.4f}"
+            )
         else:
-            click.echo(f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
-                       f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}")
+            click.echo(
+                f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
+                f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}"
+            )
 
 
 @cli.command("predict", short_help="Emotion, valence and arousal of every face in images.")
@@ -173,7 +178,7 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
     """Detect every face (OpenCV Haar cascade), then predict emotion, top 3, valence, arousal,
     neighborhood and expert. Directories are walked. Unreadable files are named on stderr and
     the exit code is non-zero; the other files are still predicted."""
-    from .predict import run_predict
+    from .commands import run_predict
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
@@ -191,11 +196,10 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
 def compare_cmd(config_file, overrides, run, split, out):
     """Accuracy, balanced accuracy, macro-F1, per-class recall, confusion matrices, routing
     accuracy and stage-1 RMSE/CCC; writes report.md, metrics.csv and plots."""
-    from .config import config_from_dict, load_config
-    from .pipeline import open_experiment
-    from .reports import compare
-
     from .artifacts import read_meta
+    from .config import config_from_dict, load_config
+    from .experiment import open_experiment
+    from .reports import compare
 
     run_p = Path(run)
     if not (run_p / "flat" / "meta.json").is_file():  # before any data is read or prepared
@@ -206,8 +210,10 @@ def compare_cmd(config_file, overrides, run, split, out):
         cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
     trained = read_meta(run_p / "flat", "flat").get("input_size")
     if trained != cfg.data.image_size:
-        raise UserError(f"the run's models take {trained}-px faces but the config says data.image_size = "
-                        f"{cfg.data.image_size}; compare with the config the run was trained with")
+        raise UserError(
+            f"the run's models take {trained}-px faces but the config says data.image_size = "
+            f"{cfg.data.image_size}; compare with the config the run was trained with"
+        )
     report_dir = Path(out) if out else run_p / "reports"  # the run itself is only read
     compare(open_experiment(cfg, run_p, _log, out=report_dir), split, report_dir, _log)
 
@@ -227,6 +233,7 @@ def export_cmd(run, fmt, out, router):
 
 
 def main(argv=None) -> None:
+    """The ``ensemble`` command: a user error is one ``error:`` line and exit 2, never a traceback."""
     warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="ensemble", standalone_mode=False)
@@ -249,3 +256,8 @@ def main(argv=None) -> None:
             click.echo(f"stopped: {exc}", err=True)
             sys.exit(130)
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # (a command that never imported torch has no group)
+            from .runtime import shutdown
+
+            shutdown()

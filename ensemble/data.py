@@ -31,43 +31,20 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from .classes import (  # noqa: F401  (re-exported: the manifest speaks in these)
+    CLASS_ALIASES,
+    CLASS_INDEX,
+    CLASSES,
+    VA_PROTOTYPES,
+    VOTE_COLUMNS,
+    canonical_class,
+    prototype_table,
+)
+from .config import FORMATS
 from .errors import UserError
 
-#: The canonical class order (AffectNet's expression codes 0-7), used for every logit.
-CLASSES: tuple[str, ...] = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
-CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
-VOTE_COLUMNS = [f"vote_{c}" for c in CLASSES]
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-FORMATS = ("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic")
-
-#: Names other data sets use for our classes.
-CLASS_ALIASES = {
-    "neutral": "neutral", "neutrality": "neutral", "calm": "neutral",
-    "happy": "happy", "happiness": "happy", "joy": "happy",
-    "sad": "sad", "sadness": "sad",
-    "surprise": "surprise", "surprised": "surprise",
-    "fear": "fear", "fearful": "fear", "afraid": "fear", "scared": "fear",
-    "disgust": "disgust", "disgusted": "disgust",
-    "anger": "anger", "angry": "anger",
-    "contempt": "contempt", "contemptuous": "contempt",
-}
-
-#: Prototype (valence, arousal) per class, used to derive V/A where a data set has none.
-#: Positions approximated from Russell's circumplex of affect (J. A. Russell, "A circumplex
-#: model of affect", J. Pers. Soc. Psychol. 39(6):1161-1178, 1980, Fig. 2), the reference
-#: AffectNet's annotators were shown (Mollahosseini et al., IEEE T-AFFC 10(1), 2019, §3.2),
-#: scaled to [-1, 1]. Override per class with ``data.prototypes``.
-VA_PROTOTYPES: dict[str, tuple[float, float]] = {
-    "neutral": (0.0, 0.0),
-    "happy": (0.8, 0.35),
-    "sad": (-0.7, -0.35),
-    "surprise": (0.25, 0.8),
-    "fear": (-0.55, 0.75),
-    "disgust": (-0.7, 0.3),
-    "anger": (-0.6, 0.65),
-    "contempt": (-0.5, 0.2),
-}
 
 # FER+ label.csv vote order (after file and box)
 FERPLUS_VOTES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt", "unknown", "NF")
@@ -79,8 +56,17 @@ DROP_VA = "valence/arousal missing (-2) or out of range"
 DROP_NOT_REGULAR = "not a regular file (FIFO, device, broken link)"
 DROP_DUPLICATE = "duplicate row (same image and box)"
 
-AFFECTNET_COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
-                     "facial_landmarks", "expression", "valence", "arousal"]
+AFFECTNET_COLUMNS = [
+    "subDirectory_filePath",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "facial_landmarks",
+    "expression",
+    "valence",
+    "arousal",
+]
 
 
 @dataclass
@@ -91,23 +77,6 @@ class Dataset:
     dropped: Counter
     dropped_by_split: dict = field(default_factory=dict)  # split -> Counter of reasons ("unassigned": no split known)
     notes: list = field(default_factory=list)  # how the data were read where a user may wonder (a header-less CSV, …)
-
-
-def canonical_class(name: str) -> str | None:
-    return CLASS_ALIASES.get(str(name).strip().lower())
-
-
-def prototype_table(overrides: dict | None = None) -> np.ndarray:
-    """(8, 2) prototype V/A per class in canonical order."""
-    table = dict(VA_PROTOTYPES)
-    for name, va in (overrides or {}).items():
-        c = canonical_class(name)
-        if c is None:
-            raise UserError(f"data.prototypes: unknown class {name!r}")
-        if not (isinstance(va, (list, tuple)) and len(va) == 2):
-            raise UserError(f"data.prototypes.{name}: expected [valence, arousal]")
-        table[c] = (float(va[0]), float(va[1]))
-    return np.array([table[c] for c in CLASSES], dtype=np.float64)
 
 
 def _warn_dropped(reason: str, examples: list[str], n: int) -> None:
@@ -141,7 +110,9 @@ class _Drops:
             _warn_dropped(reason, self.examples[reason], n)
 
 
-def _read_table(path: Path, drops: _Drops, reason: str, n_fields: int | None = None) -> tuple[list[str], list[list[str]]]:
+def _read_table(
+    path: Path, drops: _Drops, reason: str, n_fields: int | None = None
+) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of a CSV file. With ``n_fields`` there is no header and every row must
     have that many fields; otherwise the first row is the header and rows must match it. Rows
     of the wrong length are dropped and counted under ``reason``; blank lines are ignored."""
@@ -182,11 +153,22 @@ def _first_row(path: Path) -> list[str]:
 
 
 def _empty_row(path: str, label: int, split: str) -> dict:
-    return {"path": path, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan, "label": label,
-            "valence": np.nan, "arousal": np.nan, "va_source": "derived", "split": split}
+    return {
+        "path": path,
+        "x": np.nan,
+        "y": np.nan,
+        "w": np.nan,
+        "h": np.nan,
+        "label": label,
+        "valence": np.nan,
+        "arousal": np.nan,
+        "va_source": "derived",
+        "split": split,
+    }
 
 
 # --------------------------------------------------------------------------- adapters
+
 
 def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
     rows = []
@@ -225,7 +207,9 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
                 row[f"vote_{c}"] = emo[i]
             rows.append(row)
     if not found:
-        raise UserError(f"no FER+ split found under {root} (expected FER2013Train/label.csv, FER2013Valid/label.csv or FER2013Test/label.csv)")
+        raise UserError(
+            f"no FER+ split found under {root} (expected FER2013Train/label.csv, FER2013Valid/label.csv or FER2013Test/label.csv)"
+        )
     return rows
 
 
@@ -246,10 +230,14 @@ def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> l
     first = _first_row(csv)
     if "subDirectory_filePath" not in first and _affectnet_data_row(first):
         # copies of the release ship validation.csv without training.csv's header line
-        header, rows_raw = list(AFFECTNET_COLUMNS), _read_table(csv, drops, "malformed AffectNet row",
-                                                                n_fields=len(AFFECTNET_COLUMNS))[1]
-        drops.notes.append(f"{csv.name} has no header line: read as the documented {len(AFFECTNET_COLUMNS)} "
-                           f"columns ({', '.join(AFFECTNET_COLUMNS)})")
+        header, rows_raw = (
+            list(AFFECTNET_COLUMNS),
+            _read_table(csv, drops, "malformed AffectNet row", n_fields=len(AFFECTNET_COLUMNS))[1],
+        )
+        drops.notes.append(
+            f"{csv.name} has no header line: read as the documented {len(AFFECTNET_COLUMNS)} "
+            f"columns ({', '.join(AFFECTNET_COLUMNS)})"
+        )
     else:
         header, rows_raw = _read_table(csv, drops, "malformed AffectNet row")
     table = pd.DataFrame(rows_raw, columns=header, dtype=str)
@@ -304,8 +292,16 @@ def _read_affectnet(root: Path, drops: _Drops) -> list[dict]:
 
 
 def _read_affectnet_folder(root: Path, drops: _Drops) -> list[dict]:
-    names = {"train": "train", "train_set": "train", "val": "test", "val_set": "test", "valid": "test",
-             "validation": "test", "test": "test", "test_set": "test"}
+    names = {
+        "train": "train",
+        "train_set": "train",
+        "val": "test",
+        "val_set": "test",
+        "valid": "test",
+        "validation": "test",
+        "test": "test",
+        "test_set": "test",
+    }
     rows = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         split = names.get(sub.name.lower())
@@ -420,6 +416,7 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
 
 # --------------------------------------------------------------------------- the manifest
 
+
 def stratified_take(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """Up to ``n`` rows keeping class proportions (every present class keeps >= 1 row)."""
     if n <= 0 or len(df) <= n:
@@ -457,11 +454,15 @@ def _warn_classes_without_val(df: pd.DataFrame) -> None:
         return
     have = set(df.loc[df["split"] == "val", "label"])
     train = df.loc[df["split"] == "train", "label"].value_counts()
-    missing = [f"{CLASSES[c]} ({n} training face{'s' if n > 1 else ''})" for c, n in sorted(train.items())
-               if c not in have]
+    missing = [
+        f"{CLASSES[c]} ({n} training face{'s' if n > 1 else ''})" for c, n in sorted(train.items()) if c not in have
+    ]
     if missing:
-        warnings.warn(f"no validation face of {', '.join(missing)}: model selection cannot see "
-                      f"{'this class' if len(missing) == 1 else 'these classes'}", stacklevel=3)
+        warnings.warn(
+            f"no validation face of {', '.join(missing)}: model selection cannot see "
+            f"{'this class' if len(missing) == 1 else 'these classes'}",
+            stacklevel=3,
+        )
 
 
 def _drop_duplicates(df: pd.DataFrame, drops: _Drops) -> pd.DataFrame:
@@ -471,8 +472,10 @@ def _drop_duplicates(df: pd.DataFrame, drops: _Drops) -> pd.DataFrame:
     if (splits > 1).any():
         leaked = splits[splits > 1].index[0]
         where = sorted(df.loc[norm == leaked, "split"].unique())
-        raise UserError(f"{leaked} is in two splits ({' and '.join(where)}): a face must not be both trained "
-                        f"and tested on; fix the data set ({int((splits > 1).sum())} such file(s))")
+        raise UserError(
+            f"{leaked} is in two splits ({' and '.join(where)}): a face must not be both trained "
+            f"and tested on; fix the data set ({int((splits > 1).sum())} such file(s))"
+        )
     key = pd.DataFrame({"p": norm, **{k: df[k].astype(str) for k in ("x", "y", "w", "h")}})
     dup = key.duplicated().to_numpy()
     for p, split in zip(df.loc[dup, "path"], df.loc[dup, "split"]):
@@ -511,7 +514,9 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
     if fmt == "synthetic":
         from .synthetic import synthetic_dataset
 
-        rows = synthetic_dataset(Path(data_cfg.cache_dir), n=data_cfg.n_synthetic, size=data_cfg.synthetic_size, seed=seed)
+        rows = synthetic_dataset(
+            Path(data_cfg.cache_dir), n=data_cfg.n_synthetic, size=data_cfg.synthetic_size, seed=seed
+        )
     else:
         if not data_cfg.root:
             raise UserError(f"data.root is not set (the {fmt} data set's location)")
@@ -539,7 +544,9 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
         df = df[exists]
         if df.empty:
             first = (drops.examples.get("image file missing") or drops.examples.get(DROP_NOT_REGULAR))[0]
-            raise UserError(f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {first})")
+            raise UserError(
+                f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {first})"
+            )
     df = _drop_duplicates(df, drops)  # after the file check: a missing file is only missing
     df = derive_va(df, prototype_table(data_cfg.prototypes))
     df = _hold_out_val(df, data_cfg.val_fraction, seed)
@@ -639,5 +646,6 @@ def face_array(source, box, size: int) -> np.ndarray:
 
 
 def row_box(row) -> tuple | None:
+    """A manifest row's face box (x, y, w, h), or None when the face is the whole image."""
     box = (row.x, row.y, row.w, row.h)
     return box if all(np.isfinite(box)) else None

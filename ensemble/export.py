@@ -29,6 +29,7 @@ class ProbabilitiesOnly(nn.Module):
 
 
 def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
+    """The hierarchy of ``run`` as one ONNX or TorchScript file: faces (batch, 3, H, W) -> probabilities (batch, 8)."""
     if fmt not in ("onnx", "torchscript"):
         raise UserError(f"export format must be onnx or torchscript, got {fmt!r}")
     check_target(out, "export")  # before the run is loaded: a bad --out costs nothing
@@ -45,10 +46,16 @@ def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
                 torch.jit.trace(model, example, check_trace=False).save(str(tmp))
             else:
                 try:
-                    torch.onnx.export(model, (example,), str(tmp), input_names=["faces"],
-                                      output_names=["probabilities"],
-                                      dynamic_axes={"faces": {0: "batch"}, "probabilities": {0: "batch"}},
-                                      opset_version=17, dynamo=False)
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        str(tmp),
+                        input_names=["faces"],
+                        output_names=["probabilities"],
+                        dynamic_axes={"faces": {0: "batch"}, "probabilities": {0: "batch"}},
+                        opset_version=17,
+                        dynamo=False,
+                    )
                 except ImportError as exc:
                     raise UserError(f"ONNX export needs the onnx package ({exc}); pip install onnx") from None
 

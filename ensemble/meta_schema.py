@@ -25,6 +25,7 @@ def _int_in(lo, hi):
     def check(v):
         ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
         return None if ok else f"must be a whole number in {lo}..{hi}"
+
     return check
 
 
@@ -39,6 +40,7 @@ def _triple(positive: bool):
         if positive and not all(x > 0 for x in v):
             return "must be > 0 for every channel (the input is divided by it)"
         return None
+
     return check
 
 
@@ -50,8 +52,12 @@ def _classes(v):
 
 def plain_file_name(name) -> bool:
     """A file name with no folder part: not '', '.', '..', and no '/', '\\' or NUL in it."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-            and Path(name).name == name)
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and Path(name).name == name
+    )
 
 
 def _files(v):
@@ -68,8 +74,12 @@ def _files(v):
 def _crop(v):
     from .crop import BOX_SOURCES
 
-    if not (isinstance(v, dict) and v.get("box_source") in BOX_SOURCES and _number(v.get("margin"))
-            and 0 <= v["margin"] <= 2):
+    if not (
+        isinstance(v, dict)
+        and v.get("box_source") in BOX_SOURCES
+        and _number(v.get("margin"))
+        and 0 <= v["margin"] <= 2
+    ):
         return f"must be {{box_source: {' | '.join(BOX_SOURCES)}, margin: a number in 0..2}}"
     return None
 
@@ -80,10 +90,24 @@ def _dropout(v):
 
 #: field -> check (None = fine, else what is wrong); absent fields are not checked here
 RULES = {
-    "files": _files, "input_size": _int_in(8, 4096), "mean": _triple(False), "std": _triple(True),
-    "classes": _classes, "backbone": _text, "head": _text, "trainable": _text, "stage": _text, "task": _text,
-    "trunk_from": _text, "trunk_sha256": _text, "hidden": _int_in(1, 1 << 20), "dropout": _dropout,
-    "n_blocks": _int_in(0, 1024), "k": _int_in(1, 64), "region": _int_in(0, 63), "crop": _crop,
+    "files": _files,
+    "input_size": _int_in(8, 4096),
+    "mean": _triple(False),
+    "std": _triple(True),
+    "classes": _classes,
+    "backbone": _text,
+    "head": _text,
+    "trainable": _text,
+    "stage": _text,
+    "task": _text,
+    "trunk_from": _text,
+    "trunk_sha256": _text,
+    "hidden": _int_in(1, 1 << 20),
+    "dropout": _dropout,
+    "n_blocks": _int_in(0, 1024),
+    "k": _int_in(1, 64),
+    "region": _int_in(0, 63),
+    "crop": _crop,
 }
 
 

@@ -3,7 +3,7 @@
 Every file the tool writes at a path the user chose (``export --out``, …) goes through
 :func:`write_user_file`: the target must be a regular file or not exist yet, and its folder
 must already exist. The data is written beside it under a temporary name and renamed over
-it, so that a half-written file never sits at the target, and a device (``/dev/null``),
+it (:func:`ensemble.files.atomic_path`, the one atomic write), so that a half-written file never sits at the target, and a device (``/dev/null``),
 a FIFO or a folder is never replaced. Folders the tool creates for its own use
 (``data.cache_dir``) go through :func:`make_dir`, which turns an OS error into one line.
 """
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_path
 
 
 def check_target(path: Path, what: str = "output") -> Path:
@@ -28,8 +29,15 @@ def check_target(path: Path, what: str = "output") -> Path:
     except OSError as exc:
         raise UserError(f"cannot use {path} as the {what}: {exc.strerror or exc}") from None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
         raise UserError(f"refusing to write the {what} to {path}: it exists and is {kind}")
     parent = path.parent
     if not parent.is_dir():
@@ -38,18 +46,15 @@ def check_target(path: Path, what: str = "output") -> Path:
 
 
 def write_user_file(path: Path, write: Callable[[Path], None], what: str = "output") -> Path:
-    """Check ``path``, call ``write(tmp)`` for a temporary file beside it, then rename it into place."""
+    """Check ``path``, call ``write(tmp)`` for a temporary file beside it, then rename it into
+    place (:func:`ensemble.files.atomic_path`, the one atomic write)."""
     path = check_target(Path(path), what)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        check_target(path, what)  # nothing was put in its place meanwhile
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
+            check_target(path, what)  # nothing was put in its place meanwhile
     except OSError as exc:
         raise UserError(f"cannot write the {what} to {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

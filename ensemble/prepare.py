@@ -35,14 +35,23 @@ def _decode(job):
 class ImageSource:
     """Faces of a manifest at one size: ``get(i) -> (size, size, 3) uint8 or None``."""
 
-    def __init__(self, manifest: pd.DataFrame, size: int, array: np.ndarray | None = None, ok: np.ndarray | None = None,
-                 digest: str | None = None):
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        size: int,
+        cache_dir: str | Path,
+        array: np.ndarray | None = None,
+        ok: np.ndarray | None = None,
+        digest: str | None = None,
+    ):
         self.paths = manifest["path"].tolist()
         self.boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
         self.size = size
+        self.cache_dir = Path(cache_dir)  # where caches derived from these faces live (e.g. features/)
         self.digest = digest or manifest_digest(manifest, size)  # names caches derived from these faces
-        self.array = array  # prepared (n, size, size, 3) memmap, or None (decode on demand)
+        self.array = array  # prepared (n, size, size, 3) array (in memory or memory-mapped), or None (decode on demand)
         self.ok = ok if ok is not None else np.ones(len(self.paths), dtype=bool)
+        self.mode = "none" if array is None else ("disk" if isinstance(array, np.memmap) else "memory")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,8 +63,9 @@ class ImageSource:
         return img
 
 
-def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, workers: int = 0,
-                   progress: bool = True) -> tuple[Path, dict]:
+def prepare_images(
+    manifest: pd.DataFrame, size: int, cache_dir: str | Path, workers: int = 0, progress: bool = True
+) -> tuple[Path, dict]:
     """Write (or find) the prepared shard for ``manifest``; returns its folder and stats."""
     folder = Path(cache_dir) / "prepared" / manifest_digest(manifest, size)  # the folder's name is the digest
     info_file = folder / "info.json"
@@ -86,8 +96,13 @@ def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, wor
         # rows arrive in order and are appended to a .npy file: memory stays flat however many rows
         with open(tmp / "images.npy", "wb") as f:
             np.lib.format.write_array_header_1_0(
-                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                    "shape": (n, size, size, 3)})
+                f,
+                {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    "fortran_order": False,
+                    "shape": (n, size, size, 3),
+                },
+            )
             for i, (img, err) in enumerate(results):
                 if img is None:
                     n_bad += 1
@@ -115,19 +130,38 @@ def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, wor
     return folder, info
 
 
-def load_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, mode: str = "auto",
-                workers: int = 0, progress: bool = True) -> ImageSource:
-    """An ImageSource over the manifest; prepares the shard first unless ``mode == "none"``."""
+def load_images(
+    manifest: pd.DataFrame,
+    size: int,
+    cache_dir: str | Path,
+    mode: str = "auto",
+    workers: int = 0,
+    progress: bool = True,
+) -> ImageSource:
+    """An ImageSource over the manifest (``data.cache``): ``none`` decodes every image when it is
+    read; otherwise the prepared shard is written (once) and read from ``disk`` (memory-mapped),
+    or held in ``memory``; ``auto`` holds it in memory when it takes under a quarter of the
+    memory available now, else reads it from disk."""
     if mode == "none":
-        src = ImageSource(manifest, size)
-        src.cache_dir = Path(cache_dir)
-        return src
+        return ImageSource(manifest, size, cache_dir)
     folder, info = prepare_images(manifest, size, cache_dir, workers, progress)
     if info["n_bad"]:
         shown = "; ".join(info["bad_examples"][:3])
         warnings.warn(f"skipped {info['n_bad']} unreadable image(s): {shown}", stacklevel=2)
-    array = np.load(folder / "images.npy", mmap_mode="r")
-    ok = np.load(folder / "ok.npy")
-    src = ImageSource(manifest, size, array, ok, digest=folder.name)
-    src.cache_dir = Path(cache_dir)
-    return src
+    shard = folder / "images.npy"
+    if mode == "auto":
+        available = available_memory()
+        mode = "memory" if available is not None and shard.stat().st_size < available / 4 else "disk"
+    array = np.load(shard, mmap_mode="r" if mode == "disk" else None)
+    return ImageSource(manifest, size, cache_dir, array, np.load(folder / "ok.npy"), digest=folder.name)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -22,10 +21,13 @@ import numpy as np
 import torch
 from sklearn.model_selection import KFold
 
-from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions, write_json
-from ensemble.data import CLASSES
-from ensemble.engine import StageData, fit, predict_outputs, resume_fingerprint
+from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions
+from ensemble.checkpoints import resume_fingerprint
+from ensemble.classes import CLASSES
+from ensemble.engine import StageData, fit, predict_outputs
 from ensemble.errors import UserError
+from ensemble.files import atomic_write, swap_into_place, write_json
+from ensemble.tasks import CLASSIFY, VA_REGRESSION
 
 from .neighborhoods import VANeighborhoods, complete_membership, membership, plot_va_map
 from .neural import build_stage_net, load_network, train_network
@@ -37,8 +39,12 @@ def fit_neighborhoods(exp, log=print, staging: Path | None = None) -> tuple[VANe
     write a new fit (under ``staging`` when given, to be swapped in with the experts).
     Returns the neighborhoods and the folder that holds them."""
     nc = exp.cfg.neighborhoods
-    settings = {**nc.__dict__, "min_count": exp.cfg.experts.min_count, "seed": exp.cfg.train.seed,
-                "n_train": int(len(exp.idx("train")))}
+    settings = {
+        **nc.__dict__,
+        "min_count": exp.cfg.experts.min_count,
+        "seed": exp.cfg.train.seed,
+        "n_train": int(len(exp.idx("train"))),
+    }
     folder = (staging or exp.run) / "neighborhoods"
     for existing in dict.fromkeys([exp.run / "neighborhoods", folder]):
         if (existing / "meta.json").is_file() and _recorded_meta(existing).get("settings") == settings:
@@ -57,9 +63,16 @@ def _fit_and_write_neighborhoods(exp, settings: dict, folder: Path, log) -> VANe
     tr = exp.idx("train")
     va = va_targets(exp.manifest)[tr]
     labels = exp.manifest["label"].to_numpy()[tr]
-    nbh = VANeighborhoods(method=nc.method, k=nc.k, k_min=nc.k_min, k_max=nc.k_max, min_share=nc.min_share,
-                          min_count=exp.cfg.experts.min_count, max_fit_samples=nc.max_fit_samples,
-                          random_state=exp.cfg.train.seed).fit(va, labels)
+    nbh = VANeighborhoods(
+        method=nc.method,
+        k=nc.k,
+        k_min=nc.k_min,
+        k_max=nc.k_max,
+        min_share=nc.min_share,
+        min_count=exp.cfg.experts.min_count,
+        max_fit_samples=nc.max_fit_samples,
+        random_state=exp.cfg.train.seed,
+    ).fit(va, labels)
     writer = StageWriter(folder)
     nbh.save_arrays(writer.path("model.npz"))  # what the tool loads: plain arrays, never unpickled
     joblib.dump(nbh, writer.path("model.joblib"))  # the scikit-learn estimator, for users' own analysis
@@ -68,8 +81,10 @@ def _fit_and_write_neighborhoods(exp, settings: dict, folder: Path, log) -> VANe
     plot_va_map(va, labels, nbh, CLASSES, writer.path("va_map.png"))
     writer.publish({"stage": "neighborhoods", "classes": list(CLASSES), "settings": settings, "k": int(nbh.k_)})
     for n in desc["neighborhoods"]:
-        log(f"neighborhood {n['id']}: V {n['center']['valence']:+.2f} A {n['center']['arousal']:+.2f}  "
-            f"{', '.join(n['classes'])}")
+        log(
+            f"neighborhood {n['id']}: V {n['center']['valence']:+.2f} A {n['center']['arousal']:+.2f}  "
+            f"{', '.join(n['classes'])}"
+        )
     return nbh
 
 
@@ -96,15 +111,14 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
     """Stage 1's V/A on the training faces, each predicted by a refit that did not see it."""
     cfg = exp.cfg.for_stage("stage1")
     folds = exp.cfg.experts.oof_folds
-    if folds < 2:
-        raise UserError("experts.oof_folds must be >= 2 for train_on = routed or both")
     tr, vi = exp.idx("train"), exp.idx("val")
     y = va_targets(exp.manifest)
     # each fold's predictions are kept as it finishes (keyed by stage 1's weights, the stage-1
     # settings and the faces), and a fold cut short resumes from its checkpoint with --resume
     stage1_sha = read_meta(exp.run / "stage1").get("files", {}).get("weights.pt")
-    key = hashlib.sha256(json.dumps([stage1_sha, folds, resume_fingerprint(cfg, tr, vi)],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([stage1_sha, folds, resume_fingerprint(cfg, tr, vi)], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     folder = exp.run / ".oof" / key
     if exp.rt.is_main:
         for other in (exp.run / ".oof").glob("*"):  # folds of an earlier stage 1 or other settings
@@ -124,15 +138,25 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
 
         mean, std = (src["mean"], src["std"]) if src else normalization(cfg.model.backbone)
         work = folder / f"fold{f}.work"
-        fit(net, "regress", StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]), cfg, mean, std, exp.rt, work,
-            resume=resume, desc=f"stage1 fold {f + 1}/{folds}", log=log,
-            fingerprint_extra={"trunk it builds on": src.get("trunk_sha256", "")})
+        fit(
+            net,
+            VA_REGRESSION,
+            StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]),
+            cfg,
+            mean,
+            std,
+            exp.rt,
+            work,
+            resume=resume,
+            desc=f"stage1 fold {f + 1}/{folds}",
+            log=log,
+            fingerprint_extra={"trunk it builds on": src.get("trunk_sha256", "")},
+        )
         out, _ = predict_outputs(net, exp.images, tr[b], mean, std, exp.rt)
         pred[b] = np.clip(out, -1, 1)
         if exp.rt.is_main:
-            tmp = folder / f".fold{f}.tmp.npy"
-            np.save(tmp, pred[b])
-            os.replace(tmp, done)
+            with atomic_write(done) as fh:
+                np.save(fh, pred[b])
         shutil.rmtree(work, ignore_errors=True)
     return pred
 
@@ -140,15 +164,13 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
 def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> dict:
     """Per region: training and validation positions (into exp.idx) and the expert's classes."""
     ec = exp.cfg.experts
-    if ec.train_on not in ("true", "routed", "both"):
-        raise UserError(f"experts.train_on must be true, routed or both, got {ec.train_on!r}")
     tr, vi = exp.idx("train"), exp.idx("val")
     va_true = va_targets(exp.manifest)
     labels = exp.manifest["label"].to_numpy()
     k = nbh.k_
     true_tr = np.eye(k, dtype=bool)[nbh.predict(va_true[tr])]
     true_vi = np.eye(k, dtype=bool)[nbh.predict(va_true[vi])] if len(vi) else np.zeros((0, k), bool)
-    if ec.train_on == "true":
+    if ec.train_on == "true_va":
         in_tr, in_vi = true_tr, true_vi
     else:
         log(f"experts: routing training faces with stage 1 predicted out-of-fold ({ec.oof_folds} folds)")
@@ -159,8 +181,9 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
     counts = np.zeros((k, len(CLASSES)), np.int64)
     for r in range(k):
         np.add.at(counts[r], labels[tr][in_tr[:, r]], 1)
-    members, merged, notes = complete_membership(membership(counts, nbh.min_share, ec.min_count), counts,
-                                                 nbh.centers_, CLASSES)
+    members, merged, notes = complete_membership(
+        membership(counts, nbh.min_share, ec.min_count), counts, nbh.centers_, CLASSES
+    )
     for note in notes:
         log(note)
     regions = []
@@ -168,8 +191,15 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
         cls, src = members[r], merged.get(r, r)  # a merged neighborhood learns from its target's faces
         t = np.flatnonzero(in_tr[:, src] & np.isin(labels[tr], cls))
         v = np.flatnonzero(in_vi[:, src] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
-        regions.append({"id": r, "classes": cls, "train_pos": t, "val_pos": v,
-                        "counts": {CLASSES[c]: int(counts[src, c]) for c in cls}})
+        regions.append(
+            {
+                "id": r,
+                "classes": cls,
+                "train_pos": t,
+                "val_pos": v,
+                "counts": {CLASSES[c]: int(counts[src, c]) for c in cls},
+            }
+        )
     return {"train_on": ec.train_on, "regions": regions}
 
 
@@ -198,23 +228,44 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
     te_idx = te[np.isin(labels[te], cls)]
     if len(t_idx) == 0:
         raise UserError(f"expert {r}: no training faces in its neighborhood")
-    data = StageData(exp.images, t_idx, to_local(labels[t_idx]), v_idx,
-                     to_local(labels[v_idx]) if len(v_idx) else np.zeros(0, int), names)
+    data = StageData(
+        exp.images,
+        t_idx,
+        to_local(labels[t_idx]),
+        v_idx,
+        to_local(labels[v_idx]) if len(v_idx) else np.zeros(0, int),
+        names,
+    )
     log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
-    metrics = train_network(f"expert{r}", "classify", cfg, data, out, exp.run, exp.rt, resume,
-                            {"val": (v_idx, data.val_y),
-                             "test": (te_idx, to_local(labels[te_idx]) if len(te_idx) else np.zeros(0, int))},
-                            extra_meta={"region": r, "train_on": exp.cfg.experts.train_on}, log=log,
-                            fingerprint_extra={"neighborhoods": region["neighborhoods_sha256"],
-                                               "experts.train_on": exp.cfg.experts.train_on})
-    return {"region": r, "classes": names, "constant": False, "val_balanced_accuracy":
-            metrics.get("val", {}).get("balanced_accuracy")}
+    metrics = train_network(
+        f"expert{r}",
+        CLASSIFY,
+        cfg,
+        data,
+        out,
+        exp.run,
+        exp.rt,
+        resume,
+        {"val": (v_idx, data.val_y), "test": (te_idx, to_local(labels[te_idx]) if len(te_idx) else np.zeros(0, int))},
+        extra_meta={"region": r, "train_on": exp.cfg.experts.train_on},
+        log=log,
+        fingerprint_extra={
+            "neighborhoods": region["neighborhoods_sha256"],
+            "experts.train_on": exp.cfg.experts.train_on,
+        },
+    )
+    return {
+        "region": r,
+        "classes": names,
+        "constant": False,
+        "val_balanced_accuracy": metrics.get("val", {}).get("balanced_accuracy"),
+    }
 
 
 def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resume: bool) -> list[dict]:
     """One GPU's share of the experts, in its own process."""
     from ensemble.config import config_from_dict
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     cfg_dict["train"]["device"] = device
     exp = open_experiment(config_from_dict(cfg_dict), Path(run), progress=False, save=False)
@@ -223,7 +274,7 @@ def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resu
 
 def fit_experts(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
-    if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true":
+    if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true_va":
         raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
     final, staging = exp.run / "experts", _staging(exp.run)
     if exp.rt.is_main:
@@ -244,34 +295,33 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
         log(f"experts: training in parallel on {n_gpu} GPUs")
         shares = [plan["regions"][i::n_gpu] for i in range(n_gpu)]
         with ProcessPoolExecutor(n_gpu, mp_context=get_context("spawn")) as pool:
-            jobs = [pool.submit(_expert_job, exp.cfg.to_dict(), str(exp.run), s, f"cuda:{i}", resume)
-                    for i, s in enumerate(shares) if s]
+            jobs = [
+                pool.submit(_expert_job, exp.cfg.to_dict(), str(exp.run), s, f"cuda:{i}", resume)
+                for i, s in enumerate(shares)
+                if s
+            ]
             results = sorted((x for j in jobs for x in j.result()), key=lambda d: d["region"])
     else:
         results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
-    index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results,
-             "neighborhoods_sha256": nbh_sha}
+    index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results, "neighborhoods_sha256": nbh_sha}
     if exp.rt.is_main:
         for stale in list(staging.iterdir()):  # experts of an earlier, larger k; leftovers of interruptions
             if stale.is_dir() and not (stale.name.isdigit() and int(stale.name) < nbh.k_) and stale != nbh_folder:
                 shutil.rmtree(stale)
         if nbh_folder != exp.run / "neighborhoods":  # a new fit: it goes in with its experts
-            _swap_in(nbh_folder, exp.run / "neighborhoods")
+            swap_into_place(nbh_folder, exp.run / "neighborhoods")
             shutil.rmtree(exp.run / "router", ignore_errors=True)  # calibrated for the old ones
         write_json(staging / "index.json", index)
-        write_json(staging / "meta.json", {  # index.json is checked like every artifact file
-            "stage": "experts", "files": {"index.json": sha256_file(staging / "index.json")},
-            "versions": versions()})
-        _swap_in(staging, final)
+        write_json(
+            staging / "meta.json",
+            {  # index.json is checked like every artifact file
+                "stage": "experts",
+                "files": {"index.json": sha256_file(staging / "index.json")},
+                "versions": versions(),
+            },
+        )
+        swap_into_place(staging, final)
     return index
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _recorded_meta(folder: Path) -> dict:
@@ -297,6 +347,8 @@ def read_index(run: Path) -> dict:
         if len(experts) != k or any(int(e["region"]) != r for r, e in enumerate(experts)):
             raise ValueError("one expert per neighborhood, in order")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{f} is damaged or incomplete ({exc}); rerun ensemble fit-experts to refit the "
-                        f"neighborhoods and experts together") from None
+        raise UserError(
+            f"{f} is damaged or incomplete ({exc}); rerun ensemble fit-experts to refit the "
+            f"neighborhoods and experts together"
+        ) from None
     return index

@@ -51,6 +51,7 @@ def build_official(root: Path, val_header: bool = True) -> Path:
 
 def build_folder_layout(root: Path) -> Path:
     """train_set/val_set with images/ and annotations/<id>_exp|_val|_aro.npy (strings, as shipped)."""
+
     def put(split, stem, exp, val, aro, seed):
         write_image(root / split / "images" / f"{stem}.jpg", seed=seed)
         for suffix, v in (("exp", exp), ("val", val), ("aro", aro)):
@@ -80,8 +81,10 @@ def test_both_layouts_read_the_same_faces_and_name_drops_alike(layout, tmp_path)
     ds = load_dataset(DataConfig(format=fmt, root=str(root), val_fraction=0.3))
     df = ds.manifest
     assert dict(ds.dropped) == EXPECTED_DROPS  # one name per cause, whatever the layout (item 5)
-    assert {s: dict(c) for s, c in ds.dropped_by_split.items()} == {"train": {DROP_EXPRESSION_8_10: 1, DROP_LABEL: 1, DROP_VA: 1},
-                                                                    "test": {DROP_EXPRESSION_8_10: 1, DROP_LABEL: 1, DROP_VA: 1}}
+    assert {s: dict(c) for s, c in ds.dropped_by_split.items()} == {
+        "train": {DROP_EXPRESSION_8_10: 1, DROP_LABEL: 1, DROP_VA: 1},
+        "test": {DROP_EXPRESSION_8_10: 1, DROP_LABEL: 1, DROP_VA: 1},
+    }
     per_split = df.groupby("split").size().to_dict()
     assert per_split == {"train": 16, "val": 8, "test": 8}  # round(3 * 0.3) = 1 held out per class
     assert sorted(df.loc[df["split"] == "test", "label"]) == list(range(8))
@@ -123,6 +126,7 @@ def test_a_header_of_words_is_not_taken_for_data(tmp_path):
 
 # --------------------------------------------------------------------------- item 6: validation per class
 
+
 def _folder_counts(root: Path, counts: dict) -> Path:
     for c, n in counts.items():
         for i in range(n):
@@ -147,11 +151,13 @@ def test_a_class_without_validation_faces_is_warned_about(tmp_path):
 
 # --------------------------------------------------------------------------- item 8: manifests and files
 
+
 def test_csv_duplicates_are_dropped_and_named(tmp_path):
     for n in ("a", "b"):
         write_image(tmp_path / f"{n}.png")
-    (tmp_path / "m.csv").write_text("path,label,split\na.png,happy,train\na.png,happy,train\n./a.png,happy,train\n"
-                                    "b.png,sad,test\n")
+    (tmp_path / "m.csv").write_text(
+        "path,label,split\na.png,happy,train\na.png,happy,train\n./a.png,happy,train\nb.png,sad,test\n"
+    )
     ds = load_dataset(DataConfig(format="csv", root=str(tmp_path / "m.csv"), val_fraction=0))
     assert len(ds.manifest) == 2 and dict(ds.dropped) == {"duplicate row (same image and box)": 2}
 
@@ -222,7 +228,11 @@ def test_the_report_experiments_are_configs_that_say_what_they_reproduce(name):
     optimizer, mode, weights, figure = RECIPES[name]
     cfg = load_config(REPO / "configs" / f"{name}.toml")
     assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.trainable, cfg.model.head) == (
-        "vgg16", "imagenet", "block3", "classic")
+        "vgg16",
+        "imagenet",
+        "block3",
+        "classic",
+    )
     assert (cfg.train.optimizer, cfg.balance.mode, cfg.balance.weights) == (optimizer, mode, weights)
     assert cfg.data.format == "affectnet" and cfg.data.image_size == 224
     if mode == "transform":
@@ -240,17 +250,44 @@ def test_the_report_configs_run_as_they_are_on_a_fixture(name, tmp_path, capsys,
     what a CPU test must change: a tiny backbone without downloads, small faces, one epoch."""
     root = build_official(tmp_path / "an", val_header=False)
     run = tmp_path / "run"
-    main(["fit-flat", "--config", str(REPO / "configs" / f"{name}.toml"), "--out", str(run),
-          "--set", f"data.root={str(root)!r}", "--set", f"data.cache_dir={str(tmp_path / 'c')!r}",
-          "--set", "data.num_workers=0", "--set", "model.backbone=tinyvgg", "--set", "model.pretrained=none",
-          "--set", "data.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=16",
-          "--set", "train.device=cpu", "--set", "train.precision=fp32"])
+    main(
+        [
+            "fit-flat",
+            "--config",
+            str(REPO / "configs" / f"{name}.toml"),
+            "--out",
+            str(run),
+            "--set",
+            f"data.root={str(root)!r}",
+            "--set",
+            f"data.cache_dir={str(tmp_path / 'c')!r}",
+            "--set",
+            "data.num_workers=0",
+            "--set",
+            "model.backbone=tinyvgg",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            "data.image_size=32",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.batch_size=16",
+            "--set",
+            "train.device=cpu",
+            "--set",
+            "train.precision=fp32",
+        ]
+    )
     out = capsys.readouterr().out
     meta = json.loads((run / "flat" / "meta.json").read_text())
     config = json.loads((run / "flat" / "config.json").read_text())
     optimizer, mode, weights, _ = RECIPES[name]
     assert (config["train"]["optimizer"], config["balance"]["mode"], config["balance"]["weights"]) == (
-        optimizer, mode, weights)
+        optimizer,
+        mode,
+        weights,
+    )
     assert meta["trainable"] == "block3" and meta["head"] == "classic"
     assert meta["crop"] == {"box_source": "annotation", "margin": 0.0}
     assert "flat: model.trainable = 'block3'" in out and "flat test:" in out

@@ -20,19 +20,33 @@ def _cli(args, capsys):
 
 # --------------------------------------------------------------------------- config values
 
-@pytest.mark.parametrize("item", [
-    "train.lr=nan", "train.lr=inf", "train.warmup_epochs=inf", "train.momentum=nan", "train.crop_scale=nan",
-    "balance.rotation=nan", "train.label_smoothing=nan", "train.max_minutes=nan", "data.val_fraction=nan",
-    "train.max_minutes=-inf", "flat.train.lr=nan", "balance.class_weights.contempt=nan",
-])
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "train.lr=nan",
+        "train.lr=inf",
+        "train.warmup_epochs=inf",
+        "train.momentum=nan",
+        "train.crop_scale=nan",
+        "balance.rotation=nan",
+        "train.label_smoothing=nan",
+        "train.max_minutes=nan",
+        "data.val_fraction=nan",
+        "train.max_minutes=-inf",
+        "flat.train.lr=nan",
+        "balance.class_weights.contempt=nan",
+    ],
+)
 def test_non_finite_numbers_are_refused_by_key(item):
     key = item.split("=")[0]
     with pytest.raises(UserError, match=rf"config key {key.rsplit('.', 1)[0] if 'class_weights' in key else key}"):
         load_config(None, [item])
 
 
-@pytest.mark.parametrize("item", ["train.threads=99999999999", "train.warmup_epochs=1e9", "data.num_workers=100000",
-                                  "data.num_workers=-3"])
+@pytest.mark.parametrize(
+    "item", ["train.threads=99999999999", "train.warmup_epochs=1e9", "data.num_workers=100000", "data.num_workers=-3"]
+)
 def test_out_of_range_numbers_are_refused_by_key(item):
     with pytest.raises(UserError, match=rf"config key {item.split('=')[0]} = .* must be"):
         load_config(None, [item])
@@ -57,6 +71,7 @@ def test_prepare_workers_out_of_range_is_a_usage_error(workers, capsys):
 
 
 # --------------------------------------------------------------------------- paths the user names
+
 
 def _fifo(path):
     os.mkfifo(path)
@@ -93,8 +108,11 @@ def test_write_user_file_needs_an_existing_folder_and_replaces_a_regular_file(tm
 
 @pytest.mark.parametrize("kind", ["fifo", "folder", "missing-parent"])
 def test_export_refuses_a_bad_out_before_loading_anything(kind, tmp_path, capsys):
-    out = {"fifo": lambda: _fifo(tmp_path / "p"), "folder": lambda: tmp_path,
-           "missing-parent": lambda: tmp_path / "no" / "such" / "x.pt"}[kind]()
+    out = {
+        "fifo": lambda: _fifo(tmp_path / "p"),
+        "folder": lambda: tmp_path,
+        "missing-parent": lambda: tmp_path / "no" / "such" / "x.pt",
+    }[kind]()
     code, _, err = _cli(["export", "--run", str(tmp_path / "norun"), "--out", str(out)], capsys)
     assert code == 2 and "Traceback" not in err
     if kind == "folder":  # click's dir_okay=False says it first
@@ -121,8 +139,19 @@ def test_a_cache_dir_that_cannot_be_a_folder_is_one_line(where, command, tmp_pat
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
     cache = blocker if where == "file" else blocker / "cache"
-    args = [command, "--set", "data.format=folder", "--set", f"data.root={str(data)!r}",
-            "--set", f"data.cache_dir={str(cache)!r}", "--set", "data.image_size=16", "--set", "model.backbone=tinyvgg"]
+    args = [
+        command,
+        "--set",
+        "data.format=folder",
+        "--set",
+        f"data.root={str(data)!r}",
+        "--set",
+        f"data.cache_dir={str(cache)!r}",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "model.backbone=tinyvgg",
+    ]
     if command == "fit-flat":
         args += ["--out", str(tmp_path / "run")]
     code, _, err = _cli(args, capsys)
@@ -138,6 +167,7 @@ def test_synthetic_data_with_a_file_as_cache_dir_is_one_line(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- resume, compare
+
 
 @pytest.mark.parametrize("payload", ["truncated", "pickled", "not-a-dict"])
 def test_resume_from_a_damaged_checkpoint_is_one_line(payload, tmp_path, capsys, one_thread):
@@ -155,16 +185,35 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(payload, tmp_path, capsys,
         torch.save({"model": {"w": torch.zeros(100)}}, ck)
         ck.write_bytes(ck.read_bytes()[:60])
     elif payload == "pickled":
+
         class Evil:
             def __reduce__(self):
                 return (open, (str(marker), "w"))
+
         ck.write_bytes(pickle.dumps(Evil()))
     else:
         torch.save([1, 2, 3], ck)
-    code, _, err = _cli(["fit-flat", "--resume", "--out", str(run), "--set", "data.format=folder",
-                         "--set", f"data.root={str(data)!r}", "--set", f"data.cache_dir={str(tmp_path / 'c')!r}",
-                         "--set", "data.image_size=16", "--set", "model.backbone=tinyvgg",
-                         "--set", "train.device=cpu"], capsys)
+    code, _, err = _cli(
+        [
+            "fit-flat",
+            "--resume",
+            "--out",
+            str(run),
+            "--set",
+            "data.format=folder",
+            "--set",
+            f"data.root={str(data)!r}",
+            "--set",
+            f"data.cache_dir={str(tmp_path / 'c')!r}",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "model.backbone=tinyvgg",
+            "--set",
+            "train.device=cpu",
+        ],
+        capsys,
+    )
     assert code == 2 and "cannot resume from" in err and str(ck) in err and "without --resume" in err
     assert len(err.strip().splitlines()) == 1 and not marker.exists()
 
@@ -176,7 +225,22 @@ def test_compare_with_neither_val_nor_test_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "flat").mkdir(parents=True)
     write_json(run / "flat" / "meta.json", {"stage": "flat", "input_size": 16, "files": {}})
-    code, _, err = _cli(["compare", "--run", str(run), "--set", "data.format=folder",
-                         "--set", f"data.root={str(data)!r}", "--set", "data.val_fraction=0",
-                         "--set", "data.image_size=16", "--set", f"data.cache_dir={str(tmp_path / 'c')!r}"], capsys)
+    code, _, err = _cli(
+        [
+            "compare",
+            "--run",
+            str(run),
+            "--set",
+            "data.format=folder",
+            "--set",
+            f"data.root={str(data)!r}",
+            "--set",
+            "data.val_fraction=0",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            f"data.cache_dir={str(tmp_path / 'c')!r}",
+        ],
+        capsys,
+    )
     assert code == 2 and "neither a test nor a val split" in err

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ensemble.classes import CLASSES
 from ensemble.cli import main
 from ensemble.config import load_config
-from ensemble.data import CLASSES
 from ensemble.errors import UserError
 from ensemble.predictors import FlatPredictor, HierarchicalPredictor
 
@@ -29,27 +29,42 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """flat, stage 1, neighborhoods + experts, router and the comparison, trained once."""
-    from ensemble.pipeline import open_experiment
-    from ensemble.predictors import calibrate_router
+    from ensemble.experiment import open_experiment
     from ensemble.reports import compare
+    from ensemble.routing import calibrate_router
     from stages.experts import fit_experts
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
 
     root = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(None, [
-        "data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", f"data.image_size={SIZE}",
-        f"data.cache_dir={root / 'cache'}", "model.backbone=tinyvgg", "model.hidden=32",
-        "train.epochs=1", "train.batch_size=32", "train.device=cpu", "train.precision=fp32",
-        "experts.min_count=5",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.n_synthetic=240",
+            "data.synthetic_size=32",
+            f"data.image_size={SIZE}",
+            f"data.cache_dir={root / 'cache'}",
+            "model.backbone=tinyvgg",
+            "model.hidden=32",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "experts.min_count=5",
+        ],
+    )
     assert Path(cfg.data.cache_dir) == root / "cache"
     run = root / "run"
     logs = []
     exp = open_experiment(cfg, run, log=logs.append, progress=False)
-    out = {"flat": fit_flat(exp, log=logs.append), "stage1": fit_stage1(exp, log=logs.append),
-           "experts": fit_experts(exp, log=logs.append), "router": calibrate_router(exp, logs.append),
-           "compare": compare(exp, "test", log=logs.append)}
+    out = {
+        "flat": fit_flat(exp, log=logs.append),
+        "stage1": fit_stage1(exp, log=logs.append),
+        "experts": fit_experts(exp, log=logs.append),
+        "router": calibrate_router(exp, logs.append),
+        "compare": compare(exp, "test", log=logs.append),
+    }
     return {"exp": exp, "run": run, "root": root, "logs": logs, **out}
 
 
@@ -64,6 +79,7 @@ def _test_faces(trained, n=4):
 
 
 # --------------------------------------------------------------------------- artifacts
+
 
 @pytest.mark.parametrize("stage", ["flat", "stage1"])
 def test_stage_artifacts(trained, stage):
@@ -132,12 +148,16 @@ def test_neighborhoods_experts_router_artifacts(trained):
 
 
 def test_no_temporary_folders_left(trained):
-    leftovers = [p for p in trained["run"].rglob("*") if ".tmp" in p.name or ".work" in p.name
-                 or ".old" in p.name or p.name.startswith(".write-test")]
+    leftovers = [
+        p
+        for p in trained["run"].rglob("*")
+        if ".tmp" in p.name or ".work" in p.name or ".old" in p.name or p.name.startswith(".write-test")
+    ]
     assert leftovers == []
 
 
 # --------------------------------------------------------------------------- predictors
+
 
 def test_flat_predictor_on_paths_and_pil_images(trained):
     fp = FlatPredictor.load(trained["run"])
@@ -158,7 +178,9 @@ def test_preprocess_is_float32_nchw(trained):
     assert x.dtype == np.float32 and x.shape == (3, 3, SIZE, SIZE)
     # normalised with the run's own mean/std
     raw = np.asarray(Image.open(paths[0]).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float32) / 255
-    want = (raw.transpose(2, 0, 1) - np.array(hp.mean, np.float32)[:, None, None]) / np.array(hp.std, np.float32)[:, None, None]
+    want = (raw.transpose(2, 0, 1) - np.array(hp.mean, np.float32)[:, None, None]) / np.array(hp.std, np.float32)[
+        :, None, None
+    ]
     np.testing.assert_allclose(x[0], want, atol=1e-5)
     # a larger image is resized to the network's input
     big = Image.open(paths[0]).convert("RGB").resize((100, 80))
@@ -200,6 +222,7 @@ def test_hierarchical_predictor_bad_inputs(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------- tampering
+
 
 @pytest.fixture
 def run_copy(trained, tmp_path):
@@ -247,6 +270,7 @@ def test_missing_expert_file_is_refused(run_copy):
 
 # --------------------------------------------------------------------------- compare
 
+
 def test_compare_report(trained):
     rep = trained["run"] / "reports"
     assert (rep / "report.md").is_file()
@@ -270,6 +294,7 @@ def test_compare_report(trained):
 
 
 # --------------------------------------------------------------------------- ensemble predict
+
 
 def _cli(argv, capsys):
     code = 0
@@ -302,6 +327,9 @@ def test_cli_predict_good_and_broken_files(trained, tmp_path, capsys):
         assert len(r["top3"]) == 3 and r["top3"][0][0] == r["emotion"]
         assert -1 <= r["valence"] <= 1 and -1 <= r["arousal"] <= 1
         assert r["expert_classes"] and set(r["expert_classes"]) <= set(CLASSES)
+        # one expert per neighborhood: the record names the neighborhood and its expert's classes,
+        # not a second copy of the neighborhood's number
+        assert "expert" not in r and r["expert_classes"] == trained_experts_classes(trained)[r["neighborhood"]]
         if trained["router"]["mode"] == "hard":  # the routed expert named the emotion
             assert r["emotion"] in r["expert_classes"]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -332,8 +360,17 @@ def test_cli_predict_on_every_hostile_file_of_issue_6(trained, tmp_path, capsys)
     code, out, err = _cli(["predict", str(d), "--run", str(trained["run"]), "--no-detect", "--json"], capsys)
     assert code == 1 and "Traceback" not in out + err
     predicted = sorted(Path(json.loads(line)["file"]).name for line in out.splitlines())
-    assert predicted == sorted(["good face.png", "rgba.png", "gray16.png", "cmyk.jpg", "palette.png",
-                                "exif-rotated.jpg", "ñame with spaces é.png"])
+    assert predicted == sorted(
+        [
+            "good face.png",
+            "rgba.png",
+            "gray16.png",
+            "cmyk.jpg",
+            "palette.png",
+            "exif-rotated.jpg",
+            "ñame with spaces é.png",
+        ]
+    )
     named = sorted(Path(line.split(": ")[1]).name for line in err.splitlines() if line.startswith("error:"))
     assert named == ["bomb.png", "empty.jpg", "one-pixel.png", "text.jpg", "truncated.png"]
 
@@ -356,8 +393,9 @@ def test_cli_predict_text_output_and_flat(trained, tmp_path, capsys):
     code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect"], capsys)
     assert code == 0 and err == ""
     assert out.startswith(str(paths[0])) and "neighborhood" in out
-    code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect", "--flat",
-                           "--json"], capsys)
+    code, out, err = _cli(
+        ["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect", "--flat", "--json"], capsys
+    )
     assert code == 0
     rec = json.loads(out)
     assert rec["emotion"] in CLASSES and "valence" not in rec
@@ -409,6 +447,7 @@ def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, caps
     """scikit-image ships NASA's portrait of astronaut Eileen Collins (public domain): a real
     512x512 colour photograph with one face, whose box is known."""
     from skimage import data  # in the test extra; bundled with the wheel, no download
+
     photo = tmp_path / "astronaut portrait.jpg"
     Image.fromarray(data.astronaut()).save(photo, quality=90)
     code, out, err = _cli(["predict", str(photo), "--run", str(trained["run"]), "--json"], capsys)
@@ -420,14 +459,20 @@ def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, caps
     assert -1 <= rec["valence"] <= 1 and -1 <= rec["arousal"] <= 1 and rec["expert_classes"]
 
 
-
 def _reopen(trained, run, *extra):
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     exp = trained["exp"]
-    cfg = load_config(None, [f"{sec}.{k}={json.dumps(v)}" for sec in ("data", "model", "train")
-                             for k, v in dataclasses.asdict(getattr(exp.cfg, sec)).items()
-                             if not isinstance(v, dict)] + ["experts.min_count=5", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"{sec}.{k}={json.dumps(v)}"
+            for sec in ("data", "model", "train")
+            for k, v in dataclasses.asdict(getattr(exp.cfg, sec)).items()
+            if not isinstance(v, dict)
+        ]
+        + ["experts.min_count=5", *extra],
+    )
     return open_experiment(cfg, run, log=lambda m: None, progress=False)
 
 
@@ -454,8 +499,9 @@ def test_a_stage_cannot_build_on_its_own_trunk(trained, run_copy):
 
 
 def test_compare_refuses_a_config_of_another_input_size(trained, run_copy, capsys):
-    code, out, err = _cli(["compare", "--run", str(run_copy), "--set", "data.format=synthetic",
-                           "--set", "data.image_size=48"], capsys)
+    code, out, err = _cli(
+        ["compare", "--run", str(run_copy), "--set", "data.format=synthetic", "--set", "data.image_size=48"], capsys
+    )
     assert code == 2 and "data.image_size = 48" in err and "Traceback" not in err
 
 
@@ -493,7 +539,7 @@ def test_an_interrupted_expert_refit_leaves_the_working_experts(trained, run_cop
     assert sum("already trained" in m for m in logs) == 1  # the expert finished before the interruption
     assert not (run_copy / ".experts.new").exists()
     assert not (run_copy / "router").exists()  # calibrated for the old neighborhoods: gone with them
-    from ensemble.predictors import calibrate_router
+    from ensemble.routing import calibrate_router
 
     calibrate_router(exp, log=logs.append)
     HierarchicalPredictor.load(run_copy).predict_proba(_test_faces(trained, 2)[0])
@@ -528,7 +574,9 @@ def test_predictors_take_one_image_or_arrays(trained):
 
 def test_cli_predict_flat_with_a_router_is_refused(trained, tmp_path, capsys):
     paths, _ = _test_faces(trained, 1)
-    code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--flat", "--router", "soft"], capsys)
+    code, out, err = _cli(
+        ["predict", str(paths[0]), "--run", str(trained["run"]), "--flat", "--router", "soft"], capsys
+    )
     assert code == 2 and "--flat" in err and "Traceback" not in err
 
 
@@ -539,3 +587,43 @@ def test_cli_compare_writes_only_into_its_report_folder(trained, run_copy, tmp_p
     assert code == 0, err
     assert (rep / "report.md").is_file() and (rep / "config.json").is_file()
     assert _sha256(run_copy / "config.json") == before
+
+
+def trained_experts_classes(trained) -> list[list[str]]:
+    return [e["classes"] for e in sorted(trained["experts"]["experts"], key=lambda e: e["region"])]
+
+
+def test_router_without_validation_faces_keeps_the_configured_mode_and_temperature(trained, tmp_path):
+    from ensemble.config import DEFAULT_TEMPERATURE, RouterConfig
+    from ensemble.routing import calibrate_router
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained["run"], run_copy)
+    exp = trained["exp"]
+    manifest = exp.manifest.copy()
+    manifest.loc[manifest["split"] == "val", "split"] = "unused"  # no validation faces
+    for mode, temperature, want_mode, want_t in (
+        ("hard", 0.3, "hard", 0.3),
+        ("auto", 0.0, "soft", DEFAULT_TEMPERATURE),
+    ):
+        cfg = dataclasses.replace(exp.cfg, router=RouterConfig(mode=mode, temperature=temperature))
+        logs = []
+        result = calibrate_router(dataclasses.replace(exp, cfg=cfg, run=run_copy, manifest=manifest), logs.append)
+        assert (result["mode"], result["temperature"]) == (want_mode, want_t)
+        assert any("no validation faces" in m and want_mode in m for m in logs), logs
+        saved = json.loads((run_copy / "router" / "router.json").read_text())
+        assert (saved["mode"], saved["temperature"]) == (want_mode, want_t)
+        hp = HierarchicalPredictor.load(run_copy)
+        assert hp.mode == want_mode and hp.net.posterior.temperature == pytest.approx(want_t)
+
+
+def test_fit_experts_without_stage1_is_refused_before_anything_trains(trained, tmp_path):
+    from ensemble.routing import fit_experts_and_router
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(trained["run"] / "flat", run / "flat")
+    exp = _reopen(trained, run, 'experts.train_on="true_va"')
+    with pytest.raises(UserError, match="fit-experts needs stage 1.*fit-stage1 first"):
+        fit_experts_and_router(exp, log=lambda m: None)
+    assert not any((run / name).exists() for name in ("neighborhoods", "experts", ".experts.new", "router"))

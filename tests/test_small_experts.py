@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import write_image
+
 from ensemble.config import load_config
 from stages.neighborhoods import complete_membership, membership
 
@@ -36,7 +36,7 @@ def test_a_neighborhood_without_faces_is_merged_with_the_nearest():
 def test_fit_experts_on_small_data_with_a_tied_class_is_not_fatal(tmp_path):
     """The issue's scenario: about 200 training faces, experts.min_count = 20, a class split
     19 / 18 between two regions; before, 'error: expert 1: no training faces in its neighborhood'."""
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from stages.experts import fit_experts
 
     rng = np.random.default_rng(0)
@@ -55,11 +55,25 @@ def test_fit_experts_on_small_data_with_a_tied_class_is_not_fatal(tmp_path):
     add("happy", 4, (0.8, 0.5), "val", "vh")
     add("surprise", 4, (-0.8, -0.5), "val", "vs")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    cfg = load_config(None, ["data.format=csv", f"data.root={str(tmp_path / 'm.csv')!r}",
-                             f"data.cache_dir={str(tmp_path / 'cache')!r}", "data.image_size=16",
-                             "model.backbone=tinyvgg", "model.hidden=8", "train.epochs=1", "train.batch_size=32",
-                             "train.device=cpu", "train.precision=fp32", "neighborhoods.k=2",
-                             "neighborhoods.method=kmeans", "experts.min_count=20", "experts.train_on=true"])
+    cfg = load_config(
+        None,
+        [
+            "data.format=csv",
+            f"data.root={str(tmp_path / 'm.csv')!r}",
+            f"data.cache_dir={str(tmp_path / 'cache')!r}",
+            "data.image_size=16",
+            "model.backbone=tinyvgg",
+            "model.hidden=8",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "neighborhoods.k=2",
+            "neighborhoods.method=kmeans",
+            "experts.min_count=20",
+            "experts.train_on=true_va",
+        ],
+    )
     logs = []
     exp = open_experiment(cfg, tmp_path / "run", log=logs.append, progress=False)
     index = fit_experts(exp, log=logs.append)

@@ -1,4 +1,4 @@
-"""``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
+"""Bodies of CLI commands too long for cli.py. ``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def _walk(paths) -> tuple[list[Path], list[Path]]:
     return files, skipped
 
 
-def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool,
-                batch_size: int = 32) -> int:
+def run_predict(
+    paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool, batch_size: int = 32
+) -> int:
     """Predict every face; returns the number of files that failed."""
     from .crop import crop_box, crop_margin
     from .faces import detect_faces
@@ -37,8 +38,11 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
     margin = crop_margin(model.meta)  # frame detected faces as the model's training crops were
     files, skipped = _walk(paths)
     if skipped:
-        click.echo(f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
-                   f"(e.g. {', '.join(shown(f) for f in skipped[:3])})", err=True)
+        click.echo(
+            f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
+            f"(e.g. {', '.join(shown(f) for f in skipped[:3])})",
+            err=True,
+        )
     if not files:
         raise UserError("no image files to predict")
     failed = 0
@@ -54,22 +58,38 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
         else:
             va, ep = model.parts_from_input(x)
             proba, w = model.route(va, ep)
-            extra = [{"valence": round(float(v[0]), 4), "arousal": round(float(v[1]), 4),
-                      "neighborhood": int(r), "expert": int(r),
-                      "expert_classes": model.expert_classes[int(r)]} for v, r in zip(va, w.argmax(1))]
+            extra = [
+                {
+                    "valence": round(float(v[0]), 4),
+                    "arousal": round(float(v[1]), 4),
+                    "neighborhood": int(r),  # one expert per neighborhood: its classes follow
+                    "expert_classes": model.expert_classes[int(r)],
+                }
+                for v, r in zip(va, w.argmax(1))
+            ]
         for (f, box), p, e in zip(where, proba, extra):
             top = np.argsort(-p)[:3]
-            rec = {"file": str(f), "box": list(box) if box else None, "emotion": CLASSES[top[0]],
-                   "probability": round(float(p[top[0]]), 4),
-                   "top3": [[CLASSES[i], round(float(p[i]), 4)] for i in top], **e}
+            rec = {
+                "file": str(f),
+                "box": list(box) if box else None,
+                "emotion": CLASSES[top[0]],
+                "probability": round(float(p[top[0]]), 4),
+                "top3": [[CLASSES[i], round(float(p[i]), 4)] for i in top],
+                **e,
+            }
             if as_json:
                 click.echo(json.dumps(rec))
             else:
-                va_txt = (f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
-                          if e else "")
+                va_txt = (
+                    f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
+                    if e
+                    else ""
+                )
                 box_txt = f" [{','.join(map(str, box))}]" if box else ""
-                click.echo(f"{shown(f)}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
-                           f"(then {CLASSES[top[1]]} {p[top[1]]:.2f}, {CLASSES[top[2]]} {p[top[2]]:.2f}){va_txt}")
+                click.echo(
+                    f"{shown(f)}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
+                    f"(then {CLASSES[top[1]]} {p[top[1]]:.2f}, {CLASSES[top[2]]} {p[top[2]]:.2f}){va_txt}"
+                )
         faces.clear()
         where.clear()
 
@@ -89,8 +109,11 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
         except UserError:
             raise  # no detector at all: one line for the whole command
         except Exception as exc:  # noqa: BLE001 - a detector failing on one image must not stop the others
-            click.echo(f"error: {shown(f)}: face detection failed ({type(exc).__name__}: "
-                       f"{(str(exc).strip().splitlines() or [''])[-1][:120]})", err=True)
+            click.echo(
+                f"error: {shown(f)}: face detection failed ({type(exc).__name__}: "
+                f"{(str(exc).strip().splitlines() or [''])[-1][:120]})",
+                err=True,
+            )
             failed += 1
             continue
         if not boxes:
