@@ -23,6 +23,7 @@ import torch
 
 from .errors import UserError
 from .files import swap_into_place, write_json  # noqa: F401  (write_json re-exported)
+from .meta_schema import check_meta
 
 META = "meta.json"
 
@@ -118,8 +119,7 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{meta_file} is not valid JSON; the artifact is damaged") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
-        raise UserError(f"{meta_file} is not an artifact description; the artifact is damaged")
+    check_meta(meta, meta_file)  # before any listed file is touched
     listed = meta.get("files", {})
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.name != META and not f.name.startswith(".") and f.name not in listed:

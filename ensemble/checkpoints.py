@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,20 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path, fingerprint: dict, desc: str) -> dict:
     """The checkpoint at ``path``, after checking it was started with ``fingerprint``; a
-    difference is refused in one line naming the first settings that changed."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    difference is refused in one line naming the first settings that changed. A truncated,
+    pickled or foreign file is refused in one line too; nothing in it runs."""
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for this user
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or not isinstance(ck.get("fingerprint", {}), dict):
+            raise TypeError("not a checkpoint of this tool")
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(
+            f"{desc}: cannot resume from {path}: not a readable checkpoint ({first}); "
+            f"delete it, or run without --resume to start fresh"
+        ) from None
     old = ck.get("fingerprint", {})
     changed = [k for k in sorted(set(fingerprint) | set(old)) if fingerprint.get(k) != old.get(k)]
     if changed:
@@ -75,6 +88,14 @@ def load_checkpoint(path: Path, fingerprint: dict, desc: str) -> dict:
             + "; resume with the same config, or start afresh without --resume"
         )
     return ck
+
+
+def damaged_checkpoint(path: Path, desc: str, exc: Exception) -> UserError:
+    """The one-line error for a checkpoint that loads but lacks, or mis-shapes, what resuming needs."""
+    return UserError(
+        f"{desc}: cannot resume from {path}: the checkpoint is damaged or incomplete "
+        f"({type(exc).__name__}: {str(exc)[:100]}); delete it, or run without --resume to start fresh"
+    )
 
 
 def write_history(history: list[dict], path: Path) -> None:

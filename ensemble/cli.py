@@ -93,7 +93,9 @@ def summary_cmd(config_file, overrides, fmt, root, as_json, no_verify, strict):
 @cli.command("prepare", short_help="Decode, crop and resize every image once into shards.")
 @CONFIG
 @SET
-@click.option("--workers", type=int, default=None, help="Decoder processes (default: data.num_workers).")
+@click.option(
+    "--workers", type=click.IntRange(0, 256), default=None, help="Decoder processes, 0-256 (default: data.num_workers)."
+)
 def prepare_cmd(config_file, overrides, workers):
     """Write the uint8 shard that training and evaluation read (it is also built on first use)."""
     from .config import load_config

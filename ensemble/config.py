@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 import warnings
@@ -185,6 +186,9 @@ class Config:
         return cfg
 
 
+#: more decoder processes than this is a typo, not a machine (``prepare --workers``, ``data.num_workers``)
+MAX_WORKERS = 256
+
 _SECTION_TYPES = {f.name: f.type for f in fields(Config)}
 
 
@@ -198,6 +202,9 @@ class _SetValue:
     def __init__(self, parsed: Any, raw: str):
         self.parsed, self.raw = parsed, raw
 
+    def __repr__(self) -> str:  # error messages show what the user typed
+        return self.raw.strip()
+
 
 def _check_value(value: Any, expected: Any, where: str) -> Any:
     if typing.get_origin(expected) is Literal:  # its choices are a rule (_RULES); the type is text
@@ -208,7 +215,9 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
         else:
             value = value.parsed
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key {where} = {value!r} must be a finite number")
     if expected is dict:
         if not isinstance(value, dict):
             raise UserError(f"config key {where}: expected a table, got {value!r}")
@@ -260,7 +269,7 @@ def _weights_table(v):
     for k, w in v.items():
         if problem := _unknown_class(k):
             return problem
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             return f"gives {k} the weight {w!r}; weights are numbers >= 0"
     return None
 
@@ -305,7 +314,7 @@ _RULES: dict[type, dict[str, Any]] = {
         "prototypes": _prototypes_table,
         "n_synthetic": _range(80),
         "synthetic_size": _range(16, 1024),
-        "num_workers": _range(0),
+        "num_workers": _range(0, MAX_WORKERS),
     },
     ModelConfig: {
         "backbone": _backbone,
@@ -321,12 +330,12 @@ _RULES: dict[type, dict[str, Any]] = {
         "weight_decay": _range(0),
         "step_size": _range(1),
         "gamma": _range(0, lo_open=True),
-        "warmup_epochs": _range(0),
+        "warmup_epochs": _range(0, 1000),
         "patience": _range(0),
         "label_smoothing": _range(0, 1, hi_open=True),
         "crop_scale": _range(0, 0.5),
         "device": _device,
-        "threads": _range(0),
+        "threads": _range(0, 4096),
         "max_minutes": _range(0),
         "transform_views": _range(1, 64),
     },

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .batches import StageData, epoch_plan, image_batches, make_loader, normalize, to_input
-from .checkpoints import load_checkpoint, resume_fingerprint, save_checkpoint, write_history
+from .checkpoints import damaged_checkpoint, load_checkpoint, resume_fingerprint, save_checkpoint, write_history
 from .errors import UserError
 from .feature_cache import feature_batches, feature_cache
 from .runtime import Runtime, StopOnSigterm
@@ -342,12 +342,16 @@ def _resume(run: _Run, tracker: BestTracker, ckpt_path: Path, fingerprint: dict,
         _say(run.rt, log, f"{run.desc}: no checkpoint in {ckpt_path.parent}, starting fresh")
         return [], 0
     ck = load_checkpoint(ckpt_path, fingerprint, run.desc)
-    run.net.load_state_dict(ck["model"])
-    run.optim.load_state_dict(ck)
-    tracker.load_state_dict(ck)
-    torch.set_rng_state(ck["rng_cpu"])
-    _say(run.rt, log, f"{run.desc}: resumed after epoch {ck['epoch'] + 1}")
-    return ck["history"], ck["epoch"] + 1
+    try:
+        run.net.load_state_dict(ck["model"])
+        run.optim.load_state_dict(ck)
+        tracker.load_state_dict(ck)
+        torch.set_rng_state(ck["rng_cpu"])
+        history, start = ck["history"], ck["epoch"] + 1
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise damaged_checkpoint(ckpt_path, run.desc, exc) from None
+    _say(run.rt, log, f"{run.desc}: resumed after epoch {start}")
+    return history, start
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict:

@@ -19,6 +19,7 @@ import torch
 from .artifacts import state_digest
 from .batches import make_loader, normalize, to_input, warp
 from .errors import UserError
+from .paths import make_dir
 from .runtime import Runtime
 
 
@@ -50,7 +51,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
     and every expert built on one trunk share one cache. Returns one (n, C, h, w) array per view.
     """
     root = Path(images.cache_dir) / "features"
-    root.mkdir(parents=True, exist_ok=True)
+    make_dir(root, "data.cache_dir")
     frozen = net.trunk[: net.n_frozen_blocks]
     trunk_key = f"{state_digest(frozen)[:16]}-b{net.n_frozen_blocks}"
     out = []

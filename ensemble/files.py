@@ -14,23 +14,28 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``path``; on success flush, fsync and rename it onto ``path``.
-
-    On an exception (Ctrl-C included) the temporary file is removed and ``path`` is untouched.
-    ``mode``: "wb" or "w" (text, newline="" so csv writes what it means).
-    """
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the caller (or a library) to write; on success it is
+    fsynced and renamed onto ``path``. On an exception (Ctrl-C included) the temporary file is
+    removed and ``path`` is untouched. The one atomic write: :func:`atomic_write` opens it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path``; on success flush, fsync and rename it onto ``path``
+    (:func:`atomic_path`). ``mode``: "wb" or "w" (text, newline="" so csv writes what it means)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        yield f
 
 
 def write_json(path: Path, obj) -> None:

@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .data import ImageError, face_array, manifest_digest, row_box
+from .paths import make_dir
 
 
 def _decode(job):
@@ -70,7 +71,8 @@ def prepare_images(
     info_file = folder / "info.json"
     if info_file.is_file():
         return folder, json.loads(info_file.read_text())
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(Path(cache_dir), "data.cache_dir")
+    make_dir(folder.parent, "data.cache_dir")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -24,10 +24,21 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     write report.md, metrics.json, metrics.csv, confusion PNGs."""
     idx = exp.idx(split)
     if len(idx) == 0:
-        fallback = next((s for s in (*TEST_SPLITS, SELECTION_SPLIT) if len(exp.idx(s))), SELECTION_SPLIT)
+        fallback = next((s for s in (*TEST_SPLITS, SELECTION_SPLIT) if len(exp.idx(s))), None)
+        if fallback is None:
+            from .errors import UserError
+
+            raise UserError(
+                f"compare: the data set has neither a {split} nor a {'val' if split != 'val' else 'test'} split "
+                f"to score on (set data.val_fraction, or add a {split} split)"
+            )
         note = " (the selection split: every choice was made on it, so the figures are optimistic)"
         log(f"compare: no {split} split in this data set; using {fallback}" + (note if fallback == "val" else ""))
         split, idx = fallback, exp.idx(fallback)
+    if not exp.images.ok[idx].any():
+        from .errors import UserError
+
+        raise UserError(f"compare: none of the {len(idx)} {split} image(s) could be read")
     idx = idx[exp.images.ok[idx]]
     out = Path(out) if out else exp.run / "reports"
     out.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,33 @@ class EmotionNet(nn.Module):
         return self
 
 
+def trainable_counts(net: nn.Module) -> dict:
+    """Weight layers (convolutions and linear layers; batch norms not counted) and parameters,
+    in all and trainable: what ``model.trainable`` leaves to learn."""
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    params = list(net.parameters())
+    return {
+        "n_weight_layers": len(layers),
+        "n_trainable_layers": sum(m.weight.requires_grad for m in layers),
+        "n_params": sum(p.numel() for p in params),
+        "n_trainable_params": sum(p.numel() for p in params if p.requires_grad),
+    }
+
+
+def describe_trainable(counts: dict) -> str:
+    """One line: '12 of 16 weight layers, 134.0M of 134.3M parameters (99.8%) trainable'."""
+    share = counts["n_trainable_params"] / max(1, counts["n_params"])
+    return (
+        f"{counts['n_trainable_layers']} of {counts['n_weight_layers']} weight layers, "
+        f"{_millions(counts['n_trainable_params'])} of {_millions(counts['n_params'])} parameters "
+        f"({share:.1%}) trainable"
+    )
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
 def build_head(
     kind: str, in_channels: int, n_out: int, hidden: int, dropout: float, classifier: nn.Module | None = None
 ) -> nn.Module:

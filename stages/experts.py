@@ -30,7 +30,7 @@ from ensemble.files import atomic_write, swap_into_place, write_json
 from ensemble.tasks import CLASSIFY, VA_REGRESSION
 
 from .flat import ensure_flat_trunk
-from .neighborhoods import VANeighborhoods, membership, plot_va_map
+from .neighborhoods import VANeighborhoods, complete_membership, membership, plot_va_map
 from .neural import build_stage_net, load_network, train_network
 from .stage1 import va_targets
 
@@ -182,13 +182,17 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
     counts = np.zeros((k, len(CLASSES)), np.int64)
     for r in range(k):
         np.add.at(counts[r], labels[tr][in_tr[:, r]], 1)
-    members = membership(counts, nbh.min_share, ec.min_count)
+    members, merged, notes = complete_membership(
+        membership(counts, nbh.min_share, ec.min_count), counts, nbh.centers_, CLASSES
+    )
+    for note in notes:
+        log(note)
     regions = []
     for r in range(k):
-        cls = members[r]
-        t = np.flatnonzero(in_tr[:, r] & np.isin(labels[tr], cls))
-        v = np.flatnonzero(in_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
-        true_v = np.flatnonzero(true_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
+        cls, src = members[r], merged.get(r, r)  # a merged neighborhood learns from its target's faces
+        t = np.flatnonzero(in_tr[:, src] & np.isin(labels[tr], cls))
+        v = np.flatnonzero(in_vi[:, src] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
+        true_v = np.flatnonzero(true_vi[:, src] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
         regions.append(
             {
                 "id": r,
@@ -196,7 +200,7 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
                 "train_pos": t,
                 "val_pos": v,
                 "true_val_pos": true_v,  # the expert against the restricted flat model, inside its true neighborhood
-                "counts": {CLASSES[c]: int(counts[r, c]) for c in cls},
+                "counts": {CLASSES[c]: int(counts[src, c]) for c in cls},
             }
         )
     return {"train_on": ec.train_on, "regions": regions}

@@ -17,11 +17,20 @@ import torch
 
 from ensemble.artifacts import StageWriter, load_weights, read_meta
 from ensemble.checkpoints import resume_fingerprint
+from ensemble.crop import training_crop
 from ensemble.engine import FitResult, StageData, evaluate, fit
 from ensemble.errors import UserError
 from ensemble.tasks import Task
 
-from .backbones import EmotionNet, build_model, check_input_size, normalization, state_digest
+from .backbones import (
+    EmotionNet,
+    build_model,
+    check_input_size,
+    describe_trainable,
+    normalization,
+    state_digest,
+    trainable_counts,
+)
 
 
 def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
@@ -87,6 +96,10 @@ def train_network(
     if init_head is not None:
         net.head.load_state_dict(init_head)
     check_input_size(net, cfg.data.image_size, src_meta.get("backbone", cfg.model.backbone))
+    counts = trainable_counts(net)
+    if rt.is_main:
+        trainable = "head" if cfg.model.trunk_from else cfg.model.trainable
+        log(f"{name}: model.trainable = {trainable!r}: {describe_trainable(counts)}")
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
         if src_meta["input_size"] != cfg.data.image_size:
@@ -148,6 +161,8 @@ def train_network(
             "seed": cfg.train.seed,
             "best_epoch": result.best_epoch,
             "n_train": int(len(data.train_idx)),
+            **counts,
+            "crop": training_crop(data.images.boxes[i] for i in data.train_idx.tolist()),
             **(extra_meta or {}),
         }
         writer.publish(meta)
