@@ -150,6 +150,9 @@ class ExpertsConfig(StageOverrides):
 class RouterConfig:
     mode: Literal["auto", "hard", "soft"] = "auto"  # auto (best on the selection split) | hard | soft
     temperature: float = 0.0  # soft routing temperature; 0 = fitted on the selection split
+    inputs: Literal["auto", "va", "va+flat"] = (
+        "va"  # what routes: stage 1's V/A | V/A times the flat model's probability of each neighborhood's classes (HD-CNN) | auto: the better on the selection split
+    )
     alpha: float = -1.0  # final p ~ p_flat^alpha * p_hier^(1-alpha): 1 = the flat model, 0 = the hierarchy alone; -1 = chosen on the selection split
     logit_adjust: Literal["auto", "off"] = (
         "auto"  # auto: subtract tau * log(class prior), tau chosen on the selection split (0 allowed), for flat and hierarchy alike | off

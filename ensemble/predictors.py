@@ -210,7 +210,7 @@ class HierarchicalPredictor(_Base):
             raise UserError(f"router must be hard or soft, got {mode!r}")
         post = RegionPosterior(nbh, rinfo.get("temperature", DEFAULT_TEMPERATURE))
         flat_head, flat_key = None, None
-        if rinfo.get("alpha"):  # the flat model is mixed in (ensemble.combine): the one it was chosen with
+        if rinfo.get("alpha") or rinfo.get("inputs") == "va+flat":  # the flat model is used: the one it was chosen with
             flat, mf = load_network(run / "flat", run, sources)
             if mf["files"]["weights.pt"] != rinfo.get("flat_weights_sha256") or mf["input_size"] != m1["input_size"]:
                 raise UserError(
@@ -231,6 +231,7 @@ class HierarchicalPredictor(_Base):
             alpha=rinfo.get("alpha", 0.0),
             tau=rinfo.get("tau", 0.0),
             log_prior=rinfo.get("log_prior"),
+            inputs=rinfo.get("inputs", "va"),
         )
         return cls(net, nbh, m1, rinfo, device)
 
@@ -255,10 +256,12 @@ class HierarchicalPredictor(_Base):
         mode: str | None = None,
         true_va: np.ndarray | None = None,
         final: bool = True,
+        p_flat: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Final (n, 8) probabilities and region weights (n, k) under a router mode; ``expert_probs``
         as :meth:`parts_from_input` gives them. ``final=False``: the hierarchy alone, without the
-        flat model's share or the logit adjustment the run chose."""
+        flat model's share or the logit adjustment the run chose. ``p_flat``: the flat model's (n, 8)
+        for routing on ``inputs = "va+flat"`` when ``expert_probs`` does not carry them."""
         mode = mode or self.mode
         if mode not in MODES:
             raise UserError(f"router must be one of {', '.join(MODES)}, got {mode!r}")
@@ -269,7 +272,10 @@ class HierarchicalPredictor(_Base):
                 torch.as_tensor(self.nbh.predict(true_va), dtype=torch.long), self.nbh.k_
             ).float()
         else:
-            w = self.net.weights(torch.as_tensor(va, dtype=torch.float32, device=self.device), mode).cpu()
+            _, pf = self.net.split(torch.as_tensor(expert_probs, dtype=torch.float32, device=self.device))
+            if pf is None and p_flat is not None:
+                pf = torch.as_tensor(p_flat, dtype=torch.float32, device=self.device)
+            w = self.net.weights(torch.as_tensor(va, dtype=torch.float32, device=self.device), mode, pf).cpu()
         ep, pf = self.net.split(torch.as_tensor(expert_probs, dtype=torch.float32))
         p = HierarchyNet.mix(w, ep)
         if final:

@@ -69,6 +69,7 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     probs["mixed+la"] = final_proba(probs["mixed"], tau=tau, log_prior=lp)
     routing["mixed"] = routing["mixed+la"] = routing[hier.mode]
     metrics = {m: classification_metrics(y, probs[m].argmax(1), CLASSES) for m in MODELS}
+    by_inputs = _routing_by_inputs(hier, va, probs["flat"], true_region)
     pred = {m: probs[m].argmax(1) for m in MODELS}
     vs_flat = {
         m: {"baseline": base, **paired_bootstrap(y, pred[base], pred[m], n_resamples=n_resamples, seed=0)}
@@ -84,6 +85,8 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
         "flat_tau": flat_tau,
         "models": metrics,
         "routing_accuracy": routing,
+        "router_inputs": hier.net.inputs,
+        "routing_accuracy_by_inputs": by_inputs,
         "vs_flat": vs_flat,
         "stage1": stage1,
     }
@@ -97,6 +100,22 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     log(summary_table(result))
     log(f"report: {out / 'report.md'}")
     return result
+
+
+def _routing_by_inputs(hier, va: np.ndarray, p_flat: np.ndarray, true_region: np.ndarray) -> dict:
+    """Routing accuracy of hard and soft routing on V/A alone and on V/A with the flat model's evidence."""
+    out, chosen = {}, hier.net.inputs
+    try:
+        for inputs in ("va", "va+flat"):
+            hier.net.inputs = inputs
+            ep = np.zeros((len(hier.net.expert_heads), len(va), len(CLASSES)), np.float32)  # routing only
+            out[inputs] = {
+                mode: float((hier.route(va, ep, mode, p_flat=p_flat, final=False)[1].argmax(1) == true_region).mean())
+                for mode in ("hard", "soft")
+            }
+    finally:
+        hier.net.inputs = chosen
+    return out
 
 
 def _write_csv(path: Path, metrics: dict, routing: dict) -> None:
@@ -127,6 +146,14 @@ def summary_table(result: dict) -> str:
             f"{_pct(result['routing_accuracy'].get(m)):>7}  "
             + " ".join(f"{_pct(r['per_class_recall'][c]):>7}" for c in CLASSES)
         )
+    lines.append(
+        "routing accuracy by router input (%): "
+        + "; ".join(
+            f"{i}: hard {_pct(r['hard'])}, soft {_pct(r['soft'])}"
+            for i, r in result["routing_accuracy_by_inputs"].items()
+        )
+        + f" (the run routes on {result['router_inputs']})"
+    )
     lines += _interval_lines(result)
     s = result["stage1"]
     lines.append(
@@ -191,6 +218,13 @@ def render_report(result: dict, run: Path) -> str:
             f"RMSE valence {s['rmse_valence']:.3f}, arousal {s['rmse_arousal']:.3f}; CCC valence {s['ccc_valence']:.3f}, "
             f"arousal {s['ccc_arousal']:.3f}; PCC {s['pcc_valence']:.3f} / {s['pcc_arousal']:.3f}; "
             f"SAGR {s['sagr_valence']:.3f} / {s['sagr_arousal']:.3f}.",
+            "",
+            "Routing accuracy by router input (%): "
+            + "; ".join(
+                f"{i}: hard {_pct(r['hard'])}, soft {_pct(r['soft'])}"
+                for i, r in result["routing_accuracy_by_inputs"].items()
+            )
+            + f"; the run routes on **{result['router_inputs']}**.",
             "",
             "## Hierarchy − flat (paired bootstrap)",
             "",

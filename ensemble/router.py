@@ -71,6 +71,7 @@ class HierarchyNet(nn.Module):
         alpha: float = 0.0,
         tau: float = 0.0,
         log_prior=None,
+        inputs: str = "va",
     ):
         super().__init__()
         self.trunks = nn.ModuleDict(trunks)
@@ -89,7 +90,11 @@ class HierarchyNet(nn.Module):
         self.posterior = posterior
         self.mode = mode
         # the final distribution (ensemble.combine): the flat model's head runs only when alpha > 0
-        self.flat_head, self.flat_trunk = (flat_head, flat_trunk) if alpha else (None, None)
+        self.inputs = inputs  # "va": route on stage 1's V/A; "va+flat": also on the flat model's class evidence
+        uses_flat = alpha or inputs == "va+flat"
+        self.flat_head, self.flat_trunk = (flat_head, flat_trunk) if uses_flat else (None, None)
+        # (k, 8): 1 where a class belongs to a neighborhood's expert
+        self.register_buffer("members", torch.stack([m.sum(0) for m in maps]) if maps else torch.zeros(0, len(CLASSES)))
         self.alpha, self.tau = float(alpha), float(tau)
         self.register_buffer("log_prior", torch.as_tensor(log_prior if tau else [0.0] * len(CLASSES)).float())
 
@@ -119,8 +124,13 @@ class HierarchyNet(nn.Module):
         """The final distribution from the hierarchy's (n, 8) (and the flat model's, when mixed in)."""
         return final_proba(p_hier, p_flat, self.alpha if p_flat is not None else 0.0, self.tau, self.log_prior)
 
-    def weights(self, va: torch.Tensor, mode: str) -> torch.Tensor:
+    def weights(self, va: torch.Tensor, mode: str, p_flat: torch.Tensor | None = None) -> torch.Tensor:
+        """Region weights (n, k): P(neighborhood | V/A), times (``inputs = "va+flat"``) HD-CNN's
+        r_n = Σ_{c ∈ n} p_flat(c | x), renormalised; one-hot of the largest for ``hard``."""
         post = self.posterior(va)
+        if self.inputs == "va+flat" and p_flat is not None:
+            post = post * (p_flat.to(post.dtype) @ self.members.T)
+            post = post / post.sum(1, keepdim=True).clamp_min(1e-12)
         if mode == "soft":
             return post
         return torch.nn.functional.one_hot(post.argmax(1), post.shape[1]).to(post.dtype)
@@ -133,7 +143,7 @@ class HierarchyNet(nn.Module):
     def forward(self, x: torch.Tensor):
         va, probs = self.parts(x)
         ep, pf = self.split(probs)
-        w = self.weights(va, self.mode)
+        w = self.weights(va, self.mode, pf)
         return self.finish(self.mix(w, ep), pf), va, w
 
 

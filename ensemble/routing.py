@@ -39,8 +39,9 @@ def fit_experts_and_router(exp, resume: bool = False, log=print) -> dict:
 def calibrate_router(exp, log=print) -> dict:
     """Make the router's choices on the selection split (``val``, never a test split); write ``RUN/router``.
 
-    In order: the soft router's temperature (``router.temperature`` when not 0, else fitted), the
-    mode (``router.mode``; ``auto`` picks the better), the flat model's weight α in the final
+    In order: the soft router's temperature (``router.temperature`` when not 0, else fitted), what
+    routes and how (``router.inputs``: V/A, or V/A with the flat model's class evidence;
+    ``router.mode``; ``auto`` picks the better), the flat model's weight α in the final
     distribution (``router.alpha``; -1: chosen, ties to the flat model) and the logit adjustment
     τ (``router.logit_adjust = "auto"``: chosen, for the hierarchy and, separately, for the flat
     model; ties to none). Without selection faces nothing can be fitted or compared: the
@@ -62,6 +63,7 @@ def calibrate_router(exp, log=print) -> dict:
         "temperature": hp.net.posterior.temperature,
         "val": {},
         "neighborhoods_sha256": neighborhoods_sha(exp.run / "neighborhoods"),
+        "inputs": "va",
         "alpha": 0.0,
         "tau": 0.0,
         "flat_tau": 0.0,
@@ -73,6 +75,7 @@ def calibrate_router(exp, log=print) -> dict:
         result["temperature"] = rc.temperature or DEFAULT_TEMPERATURE
         result["mode"] = "soft" if rc.mode == "auto" else rc.mode
         result["alpha"] = rc.alpha if rc.alpha > 0 and has_flat else 0.0
+        result["inputs"] = "va+flat" if rc.inputs == "va+flat" and has_flat else "va"
         log(
             f"router: no validation faces, nothing to fit or compare: {result['mode']} routing, temperature "
             f"{result['temperature']:g} ({'router.temperature' if rc.temperature else 'the default'}), "
@@ -87,28 +90,44 @@ def calibrate_router(exp, log=print) -> dict:
         else:
             result["temperature"] = fit_temperature(hp.net.posterior, va, hp.nbh.predict(true_va))
         y = labels[vi]
-        for mode in ("hard", "soft"):
-            p, _ = hp.route(va, ep, mode, final=False)
-            result["val"][mode] = classification_metrics(y, p.argmax(1), CLASSES)["balanced_accuracy"]
-        result["mode"] = max(("hard", "soft"), key=lambda m: result["val"][m]) if rc.mode == "auto" else rc.mode
+        p_flat = None
+        if has_flat:
+            flat = FlatPredictor.load(exp.run, device=str(exp.rt.device))
+            p_flat = flat.proba_from_input(uint8_to_input(faces, flat.mean, flat.std))
+        inputs = ("va", "va+flat") if rc.inputs == "auto" else (rc.inputs,)
+        if p_flat is None and "va+flat" in inputs:
+            if rc.inputs == "va+flat":
+                log('router: router.inputs = "va+flat" but the run has no flat model: routing on V/A alone')
+            inputs = ("va",)
+        modes = ("hard", "soft") if rc.mode == "auto" else (rc.mode,)
+        scores = {}
+        for inp in inputs:
+            hp.net.inputs = inp
+            for mode in ("hard", "soft"):
+                p, _ = hp.route(va, ep, mode, final=False, p_flat=p_flat)
+                scores[(inp, mode)] = classification_metrics(y, p.argmax(1), CLASSES)["balanced_accuracy"]
+        result["val"] = {mode: scores[(inputs[0], mode)] for mode in ("hard", "soft")}
+        result["val_inputs"] = {inp: {mode: scores[(inp, mode)] for mode in ("hard", "soft")} for inp in inputs}
+        result["inputs"], result["mode"] = max(
+            ((i, m) for i in inputs for m in modes), key=lambda im: scores[im]
+        )  # ties: V/A alone, then hard
         log(
-            f"router: validation balanced accuracy hard {result['val']['hard']:.4f}, soft {result['val']['soft']:.4f}"
-            f" (T={result['temperature']:.3g}) -> {result['mode']}"
+            "router: validation balanced accuracy "
+            + "; ".join(f"{i}: hard {scores[(i, 'hard')]:.4f}, soft {scores[(i, 'soft')]:.4f}" for i in inputs)
+            + f" (T={result['temperature']:.3g}) -> {result['inputs']}, {result['mode']}"
         )
-        _choose_final(exp, result, faces, y, hp.route(va, ep, result["mode"], final=False)[0], has_flat, log)
+        hp.net.inputs = result["inputs"]
+        p_hier = hp.route(va, ep, result["mode"], final=False, p_flat=p_flat)[0]
+        _choose_final(exp, result, y, p_hier, p_flat, log)
     writer = StageWriter(exp.run / "router")
     writer.json("router.json", result)
     writer.publish({"stage": "router", **result})
     return result
 
 
-def _choose_final(exp, result: dict, faces: np.ndarray, y: np.ndarray, p_hier: np.ndarray, has_flat: bool, log) -> None:
+def _choose_final(exp, result: dict, y: np.ndarray, p_hier: np.ndarray, p_flat: np.ndarray | None, log) -> None:
     """α (the flat model's weight) and then τ (logit adjustment) on the selection faces, into ``result``."""
     rc = exp.cfg.router
-    p_flat = None
-    if has_flat:
-        flat = FlatPredictor.load(exp.run, device=str(exp.rt.device))
-        p_flat = flat.proba_from_input(uint8_to_input(faces, flat.mean, flat.std))
     if p_flat is None:
         if rc.alpha > 0:
             log(f"router: router.alpha = {rc.alpha:g} but the run has no flat model to mix in: the hierarchy alone")

@@ -311,3 +311,37 @@ def test_fit_temperature_leaves_gmm_alone(fitted):
     post = RegionPosterior(fitted["gmm"], temperature=0.7)
     assert fit_temperature(post, np.zeros((3, 2)), np.zeros(3, int)) == 0.7
     assert post.kind == "gmm"
+
+
+def test_va_plus_flat_routing_by_hand(fitted):
+    """HD-CNN's rule: P(n | V/A) · Σ_{c ∈ n} p_flat(c), renormalised; V/A alone without it."""
+    flat_head = nn.Linear(48, 8)
+    expert_classes = ([0, 1, 2], [2, 3, 4], [5])  # sad (2) in two neighborhoods
+    net = _tiny_hierarchy(fitted["kmeans"], expert_classes)
+    net = HierarchyNet(
+        {"t": nn.Flatten()},
+        net.stage1_head,
+        "t",
+        [net.expert_heads[0], net.expert_heads[1], None],
+        ["t"] * 3,
+        [list(c) for c in expert_classes],
+        net.posterior,
+        "soft",
+        flat_head=flat_head,
+        flat_trunk="t",
+        inputs="va+flat",
+    )
+    x = torch.randn(4, 3, 4, 4)
+    va, probs = net.parts(x)
+    ep, pf = net.split(probs)
+    assert ep.shape == (3, 4, 8) and pf.shape == (4, 8)  # the flat model rides along as the last row
+    post = net.posterior(va)
+    r = torch.stack([pf[:, [0, 1, 2]].sum(1), pf[:, [2, 3, 4]].sum(1), pf[:, 5]], dim=1)
+    want = post * r / (post * r).sum(1, keepdim=True)
+    torch.testing.assert_close(net.weights(va, "soft", pf), want)
+    torch.testing.assert_close(net.weights(va, "hard", pf).argmax(1), want.argmax(1))
+    proba, _, w = net(x)
+    torch.testing.assert_close(w, want)
+    torch.testing.assert_close(proba, HierarchyNet.mix(want, ep))  # alpha = 0: the hierarchy's own mixture
+    net.inputs = "va"
+    torch.testing.assert_close(net.weights(va, "soft", pf), post)

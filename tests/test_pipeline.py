@@ -308,6 +308,12 @@ def test_compare_report(trained):
             assert b[metric]["diff"] == pytest.approx(want)
             assert b[metric]["low"] <= b[metric]["diff"] <= b[metric]["high"]
     assert "paired bootstrap 95% (1000 resamples)" in text
+    # routing accuracy for each router input; the run's input is the one calibrated
+    assert set(result["routing_accuracy_by_inputs"]) == {"va", "va+flat"}
+    assert result["routing_accuracy_by_inputs"][result["router_inputs"]][result["router_default"]] == pytest.approx(
+        result["routing_accuracy"][result["router_default"]]
+    )
+    assert result["router_inputs"] == router["inputs"] == "va"  # router.inputs = "va", the default
     saved = json.loads((rep / "metrics.json").read_text())
     assert saved["vs_flat"]["soft"]["balanced_accuracy"]["low"] == pytest.approx(
         result["vs_flat"]["soft"]["balanced_accuracy"]["low"]

@@ -130,6 +130,7 @@ def _selections(run: Path, cache: Path, poison: bool) -> dict:
             f"data.cache_dir={json.dumps(str(cache))}",
             'experts.model.trunk_from="flat"',
             'stage1.model.trunk_from="flat"',
+            'router.inputs="auto"',
         ],
     )
     exp = open_experiment(cfg, run, log=lambda m: None, progress=False)
@@ -156,7 +157,7 @@ def _selections(run: Path, cache: Path, poison: bool) -> dict:
             + [read("experts", str(e["region"]), "meta.json").get("best_epoch") for e in index["experts"]],
             "neighborhoods": read("neighborhoods", "neighborhoods.json"),
             "membership": index,
-            "router": read("router", "router.json"),  # mode, temperature, alpha, tau, flat tau, their scores
+            "router": read("router", "router.json"),  # inputs, mode, temperature, alpha, tau, flat tau, scores
             "flat on val": read("flat", "metrics.json")["val"],
         },
         "test": (read("flat", "metrics.json")["test"], report["models"]),
