@@ -128,6 +128,7 @@ class NeighborhoodsConfig:
     k_max: int = 6  # automatic k: largest tried
     min_share: float = 0.15  # a class joins a neighborhood holding at least this share of its samples
     max_fit_samples: int = 20000  # clustering subsample (seeded) for speed; membership uses all
+    route_share: float = 0.0  # a class also joins every neighborhood stage 1 routes at least this share of its selection-split faces to (HD-CNN); 0 = off
 
 
 @dataclass
@@ -354,6 +355,7 @@ _RULES: dict[type, dict[str, Any]] = {
         "k_max": _range(2, 64),
         "min_share": _range(0, 1, lo_open=True),
         "max_fit_samples": _range(10),
+        "route_share": _range(0, 1, hi_open=True),
     },
     ExpertsConfig: {"oof_folds": _range(2, 20), "min_count": _range(1)},
     RouterConfig: {

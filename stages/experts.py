@@ -30,7 +30,7 @@ from ensemble.files import atomic_write, swap_into_place, write_json
 from ensemble.tasks import CLASSIFY, VA_REGRESSION
 
 from .flat import ensure_flat_trunk
-from .neighborhoods import VANeighborhoods, complete_membership, membership, plot_va_map
+from .neighborhoods import VANeighborhoods, complete_membership, membership, plot_va_map, routed_membership
 from .neural import build_stage_net, load_network, train_network
 from .stage1 import va_targets
 
@@ -182,9 +182,20 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
     counts = np.zeros((k, len(CLASSES)), np.int64)
     for r in range(k):
         np.add.at(counts[r], labels[tr][in_tr[:, r]], 1)
-    members, merged, notes = complete_membership(
-        membership(counts, nbh.min_share, ec.min_count), counts, nbh.centers_, CLASSES
-    )
+    members = membership(counts, nbh.min_share, ec.min_count)
+    share = exp.cfg.neighborhoods.route_share
+    if share > 0 and len(vi):  # overlap where the router actually sends a class's selection faces
+        routed_v = routed_vi if ec.train_on != "true_va" else np.eye(k, dtype=bool)[nbh.predict(stage1_va(exp, vi))]
+        sent = np.zeros((k, len(CLASSES)), np.int64)
+        for r in range(k):
+            np.add.at(sent[r], labels[vi][routed_v[:, r]], 1)
+        members, added = routed_membership(members, sent, share)
+        for r, c, got in added:
+            log(
+                f"neighborhood {r}: {CLASSES[c]} joins it, stage 1 routes {100 * got:.0f}% of its selection faces "
+                f"there (neighborhoods.route_share = {share:g})"
+            )
+    members, merged, notes = complete_membership(members, counts, nbh.centers_, CLASSES)
     for note in notes:
         log(note)
     regions = []

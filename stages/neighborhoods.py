@@ -32,6 +32,25 @@ def membership(counts: np.ndarray, min_share: float, min_count: int) -> list[lis
     return [np.flatnonzero(member[r]).tolist() for r in range(counts.shape[0])]
 
 
+def routed_membership(
+    members: list[list[int]], routed: np.ndarray, share: float
+) -> tuple[list[list[int]], list[tuple[int, int, float]]]:
+    """HD-CNN's overlapping groups: a class also joins every region that receives at least
+    ``share`` of its faces under the actual router. ``routed``: (k, n_classes) counts of
+    (selection) faces per region they are routed to and their class. Returns the members and
+    the (region, class, share) added."""
+    members = [list(m) for m in members]
+    totals = routed.sum(axis=0)
+    added = []
+    for c in np.flatnonzero(totals > 0):
+        for r in range(routed.shape[0]):
+            got = routed[r, c] / totals[c]
+            if got >= share and c not in members[r]:
+                members[r] = sorted([*members[r], int(c)])
+                added.append((r, int(c), float(got)))
+    return members, added
+
+
 def complete_membership(
     members: list[list[int]], counts: np.ndarray, centers: np.ndarray, class_names
 ) -> tuple[list[list[int]], dict[int, int], list[str]]:

@@ -345,3 +345,21 @@ def test_va_plus_flat_routing_by_hand(fitted):
     torch.testing.assert_close(proba, HierarchyNet.mix(want, ep))  # alpha = 0: the hierarchy's own mixture
     net.inputs = "va"
     torch.testing.assert_close(net.weights(va, "soft", pf), post)
+
+
+def test_routed_membership_by_hand():
+    """Region 0 holds neutral and happy, region 1 sad. The router sends 30% of the sad selection
+    faces to region 0 and 10% of the happy ones to region 1: at share 0.25 sad joins region 0,
+    happy does not join region 1; at 0.1 both."""
+    from stages.neighborhoods import routed_membership
+
+    members = [[0, 1], [2]]
+    routed = np.zeros((2, 8), int)
+    routed[:, 0] = [10, 0]  # neutral: all to region 0
+    routed[:, 1] = [9, 1]  # happy: 10% to region 1
+    routed[:, 2] = [3, 7]  # sad: 30% to region 0
+    got, added = routed_membership(members, routed, 0.25)
+    assert got == [[0, 1, 2], [2]] and added == [(0, 2, 0.3)]
+    got, added = routed_membership(members, routed, 0.1)
+    assert got == [[0, 1, 2], [1, 2]] and sorted(added) == [(0, 2, 0.3), (1, 1, 0.1)]
+    assert members == [[0, 1], [2]]  # not changed in place

@@ -131,6 +131,7 @@ def _selections(run: Path, cache: Path, poison: bool) -> dict:
             'experts.model.trunk_from="flat"',
             'stage1.model.trunk_from="flat"',
             'router.inputs="auto"',
+            "neighborhoods.route_share=0.2",
         ],
     )
     exp = open_experiment(cfg, run, log=lambda m: None, progress=False)
