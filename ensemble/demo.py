@@ -55,12 +55,14 @@ QUICK = ["data.n_synthetic=1600", "train.epochs=3", "stage1.train.epochs=4", "ex
 
 def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -> dict:
     """Synthetic faces -> fit-flat, fit-stage1, fit-experts, compare, and one predict."""
-    from .pipeline import open_experiment
-    from .predictors import HierarchicalPredictor, calibrate_router
-    from .reports import compare
     from stages.experts import fit_experts
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
+
+    from .calibration import calibrate
+    from .pipeline import open_experiment
+    from .predictors import HierarchicalPredictor, calibrate_router
+    from .reports import compare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,7 @@ def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -
     exp = open_experiment(cfg, out, log)
     steps = [("[2/6] fit-flat", lambda: fit_flat(exp, log=log)),
              ("[3/6] fit-stage1", lambda: fit_stage1(exp, log=log)),
-             ("[4/6] fit-experts", lambda: (fit_experts(exp, log=log), calibrate_router(exp, log))),
+             ("[4/6] fit-experts", lambda: (fit_experts(exp, log=log), calibrate_router(exp, log), calibrate(exp, log))),
              ("[5/6] compare", lambda: compare(exp, "test", log=log))]
     results = {}
     for name, step in steps:

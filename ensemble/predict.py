@@ -1,4 +1,5 @@
-"""``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
+"""``ensemble predict``: files and folders in, one line (or JSON object) per face out, through the
+Python API (:mod:`ensemble.api`), optionally annotated images and a CSV table."""
 
 from __future__ import annotations
 
@@ -6,94 +7,76 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 
-from .data import CLASSES, IMAGE_EXTENSIONS, ImageError, face_array, open_image
 from .errors import UserError
 
 
-def _walk(paths) -> tuple[list[Path], list[Path]]:
-    """Files to predict, and files skipped in walked folders because of their name."""
-    files, skipped = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            for f in sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")):
-                (files if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)
-        else:
-            files.append(p)  # named explicitly: always tried
-    return files, skipped
+def _line(rec: dict) -> str:
+    probs = sorted(rec["probabilities"].items(), key=lambda kv: -kv[1])
+    box = f" [{','.join(map(str, rec['box']))}]" if rec["box"] else ""
+    va = (f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
+          if "valence" in rec else "")
+    label = f"uncertain (best guess {rec['top_emotion']} {rec['confidence']:.2f})" if rec["uncertain"] else \
+        f"{rec['emotion']} {rec['confidence']:.2f}"
+    return (f"{rec['file']}{box}: {label}  (then {probs[1][0]} {probs[1][1]:.2f}, {probs[2][0]} {probs[2][1]:.2f})"
+            f"{va}")
 
 
-def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool,
-                batch_size: int = 32) -> int:
+def run_predict(paths, run, as_json: bool, detector: str, router: str | None, use_flat: bool,
+                batch_size: int = 32, min_confidence: float = 0.0, annotate: Path | None = None,
+                csv: Path | None = None) -> int:
     """Predict every face; returns the number of files that failed."""
-    from .faces import detect_faces
-    from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
+    from .api import flat_row, load, walk
 
-    model = FlatPredictor.load(run) if use_flat else HierarchicalPredictor.load(run, router=router)
-    files, skipped = _walk(paths)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    model = load(run, flat=use_flat, router=router, detector=detector, min_confidence=min_confidence,
+                 log=lambda m: click.echo(m, err=True))
+    files, skipped = walk(paths)
     if skipped:
         click.echo(f"skipped {len(skipped)} file(s) without an image extension in folders "
                    f"(e.g. {', '.join(str(f) for f in skipped[:3])})", err=True)
     if not files:
         raise UserError("no image files to predict")
-    failed = 0
-    faces, where = [], []  # face crops (uint8) and (file, box)
-
-    def flush():
-        if not faces:
-            return
-        x = uint8_to_input(np.stack(faces), model.mean, model.std)
-        if use_flat:
-            proba = model.proba_from_input(x)
-            extra = [{} for _ in faces]
-        else:
-            va, ep = model.parts_from_input(x)
-            proba, w = model.route(va, ep)
-            extra = [{"valence": round(float(v[0]), 4), "arousal": round(float(v[1]), 4),
-                      "neighborhood": int(r), "expert": int(r),
-                      "expert_classes": model.expert_classes[int(r)]} for v, r in zip(va, w.argmax(1))]
-        for (f, box), p, e in zip(where, proba, extra):
-            top = np.argsort(-p)[:3]
-            rec = {"file": str(f), "box": list(box) if box else None, "emotion": CLASSES[top[0]],
-                   "probability": round(float(p[top[0]]), 4),
-                   "top3": [[CLASSES[i], round(float(p[i]), 4)] for i in top], **e}
-            if as_json:
-                click.echo(json.dumps(rec))
-            else:
-                va_txt = (f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
-                          if e else "")
-                box_txt = f" [{','.join(map(str, box))}]" if box else ""
-                click.echo(f"{f}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
-                           f"(then {CLASSES[top[1]]} {p[top[1]]:.2f}, {CLASSES[top[2]]} {p[top[2]]:.2f}){va_txt}")
-        faces.clear()
-        where.clear()
-
-    for f in files:
-        if not f.is_file():
-            click.echo(f"error: {f}: no such file", err=True)
+    for target in (annotate, csv.parent if csv else None):
+        if target is not None:
+            try:
+                Path(target).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot write to {target}: {exc.strerror or exc}") from None
+    failed, rows, written = 0, [], set()
+    for src, recs, err in model.predict_many(files, batch_size=batch_size):
+        if err is not None:
+            click.echo(f"error: {src}: {err}", err=True)
             failed += 1
             continue
-        try:
-            im = open_image(f)
-        except ImageError as exc:
-            click.echo(f"error: {f}: {exc}", err=True)
-            failed += 1
-            continue
-        boxes = detect_faces(im) if detect else [None]
-        if not boxes:
-            flush()  # results stay in file order
+        if not recs:
             if as_json:
-                click.echo(json.dumps({"file": str(f), "box": None, "emotion": None, "note": "no face found"}))
+                click.echo(json.dumps({"file": str(src), "box": None, "emotion": None, "note": "no face found"}))
             else:
-                click.echo(f"{f}: no face found (use --no-detect if the image is a face crop)")
-            continue
-        for box in boxes:
-            faces.append(face_array(im, box, model.size))
-            where.append((f, box))
-            if len(faces) >= batch_size:
-                flush()
-    flush()
+                click.echo(f"{src}: no face found (use --detector none if the image is a face crop)")
+            rows.append({"file": str(src), "face": None, "emotion": None, "note": "no face found"})
+        for rec in recs:
+            click.echo(json.dumps(rec) if as_json else _line(rec))
+            rows.append(flat_row(rec))
+        if annotate is not None:
+            name = Path(src).stem
+            out = Path(annotate) / f"{name}.jpg"
+            i = 1
+            while out in written:  # two inputs with one name in different folders
+                out = Path(annotate) / f"{name}-{i}.jpg"
+                i += 1
+            written.add(out)
+            model.annotate(src, recs).save(out, quality=90)
+    if csv is not None:
+        import pandas as pd
+
+        from .api import _columns
+
+        pd.DataFrame(rows, columns=_columns(rows)).to_csv(csv, index=False)
+        click.echo(f"wrote {csv} ({sum(r.get('face') is not None for r in rows)} faces)", err=True)
+    if annotate is not None:
+        click.echo(f"wrote {len(written)} annotated image(s) to {annotate}", err=True)
     if failed:
         click.echo(f"{failed} of {len(files)} file(s) could not be read", err=True)
     return failed

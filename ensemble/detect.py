@@ -1,0 +1,173 @@
+"""Faces in photos: detect (MTCNN with five landmarks, or OpenCV's Haar cascade), then align and crop.
+
+``mtcnn`` (default): facenet-pytorch's MTCNN, whose weights (2 MB, MIT) install inside its
+wheel, so nothing is downloaded at run time. It returns a box and five landmarks per face
+(eyes, nose, mouth corners), so the face can be turned upright by its eyes.
+``haar``: OpenCV's frontal-face cascade (shipped in opencv-python-headless), boxes only.
+``none``: the image is already a face crop.
+
+Large photos are downscaled before detection (cost grows with pixels; faces stay findable),
+boxes and landmarks are returned in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+
+DETECTORS = ("mtcnn", "haar", "none")
+DEFAULT_DETECTOR = "mtcnn"
+# FER+ faces are tight 48-px crops (brows to chin, little background); a detector box is
+# widened by this fraction of its side on each side when the run's meta records no margin.
+# Chosen by comparing FER+ training crops with detector crops side by side
+# (benchmarks/crops.py -> benchmarks/results/crops-ferplus-vs-detector.png).
+DEFAULT_MARGIN = {"mtcnn": 0.0, "haar": -0.05}
+MAX_SIDE = 800  # long side a photo is downscaled to before detection
+
+
+@dataclass
+class Face:
+    """One detected face: ``box`` (x, y, w, h) in image pixels, ``landmarks`` (5, 2) or None
+    (left eye, right eye, nose, left mouth corner, right mouth corner, as seen in the image),
+    ``score`` the detector's confidence (1.0 for Haar, which gives none)."""
+
+    box: tuple[int, int, int, int]
+    landmarks: np.ndarray | None = None
+    score: float = 1.0
+    detector: str = field(default="none")
+
+
+def check_detector(name: str) -> str:
+    if name not in DETECTORS:
+        raise UserError(f"detector must be one of {', '.join(DETECTORS)}, got {name!r}")
+    return name
+
+
+def _downscale(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    scale = min(1.0, max_side / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.BILINEAR)
+    return image, scale
+
+
+@lru_cache(maxsize=1)
+def _haar():
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("face detection needs opencv-python-headless<5 (pip install 'opencv-python-headless<5'), "
+                        "or pass --detector none for images that are face crops") from None
+    path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise UserError(f"OpenCV's Haar cascade is missing ({path}); install opencv-python-headless<5")
+    return cv2, cascade
+
+
+
+@lru_cache(maxsize=1)
+def _mtcnn():
+    try:
+        from facenet_pytorch.models.mtcnn import MTCNN
+    except ImportError:
+        raise UserError("the mtcnn detector needs facenet-pytorch (pip install facenet-pytorch==2.5.3 --no-deps), "
+                        "or pass --detector haar") from None
+    # min_face_size 20 px in the downscaled photo; the default thresholds of the paper
+    return MTCNN(keep_all=True, min_face_size=20, thresholds=[0.6, 0.7, 0.7], post_process=False, device="cpu").eval()
+
+
+def detect_haar(image: Image.Image, max_side: int = MAX_SIDE, min_size: int = 24) -> list[Face]:
+    cv2, cascade = _haar()
+    small, scale = _downscale(image.convert("L"), max_side)
+    gray = cv2.equalizeHist(np.asarray(small))
+    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
+    faces = [Face(tuple(round(v / scale) for v in b), None, 1.0, "haar") for b in (found if len(found) else [])]
+    return sorted(faces, key=lambda f: -f.box[2] * f.box[3])
+
+
+def detect_mtcnn(image: Image.Image, max_side: int = MAX_SIDE, min_score: float = 0.9) -> list[Face]:
+    import torch
+
+    model = _mtcnn()
+    small, scale = _downscale(image.convert("RGB"), max_side)
+    with torch.no_grad():  # inference only: one MTCNN serves every decode thread
+        boxes, probs, points = model.detect(small, landmarks=True)
+    faces = []
+    for b, p, lm in zip(boxes if boxes is not None else [], probs if probs is not None else [],
+                        points if points is not None else []):
+        if p is None or p < min_score:
+            continue
+        x0, y0, x1, y1 = (float(v) / scale for v in b)
+        x0, y0 = max(0.0, x0), max(0.0, y0)
+        x1, y1 = min(float(image.width), x1), min(float(image.height), y1)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            continue
+        box = (round(x0), round(y0), round(x1 - x0), round(y1 - y0))
+        faces.append(Face(box, np.asarray(lm, np.float32) / scale, float(p), "mtcnn"))
+    return sorted(faces, key=lambda f: -f.box[2] * f.box[3])
+
+
+def detect(image: Image.Image, detector: str = DEFAULT_DETECTOR, max_side: int = MAX_SIDE) -> list[Face]:
+    """Every face in ``image``, largest first; ``none``: the whole image is one face."""
+    check_detector(detector)
+    if detector == "none":
+        return [Face((0, 0, image.width, image.height), None, 1.0, "none")]
+    if detector == "haar":
+        return detect_haar(image, max_side)
+    return detect_mtcnn(image, max_side)
+
+
+def eye_angle(landmarks: np.ndarray | None) -> float:
+    """Roll of the face in degrees (positive: the right eye, as seen, is lower), 0 without landmarks."""
+    if landmarks is None:
+        return 0.0
+    (lx, ly), (rx, ry) = landmarks[0], landmarks[1]
+    return math.degrees(math.atan2(ry - ly, rx - lx))
+
+
+def align_crop(image, box, landmarks=None, margin: float = 0.0, size: int = 48) -> np.ndarray:
+    """(size, size, 3) uint8: the square around ``box`` widened by ``margin`` of its side on each
+    side, turned so the eyes are level when ``landmarks`` are given, resized to ``size``.
+
+    ``image``: PIL image or (H, W[, 3]) uint8 array; ``box``: (x, y, w, h). Pixels outside the
+    photo repeat its border. One affine warp does rotation, crop and resize.
+    """
+    import cv2
+
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    x, y, w, h = box
+    cx, cy = x + w / 2.0, y + h / 2.0
+    side = max(w, h) * (1.0 + 2.0 * margin)
+    theta = math.radians(eye_angle(landmarks))
+    # output pixel (u, v) -> source  c + R(theta) @ s * ((u, v) - size/2 + 0.5)
+    s = side / size
+    cos, sin = math.cos(theta) * s, math.sin(theta) * s
+    half = size / 2.0 - 0.5
+    to_src = np.array([[cos, -sin, cx - cos * half + sin * half],
+                       [sin, cos, cy - sin * half - cos * half]], np.float64)
+    interp = cv2.INTER_AREA if s > 1.5 else cv2.INTER_LINEAR
+    if s > 1.5:  # shrink first so a large face is averaged, not aliased
+        k = 1.0 / s
+        pre = cv2.resize(arr, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+        to_src = np.vstack([to_src, [0, 0, 1]])
+        to_src = (np.diag([pre.shape[1] / arr.shape[1], pre.shape[0] / arr.shape[0], 1.0]) @ to_src)[:2]
+        arr, interp = pre, cv2.INTER_LINEAR
+    return cv2.warpAffine(np.ascontiguousarray(arr), to_src, (size, size), flags=interp | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def run_margin(meta: dict, detector: str) -> float:
+    """The crop margin a run was trained with (recorded in its meta), else the FER-like default."""
+    for value in (meta.get("crop_margin"), (meta.get("crop") or {}).get("margin")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return DEFAULT_MARGIN.get(detector, 0.0)
