@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def main() -> None:
               f"{r['background_faces_found']} | {r['ms_per_photo']:.0f} |")
         if r["unjudged_photos"]:
             print(f"  {det}: {r['unjudged_photos']} photo(s) unjudged (box count changed since the hand count)")
-    save("detectors", {"max_side": MAX_SIDE, "repeats": args.repeats, "table": table})
+    save("detectors", {"load_average": os.getloadavg(), "max_side": MAX_SIDE, "repeats": args.repeats, "table": table})
 
 
 if __name__ == "__main__":

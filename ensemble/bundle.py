@@ -149,6 +149,10 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
     run = Path(run)
     if not all((run / s / "meta.json").is_file() for s in ("flat", "stage1", "neighborhoods", "experts", "router")):
         raise UserError(f"{run} is not a finished run (it needs flat, stage1, neighborhoods, experts and router)")
+    for missing, how in (("reports/metrics.json", f"ensemble compare --run {run}"),
+                         ("calibration/meta.json", f"ensemble calibrate --run {run}")):
+        if not (run / missing).is_file():
+            log(f"warning: {run} has no {missing}; its model card will lack those figures (run {how} first)")
     out = Path(out) if out else PACKAGED / name
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -160,6 +164,8 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
         dst.mkdir(parents=True, exist_ok=True)
         files = {}
         for fname in meta.get("files", {}):
+            if fname.endswith(".joblib"):  # a pickle written for the user's analysis, never loaded: not shipped
+                continue
             if fname.endswith(".pt"):
                 _half(folder / fname, dst / fname)
             else:

@@ -13,6 +13,7 @@ boxes and landmarks are returned in the original image's pixels.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -58,8 +59,17 @@ def _downscale(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
     return image, scale
 
 
-@lru_cache(maxsize=1)
+_local = threading.local()
+
+
 def _haar():
+    """OpenCV's cascade, one per thread: detectMultiScale on one shared object is not thread-safe."""
+    if not hasattr(_local, "haar"):
+        _local.haar = _load_haar()
+    return _local.haar
+
+
+def _load_haar():
     try:
         import cv2
     except ImportError:
