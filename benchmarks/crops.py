@@ -29,8 +29,11 @@ def _geometry(lm: np.ndarray, side: float, origin: np.ndarray, angle: float) -> 
     c, s = np.cos(-np.radians(angle)), np.sin(-np.radians(angle))
     rot = (lm - origin) @ np.array([[c, s], [-s, c]])  # into the crop's upright frame, centre at 0
     eyes, mouth = rot[:2].mean(0), rot[3:].mean(0)
-    return {"eye_distance": float(np.linalg.norm(rot[1] - rot[0]) / side), "eye_y": float(eyes[1] / side + 0.5),
-            "mouth_y": float(mouth[1] / side + 0.5)}
+    return {
+        "eye_distance": float(np.linalg.norm(rot[1] - rot[0]) / side),
+        "eye_y": float(eyes[1] / side + 0.5),
+        "mouth_y": float(mouth[1] / side + 0.5),
+    }
 
 
 def main() -> None:
@@ -59,8 +62,10 @@ def main() -> None:
             fer_geo.append(_geometry(faces[0].landmarks, 192.0, np.array([96.0, 96.0]), 0.0))
     fer_mean /= len(picked)
     fer = {k: float(np.median([g[k] for g in fer_geo])) for k in fer_geo[0]}
-    print(f"FER+ ({len(fer_geo)} of {len(picked)} faces with landmarks): eye distance {fer['eye_distance']:.3f}, "
-          f"eyes at {fer['eye_y']:.3f}, mouth at {fer['mouth_y']:.3f} of the crop side")
+    print(
+        f"FER+ ({len(fer_geo)} of {len(picked)} faces with landmarks): eye distance {fer['eye_distance']:.3f}, "
+        f"eyes at {fer['eye_y']:.3f}, mouth at {fer['mouth_y']:.3f} of the crop side"
+    )
 
     photo_faces = []
     for p in sorted(Path(args.photos).iterdir()):
@@ -73,13 +78,18 @@ def main() -> None:
         geo, acc = [], np.zeros((96, 96))
         for im, f in photo_faces:
             x, y, w, h = f.box
-            geo.append(_geometry(f.landmarks, max(w, h) * (1 + 2 * m), np.array([x + w / 2, y + h / 2]),
-                                 eye_angle(f.landmarks)))
+            geo.append(
+                _geometry(
+                    f.landmarks, max(w, h) * (1 + 2 * m), np.array([x + w / 2, y + h / 2]), eye_angle(f.landmarks)
+                )
+            )
             acc += np.asarray(Image.fromarray(align_crop(im, f.box, f.landmarks, m, 96)).convert("L"), np.float64)
         means[m] = acc / len(photo_faces)
         table[m] = {k: round(float(np.median([g[k] for g in geo])), 4) for k in geo[0]}
-        print(f"margin {m:+.2f} ({len(geo)} photo faces): eye distance {table[m]['eye_distance']:.3f}, "
-              f"eyes at {table[m]['eye_y']:.3f}, mouth at {table[m]['mouth_y']:.3f}")
+        print(
+            f"margin {m:+.2f} ({len(geo)} photo faces): eye distance {table[m]['eye_distance']:.3f}, "
+            f"eyes at {table[m]['eye_y']:.3f}, mouth at {table[m]['mouth_y']:.3f}"
+        )
     best = min(MARGINS, key=lambda m: abs(table[m]["eye_distance"] - fer["eye_distance"]))
     print(f"closest to FER+ by eye distance: mtcnn margin {best:+.2f}")
     # Haar has no landmarks: match its box to MTCNN's on the same faces, so both crop alike
@@ -91,8 +101,10 @@ def main() -> None:
                 ratio.append(max(w, h) / max(hw, hh))
                 shift.append((y + h / 2 - hy - hh / 2) / max(hw, hh))
     haar_margin = (float(np.median(ratio)) * (1 + 2 * best) - 1) / 2
-    print(f"haar: mtcnn side / haar side {np.median(ratio):.3f} on {len(ratio)} faces both found, centre shift "
-          f"{np.median(shift):+.3f} of the side -> haar margin {haar_margin:+.3f} crops like mtcnn at {best:+.2f}")
+    print(
+        f"haar: mtcnn side / haar side {np.median(ratio):.3f} on {len(ratio)} faces both found, centre shift "
+        f"{np.median(shift):+.3f} of the side -> haar margin {haar_margin:+.3f} crops like mtcnn at {best:+.2f}"
+    )
 
     astro = Image.fromarray(skdata.astronaut())
     af = detect(astro, "mtcnn")[0]
@@ -106,17 +118,28 @@ def main() -> None:
         x0 = pad + j * (tile + pad)
         draw.text((x0, 2), f"margin {m:+.2f}", fill=0)
         sheet.paste(Image.fromarray(means[m].astype(np.uint8)), (x0, pad + 14))
-        sheet.paste(Image.fromarray(align_crop(astro, af.box, af.landmarks, m, tile)).convert("L"),
-                    (x0, 2 * pad + 14 + tile))
+        sheet.paste(
+            Image.fromarray(align_crop(astro, af.box, af.landmarks, m, tile)).convert("L"), (x0, 2 * pad + 14 + tile)
+        )
     draw.text((pad, 2 * pad + 14 + tile + 40), "photos: mean", fill=0)
     draw.text((pad, 2 * pad + 14 + tile + 54), "below: astronaut", fill=0)
     out = ROOT / "benchmarks" / "results" / "crops-ferplus-vs-detector.png"
     sheet.save(out, optimize=True)
     print(f"saved {out}")
-    save("crops", {"ferplus": {"n": len(fer_geo), **{k: round(v, 4) for k, v in fer.items()}},
-                   "photos_mtcnn": {str(m): v for m, v in table.items()}, "n_photo_faces": len(photo_faces),
-                   "closest_margin": best, "haar": {"mtcnn_over_haar_side": round(float(np.median(ratio)), 4),
-                                                    "n": len(ratio), "equivalent_margin": round(haar_margin, 4)}})
+    save(
+        "crops",
+        {
+            "ferplus": {"n": len(fer_geo), **{k: round(v, 4) for k, v in fer.items()}},
+            "photos_mtcnn": {str(m): v for m, v in table.items()},
+            "n_photo_faces": len(photo_faces),
+            "closest_margin": best,
+            "haar": {
+                "mtcnn_over_haar_side": round(float(np.median(ratio)), 4),
+                "n": len(ratio),
+                "equivalent_margin": round(haar_margin, 4),
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

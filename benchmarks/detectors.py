@@ -55,15 +55,25 @@ def main() -> None:
             false += j["false"]
             background += j["background"]
             found += len(boxes) - j["false"] - j["background"]
-        table[det] = {"photos": len(images), "faces": faces, "found": found, "recall": round(found / max(faces, 1), 4),
-                      "boxes": n_boxes, "false_boxes": false, "background_faces_found": background,
-                      "unjudged_photos": unjudged, "ms_per_photo": round(1000 * t_total / len(images), 1)}
+        table[det] = {
+            "photos": len(images),
+            "faces": faces,
+            "found": found,
+            "recall": round(found / max(faces, 1), 4),
+            "boxes": n_boxes,
+            "false_boxes": false,
+            "background_faces_found": background,
+            "unjudged_photos": unjudged,
+            "ms_per_photo": round(1000 * t_total / len(images), 1),
+        }
     print(f"{len(images)} photos, long side downscaled to {MAX_SIDE} px before detection")
     print("| detector | faces found / visible | recall | false boxes | background faces found | ms / photo |")
     print("|---|---|---|---|---|---|")
     for det, r in table.items():
-        print(f"| {det} | {r['found']} / {r['faces']} | {r['recall']:.1%} | {r['false_boxes']} | "
-              f"{r['background_faces_found']} | {r['ms_per_photo']:.0f} |")
+        print(
+            f"| {det} | {r['found']} / {r['faces']} | {r['recall']:.1%} | {r['false_boxes']} | "
+            f"{r['background_faces_found']} | {r['ms_per_photo']:.0f} |"
+        )
         if r["unjudged_photos"]:
             print(f"  {det}: {r['unjudged_photos']} photo(s) unjudged (box count changed since the hand count)")
     save("detectors", {"load_average": os.getloadavg(), "max_side": MAX_SIDE, "repeats": args.repeats, "table": table})

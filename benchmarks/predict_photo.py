@@ -63,8 +63,11 @@ def _folder(dst: Path, n: int, photos: Path) -> list[Path]:
 
     sources = [Image.fromarray(data.astronaut())]
     if photos.is_dir():
-        sources += [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in sorted(photos.iterdir())
-                    if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        sources += [
+            ImageOps.exif_transpose(Image.open(p)).convert("RGB")
+            for p in sorted(photos.iterdir())
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        ]
     rng = np.random.default_rng(0)
     files = []
     for i in range(n):
@@ -96,26 +99,48 @@ def main() -> None:
     photo = tmp / "astronaut.jpg"
     Image.fromarray(data.astronaut()).save(photo, quality=90)
     run_arg = args.run or "-"
-    figures = {"run": args.run or "bundled", "load_average_at_start": os.getloadavg(), "photo": "skimage astronaut, 512x512 JPEG", "cold": {}, "folder": {}}
+    figures = {
+        "run": args.run or "bundled",
+        "load_average_at_start": os.getloadavg(),
+        "photo": "skimage astronaut, 512x512 JPEG",
+        "cold": {},
+        "folder": {},
+    }
     helps = [_wall([sys.executable, "-m", "ensemble", "--help"]) for _ in range(5)]
     figures["help_s"] = round(statistics.median(helps), 3)
     print(f"ensemble --help: {figures['help_s']:.3f} s (median of 5)")
     for det in args.detectors.split(","):
         parts = []
         for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, "-c", PARTS, run_arg, str(photo), det], cwd=ROOT,
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", PARTS, run_arg, str(photo), det], cwd=ROOT, capture_output=True, text=True
+            )
             if out.returncode != 0:
                 raise SystemExit(out.stderr.strip()[-600:])
             parts.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        cli = [_wall([sys.executable, "-m", "ensemble", "predict", str(photo), "--detector", det,
-                      *(["--run", args.run] if args.run else [])]) for _ in range(args.repeats)]
+        cli = [
+            _wall(
+                [
+                    sys.executable,
+                    "-m",
+                    "ensemble",
+                    "predict",
+                    str(photo),
+                    "--detector",
+                    det,
+                    *(["--run", args.run] if args.run else []),
+                ]
+            )
+            for _ in range(args.repeats)
+        ]
         med = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
         med["cli_wall_s"] = round(statistics.median(cli), 3)
         figures["cold"][det] = med
-        print(f"cold, {det}: cli {med['cli_wall_s']:.2f} s wall; import {med['import']:.2f} + load {med['load']:.2f} "
-              f"+ detect {med['detect']:.2f} + infer {med['infer']:.3f} s; peak {med['peak_mb']:.0f} MB "
-              f"(medians of {args.repeats})")
+        print(
+            f"cold, {det}: cli {med['cli_wall_s']:.2f} s wall; import {med['import']:.2f} + load {med['load']:.2f} "
+            f"+ detect {med['detect']:.2f} + infer {med['infer']:.3f} s; peak {med['peak_mb']:.0f} MB "
+            f"(medians of {args.repeats})"
+        )
 
     from ensemble import api
 
@@ -128,11 +153,17 @@ def main() -> None:
         t = time.perf_counter()
         n_faces = sum(len(recs) for _, recs, _ in model.predict_many(files))
         dt = time.perf_counter() - t
-        figures["folder"][det] = {"photos": len(files), "faces": n_faces, "seconds": round(dt, 2),
-                                  "photos_per_s": round(len(files) / dt, 1)}
+        figures["folder"][det] = {
+            "photos": len(files),
+            "faces": n_faces,
+            "seconds": round(dt, 2),
+            "photos_per_s": round(len(files) / dt, 1),
+        }
         print(f"folder of {len(files)} 256-px photos, {det}: {len(files) / dt:.1f} photos/s ({n_faces} faces)")
     figures["load_average_at_end"] = os.getloadavg()
-    figures["fer"] = "not measured: pip install fer pulls tensorflow 2.21 and opencv-contrib-python 5.1 (replaces OpenCV<5)"
+    figures["fer"] = (
+        "not measured: pip install fer pulls tensorflow 2.21 and opencv-contrib-python 5.1 (replaces OpenCV<5)"
+    )
     save("predict-photo", figures)
 
 

@@ -28,13 +28,22 @@ from .errors import UserError
 GRAYSCALE_FORMATS = ("ferplus",)  # data sets of grayscale faces: colour photos are shown to the model in gray
 
 
-def load(run=None, *, flat: bool = False, router: str | None = None, detector: str = DEFAULT_DETECTOR,
-         min_confidence: float = 0.0, device: str = "cpu", log=None) -> Model:
+def load(
+    run=None,
+    *,
+    flat: bool = False,
+    router: str | None = None,
+    detector: str = DEFAULT_DETECTOR,
+    min_confidence: float = 0.0,
+    device: str = "cpu",
+    log=None,
+) -> Model:
     """A ready model: the bundled default when ``run`` is None, else the run folder ``run``."""
     from .bundle import resolve_run
 
-    return Model(resolve_run(run, log), flat=flat, router=router, detector=detector,
-                 min_confidence=min_confidence, device=device)
+    return Model(
+        resolve_run(run, log), flat=flat, router=router, detector=detector, min_confidence=min_confidence, device=device
+    )
 
 
 def _check_confidence(p) -> float:
@@ -46,8 +55,16 @@ def _check_confidence(p) -> float:
 class Model:
     """A trained run (hierarchy by default, or its flat model) plus a face detector."""
 
-    def __init__(self, run, *, flat: bool = False, router: str | None = None, detector: str = DEFAULT_DETECTOR,
-                 min_confidence: float = 0.0, device: str = "cpu"):
+    def __init__(
+        self,
+        run,
+        *,
+        flat: bool = False,
+        router: str | None = None,
+        detector: str = DEFAULT_DETECTOR,
+        min_confidence: float = 0.0,
+        device: str = "cpu",
+    ):
         from .bundle import read_card
         from .calibration import load_temperature
         from .predictors import FlatPredictor, HierarchicalPredictor
@@ -56,8 +73,11 @@ class Model:
         if flat and router:
             raise UserError("router chooses how the hierarchy routes; the flat model has no router")
         self.flat = flat
-        self.net = FlatPredictor.load(self.run, device) if flat else \
-            HierarchicalPredictor.load(self.run, router=router, device=device)
+        self.net = (
+            FlatPredictor.load(self.run, device)
+            if flat
+            else HierarchicalPredictor.load(self.run, router=router, device=device)
+        )
         self.temperature = load_temperature(self.run, "flat" if flat else "hierarchy")
         self.detector = check_detector(detector)
         self.min_confidence = _check_confidence(min_confidence)
@@ -69,8 +89,10 @@ class Model:
         self._warned = False
 
     def __repr__(self) -> str:
-        return (f"Model(run={str(self.run)!r}, {'flat' if self.flat else 'hierarchy'}, detector={self.detector!r}, "
-                f"T={self.temperature:.3g}, min_confidence={self.min_confidence})")
+        return (
+            f"Model(run={str(self.run)!r}, {'flat' if self.flat else 'hierarchy'}, detector={self.detector!r}, "
+            f"T={self.temperature:.3g}, min_confidence={self.min_confidence})"
+        )
 
     # -- faces ---------------------------------------------------------------------------------
     def _warn_synthetic(self, detector: str) -> None:
@@ -79,9 +101,11 @@ class Model:
 
             self._warned = True
             bundled = default_run()
-            warnings.warn(f"{self.run} was trained on synthetic faces, not photos: its answers on photos mean little"
-                          f" (the bundled model {bundled or '(none in this install)'} is the default without --run)",
-                          stacklevel=3)
+            warnings.warn(
+                f"{self.run} was trained on synthetic faces, not photos: its answers on photos mean little"
+                f" (the bundled model {bundled or '(none in this install)'} is the default without --run)",
+                stacklevel=3,
+            )
 
     def faces_in(self, image, detector: str | None = None) -> tuple[list, np.ndarray]:
         """Detected faces and their aligned crops (n, size, size, 3) uint8, as the network sees them."""
@@ -122,8 +146,10 @@ class Model:
         else:
             va, ep = self.net.parts_from_input(x)
             proba, w = self.net.route(va, ep)
-            extra = [{"valence": float(v[0]), "arousal": float(v[1]), "neighborhood": int(r)}
-                     for v, r in zip(va, w.argmax(1))]
+            extra = [
+                {"valence": float(v[0]), "arousal": float(v[1]), "neighborhood": int(r)}
+                for v, r in zip(va, w.argmax(1))
+            ]
         proba = apply_temperature(proba, self.temperature)
         return [{"proba": p, **e} for p, e in zip(proba, extra)]
 
@@ -133,18 +159,30 @@ class Model:
         conf = float(p[top])
         uncertain = conf < min_confidence
         order = np.argsort(-p)[:3]
-        rec = {"file": str(source) if isinstance(source, (str, Path)) else None, "face": i,
-               "box": [int(v) for v in face.box] if face.detector != "none" else None,
-               "landmarks": face.landmarks.round(1).tolist() if face.landmarks is not None else None,
-               "detector": face.detector, "detector_score": round(float(face.score), 4),
-               "emotion": "uncertain" if uncertain else CLASSES[top], "top_emotion": CLASSES[top],
-               "confidence": round(conf, 4), "probability": round(conf, 4), "uncertain": bool(uncertain),
-               "top3": [[CLASSES[j], round(float(p[j]), 4)] for j in order],
-               "probabilities": {c: round(float(v), 4) for c, v in zip(CLASSES, p)}}
+        rec = {
+            "file": str(source) if isinstance(source, (str, Path)) else None,
+            "face": i,
+            "box": [int(v) for v in face.box] if face.detector != "none" else None,
+            "landmarks": face.landmarks.round(1).tolist() if face.landmarks is not None else None,
+            "detector": face.detector,
+            "detector_score": round(float(face.score), 4),
+            "emotion": "uncertain" if uncertain else CLASSES[top],
+            "top_emotion": CLASSES[top],
+            "confidence": round(conf, 4),
+            "probability": round(conf, 4),
+            "uncertain": bool(uncertain),
+            "top3": [[CLASSES[j], round(float(p[j]), 4)] for j in order],
+            "probabilities": {c: round(float(v), 4) for c, v in zip(CLASSES, p)},
+        }
         if "valence" in out:
             r = out["neighborhood"]
-            rec.update(valence=round(out["valence"], 4), arousal=round(out["arousal"], 4), neighborhood=r,
-                       expert=r, expert_classes=self.net.expert_classes[r])
+            rec.update(
+                valence=round(out["valence"], 4),
+                arousal=round(out["arousal"], 4),
+                neighborhood=r,
+                expert=r,
+                expert_classes=self.net.expert_classes[r],
+            )
         return rec
 
     # -- public --------------------------------------------------------------------------------
@@ -160,8 +198,15 @@ class Model:
         faces, crops = self.faces_in(image, detector)
         return [self._record(image, i, f, o, mc) for i, (f, o) in enumerate(zip(faces, self._infer(crops)))]
 
-    def predict_many(self, sources, *, detector: str | None = None, min_confidence: float | None = None,
-                     batch_size: int = 32, workers: int | None = None):
+    def predict_many(
+        self,
+        sources,
+        *,
+        detector: str | None = None,
+        min_confidence: float | None = None,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ):
         """Yield ``(source, records, error)`` per source in order; decoding and detection run in a
         thread pool while the network works on batches of faces from earlier images."""
         mc = self.min_confidence if min_confidence is None else _check_confidence(min_confidence)
@@ -187,7 +232,7 @@ class Model:
             k = 0
             for src, faces, c, err in pending:
                 n = 0 if c is None else len(c)
-                recs = [self._record(src, i, f, o, mc) for i, (f, o) in enumerate(zip(faces, outs[k:k + n]))]
+                recs = [self._record(src, i, f, o, mc) for i, (f, o) in enumerate(zip(faces, outs[k : k + n]))]
                 k += n
                 yield src, recs, err
             pending.clear()
@@ -202,18 +247,27 @@ class Model:
                     n_faces = 0
             yield from flush()
 
-    def predict_folder(self, path, *, detector: str | None = None, min_confidence: float | None = None,
-                       batch_size: int = 32):
+    def predict_folder(
+        self, path, *, detector: str | None = None, min_confidence: float | None = None, batch_size: int = 32
+    ):
         """A pandas DataFrame, one row per face, for every image under ``path`` (walked); images
         without a face get one row with ``emotion`` None, unreadable ones a row with ``error``."""
         import pandas as pd
 
         files, _ = walk([path])
         rows = []
-        for src, recs, err in self.predict_many(files, detector=detector, min_confidence=min_confidence,
-                                                batch_size=batch_size):
-            rows += [flat_row(r) for r in recs] or [{"file": str(src), "face": None, "emotion": None,
-                                                      "error": err or None, "note": None if err else "no face found"}]
+        for src, recs, err in self.predict_many(
+            files, detector=detector, min_confidence=min_confidence, batch_size=batch_size
+        ):
+            rows += [flat_row(r) for r in recs] or [
+                {
+                    "file": str(src),
+                    "face": None,
+                    "emotion": None,
+                    "error": err or None,
+                    "note": None if err else "no face found",
+                }
+            ]
         return pd.DataFrame(rows, columns=_columns(rows))
 
     def annotate(self, image, records: list[dict] | None = None, *, detector: str | None = None):
@@ -266,8 +320,11 @@ def walk(paths) -> tuple[list[Path], list[Path]]:
 
 def flat_row(rec: dict) -> dict:
     """A record as one table row: box and probabilities spread into columns."""
-    row = {k: v for k, v in rec.items() if k not in ("box", "probabilities", "landmarks", "top3", "expert_classes",
-                                                      "probability", "expert")}
+    row = {
+        k: v
+        for k, v in rec.items()
+        if k not in ("box", "probabilities", "landmarks", "top3", "expert_classes", "probability", "expert")
+    }
     row.update(dict(zip(("x", "y", "w", "h"), rec["box"] or (None,) * 4)))
     row.update({f"p_{c}": v for c, v in rec["probabilities"].items()})
     if rec.get("landmarks"):

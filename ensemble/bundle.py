@@ -18,8 +18,10 @@ from .errors import UserError
 PACKAGED = Path(__file__).resolve().parent / "models"
 DEFAULT_NAME = "ferplus"
 STAGES = ("flat", "stage1", "neighborhoods", "experts", "router", "calibration")
-NOT_FOR = ("48-px grayscale FER-style faces: expect lower accuracy on other crops, poses and lighting; "
-           "not for decisions about people (hiring, policing, health, education, surveillance)")
+NOT_FOR = (
+    "48-px grayscale FER-style faces: expect lower accuracy on other crops, poses and lighting; "
+    "not for decisions about people (hiring, policing, health, education, surveillance)"
+)
 LICENCES = {
     "ferplus": "FER+ labels: MIT (Microsoft); FER2013 images: research use (Kaggle/ICML 2013 challenge terms)",
     "affectnet": "AffectNet: academic research licence, no redistribution of images",
@@ -51,11 +53,15 @@ def resolve_run(run, log=None, what: str = "predict") -> Path:
     demo = Path("artifacts/demo")
     if (demo / "flat" / "meta.json").is_file():
         if log:
-            log(f"note: no bundled model in this install; {what} uses {demo} "
-                f"(trained on synthetic faces, not photos); pass --run DIR to choose")
+            log(
+                f"note: no bundled model in this install; {what} uses {demo} "
+                f"(trained on synthetic faces, not photos); pass --run DIR to choose"
+            )
         return demo
-    raise UserError("no bundled model in this install and no artifacts/demo: pass --run DIR "
-                    "(a run folder from ensemble fit-*), or run ensemble demo first")
+    raise UserError(
+        "no bundled model in this install and no artifacts/demo: pass --run DIR "
+        "(a run folder from ensemble fit-*), or run ensemble demo first"
+    )
 
 
 def _config(run: Path) -> dict:
@@ -84,25 +90,36 @@ def build_card(run: Path, command: str | None = None) -> dict:
         figures["split"] = report.get("split")
         figures["n"] = report.get("n")
         for model, m in report.get("models", {}).items():
-            figures[model] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
-                              if k in ("accuracy", "balanced_accuracy", "macro_f1", "per_class_recall")}
+            figures[model] = {
+                k: (round(v, 4) if isinstance(v, float) else v)
+                for k, v in m.items()
+                if k in ("accuracy", "balanced_accuracy", "macro_f1", "per_class_recall")
+            }
     elif _read(run / "flat" / "metrics.json").get("test"):
         m = _read(run / "flat" / "metrics.json")["test"]
         figures = {"split": "test", "flat": {k: m[k] for k in ("accuracy", "balanced_accuracy", "per_class_recall")}}
     cal = _read(run / "calibration" / "calibration.json").get("models", {})
     if cal:
-        figures["calibration"] = {m: {"temperature": c.get("temperature"),
-                                      **{f"ece_{s}": [c[s]["ece_before"], c[s]["ece_after"]]
-                                         for s in ("val", "test") if s in c}}
-                                  for m, c in cal.items()}
+        figures["calibration"] = {
+            m: {
+                "temperature": c.get("temperature"),
+                **{f"ece_{s}": [c[s]["ece_before"], c[s]["ece_after"]] for s in ("val", "test") if s in c},
+            }
+            for m, c in cal.items()
+        }
     fmt = data.get("format", "unknown")
     return {
         "name": run.name,
-        "data": {"format": fmt, "root": Path(str(data.get("root", ""))).name or None,
-                 "trained_on_photos": fmt != "synthetic"},
+        "data": {
+            "format": fmt,
+            "root": Path(str(data.get("root", ""))).name or None,
+            "trained_on_photos": fmt != "synthetic",
+        },
         "licence": LICENCES.get(fmt, "see the data set's own terms"),
         "classes": flat_meta.get("classes"),
-        "input_size": flat_meta.get("input_size"), "mean": flat_meta.get("mean"), "std": flat_meta.get("std"),
+        "input_size": flat_meta.get("input_size"),
+        "mean": flat_meta.get("mean"),
+        "std": flat_meta.get("std"),
         "backbone": flat_meta.get("backbone"),
         "command": command or "not recorded (see config.json in the run)",
         "commit": flat_meta.get("git_commit"),
@@ -149,8 +166,10 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
     run = Path(run)
     if not all((run / s / "meta.json").is_file() for s in ("flat", "stage1", "neighborhoods", "experts", "router")):
         raise UserError(f"{run} is not a finished run (it needs flat, stage1, neighborhoods, experts and router)")
-    for missing, how in (("reports/metrics.json", f"ensemble compare --run {run}"),
-                         ("calibration/meta.json", f"ensemble calibrate --run {run}")):
+    for missing, how in (
+        ("reports/metrics.json", f"ensemble compare --run {run}"),
+        ("calibration/meta.json", f"ensemble calibrate --run {run}"),
+    ):
         if not (run / missing).is_file():
             log(f"warning: {run} has no {missing}; its model card will lack those figures (run {how} first)")
     out = Path(out) if out else PACKAGED / name
@@ -191,8 +210,9 @@ def list_models(artifacts: Path = Path("artifacts")) -> list[dict]:
     """Bundled models, then the runs under ``artifacts`` (any folder with flat/meta.json, two levels deep)."""
     rows = [{"where": "bundled", "run": p, "default": i == 0} for i, p in enumerate(bundled_models())]
     if artifacts.is_dir():
-        runs = {p.parent.parent for p in artifacts.glob("*/flat/meta.json")} | \
-               {p.parent.parent for p in artifacts.glob("*/*/flat/meta.json")}
+        runs = {p.parent.parent for p in artifacts.glob("*/flat/meta.json")} | {
+            p.parent.parent for p in artifacts.glob("*/*/flat/meta.json")
+        }
         rows += [{"where": "artifacts", "run": p, "default": False} for p in sorted(runs)]
     return rows
 
@@ -210,20 +230,27 @@ def render_models(rows: list[dict]) -> str:
         mb = sum(f.stat().st_size for f in Path(r["run"]).rglob("*") if f.is_file()) / 1e6
         head = f"{r['run']}  [{r['where']}{', default' if r['default'] else ''}]  {mb:.1f} MB"
         lines.append(head)
-        lines.append(f"  data: {card['data']['format']} ({card['data'].get('root') or '-'}); licence: {card['licence']}")
-        lines.append(f"  classes: {', '.join(card['classes'] or [])}; input {card['input_size']} px, "
-                     f"backbone {card['backbone']}")
+        lines.append(
+            f"  data: {card['data']['format']} ({card['data'].get('root') or '-'}); licence: {card['licence']}"
+        )
+        lines.append(
+            f"  classes: {', '.join(card['classes'] or [])}; input {card['input_size']} px, backbone {card['backbone']}"
+        )
         lines.append(f"  trained by: {card['command']} (commit {(card['commit'] or 'unknown')[:12]})")
         fig = card.get("figures", {})
         for model in ("flat", "hard", "soft"):
             if model in fig:
                 m = fig[model]
-                lines.append(f"  {fig.get('split', '?')} {model}: accuracy {m['accuracy']:.4f}, "
-                             f"balanced accuracy {m['balanced_accuracy']:.4f}")
+                lines.append(
+                    f"  {fig.get('split', '?')} {model}: accuracy {m['accuracy']:.4f}, "
+                    f"balanced accuracy {m['balanced_accuracy']:.4f}"
+                )
         for model, c in fig.get("calibration", {}).items():
             for key in ("ece_test", "ece_val"):
                 if key in c:
-                    lines.append(f"  {model} ECE ({key[4:]}): {c[key][0]:.4f} -> {c[key][1]:.4f} (T={c['temperature']})")
+                    lines.append(
+                        f"  {model} ECE ({key[4:]}): {c[key][0]:.4f} -> {c[key][1]:.4f} (T={c['temperature']})"
+                    )
                     break
         lines.append(f"  not for: {card['not_for']}")
     return "\n".join(lines)

@@ -76,8 +76,13 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
 
 def _figures(proba, y, t) -> dict:
     after = apply_temperature(proba, t)
-    return {"n": len(y), "ece_before": round(ece(proba, y), 4), "ece_after": round(ece(after, y), 4),
-            "nll_before": round(nll(proba, y), 4), "nll_after": round(nll(after, y), 4)}
+    return {
+        "n": len(y),
+        "ece_before": round(ece(proba, y), 4),
+        "ece_after": round(ece(after, y), 4),
+        "nll_before": round(nll(proba, y), 4),
+        "nll_after": round(nll(after, y), 4),
+    }
 
 
 def calibrate(exp, log=print) -> dict:
@@ -91,8 +96,11 @@ def calibrate(exp, log=print) -> dict:
         models["flat"] = FlatPredictor.load(run)
     if (run / "router" / "meta.json").is_file():
         models["hierarchy"] = HierarchicalPredictor.load(run)
-    result = {"method": "temperature scaling of log-probabilities, NLL on the selection split (val)",
-              "n_bins": N_BINS, "models": {}}
+    result = {
+        "method": "temperature scaling of log-probabilities, NLL on the selection split (val)",
+        "n_bins": N_BINS,
+        "models": {},
+    }
     y_all = exp.manifest["label"].to_numpy()
     splits = {s: exp.idx(s)[exp.images.ok[exp.idx(s)]] for s in ("val", "test")}
     for name, model in models.items():
@@ -114,8 +122,10 @@ def calibrate(exp, log=print) -> dict:
         entry = {"temperature": round(t, 4), **{s: _figures(p, y, t) for s, (p, y) in out.items()}}
         result["models"][name] = entry
         shown = entry.get("test", entry["val"])
-        log(f"calibration: {name} T={t:.3g}, ECE {'test' if 'test' in entry else 'val'} "
-            f"{shown['ece_before']:.4f} -> {shown['ece_after']:.4f}")
+        log(
+            f"calibration: {name} T={t:.3g}, ECE {'test' if 'test' in entry else 'val'} "
+            f"{shown['ece_before']:.4f} -> {shown['ece_after']:.4f}"
+        )
     if not models:
         return result
     writer = StageWriter(run / "calibration")

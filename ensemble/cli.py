@@ -15,10 +15,16 @@ import click
 from .errors import UserError
 
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Experiment TOML file.")
-SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                   help="Override one config value (repeatable), e.g. --set train.epochs=1.")
-OUT = click.option("--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True,
-                   help="Run folder.")
+SET = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config value (repeatable), e.g. --set train.epochs=1.",
+)
+OUT = click.option(
+    "--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True, help="Run folder."
+)
 RESUME = click.option("--resume", is_flag=True, help="Continue from the last complete epoch's checkpoint.")
 
 
@@ -96,8 +102,9 @@ def prepare_cmd(config_file, overrides, workers):
 
     cfg = load_config(config_file, overrides)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
-    folder, info = prepare_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
-                                  cfg.data.num_workers if workers is None else workers)
+    folder, info = prepare_images(
+        ds.manifest, cfg.data.image_size, cfg.data.cache_dir, cfg.data.num_workers if workers is None else workers
+    )
     click.echo(f"prepared {info['n']} faces at {info['size']} px in {folder} ({info['n_bad']} unreadable)")
 
 
@@ -148,7 +155,9 @@ def fit_experts_cmd(config_file, overrides, run, resume):
     fit_experts(exp, resume, _log)
     if exp.rt.is_main:
         if not (exp.run / "stage1" / "meta.json").is_file():
-            raise UserError("experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again")
+            raise UserError(
+                "experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again"
+            )
         calibrate_router(exp, _log)
         from .calibration import calibrate
 
@@ -161,31 +170,54 @@ def _print_metrics(stage: str, metrics: dict) -> None:
         if not m:
             continue
         if "balanced_accuracy" in m:
-            click.echo(f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
-                       f"macro-F1 {m['macro_f1']:.4f}")
+            click.echo(
+                f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+                f"macro-F1 {m['macro_f1']:.4f}"
+            )
         else:
-            click.echo(f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
-                       f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}")
+            click.echo(
+                f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
+                f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}"
+            )
 
 
 @cli.command("predict", short_help="Emotion, valence and arousal of every face in images.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--run", type=click.Path(file_okay=False), default=None,
-              help="Run folder (default: the bundled model; see ensemble models).")
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (default: the bundled model; see ensemble models).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per face.")
-@click.option("--detector", type=click.Choice(["mtcnn", "haar", "none"]), default="mtcnn", show_default=True,
-              help="Face detector; none: the images are face crops.")
+@click.option(
+    "--detector",
+    type=click.Choice(["mtcnn", "haar", "none"]),
+    default="mtcnn",
+    show_default=True,
+    help="Face detector; none: the images are face crops.",
+)
 @click.option("--no-detect", is_flag=True, help="Same as --detector none.")
-@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Below this calibrated probability a face is marked uncertain instead of labelled.")
-@click.option("--annotate", type=click.Path(file_okay=False), default=None,
-              help="Write each image with its faces drawn into this folder.")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Below this calibrated probability a face is marked uncertain instead of labelled.",
+)
+@click.option(
+    "--annotate",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write each image with its faces drawn into this folder.",
+)
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False), default=None, help="Write one row per face.")
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 @click.option("--flat", "use_flat", is_flag=True, help="Use the run's flat model instead of the hierarchy.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-def predict_cmd(paths, run, as_json, detector, no_detect, min_confidence, annotate, csv_file, router, use_flat,
-                batch_size):
+def predict_cmd(
+    paths, run, as_json, detector, no_detect, min_confidence, annotate, csv_file, router, use_flat, batch_size
+):
     """Detect every face (MTCNN with landmarks by default), turn it upright by its eyes, crop it
     as the model's training faces were cropped, then predict emotion, probabilities, valence,
     arousal and neighborhood. Directories are walked. Unreadable files are named on stderr and
@@ -194,9 +226,18 @@ def predict_cmd(paths, run, as_json, detector, no_detect, min_confidence, annota
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
-    n_failed = run_predict(paths, run, as_json, "none" if no_detect else detector, router, use_flat, batch_size,
-                           min_confidence, Path(annotate) if annotate else None,
-                           Path(csv_file) if csv_file else None)
+    n_failed = run_predict(
+        paths,
+        run,
+        as_json,
+        "none" if no_detect else detector,
+        router,
+        use_flat,
+        batch_size,
+        min_confidence,
+        Path(annotate) if annotate else None,
+        Path(csv_file) if csv_file else None,
+    )
     if n_failed:
         sys.exit(1)
 
@@ -271,15 +312,21 @@ def compare_cmd(config_file, overrides, run, split, out):
         cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
     trained = read_meta(run_p / "flat", "flat").get("input_size")
     if trained != cfg.data.image_size:
-        raise UserError(f"the run's models take {trained}-px faces but the config says data.image_size = "
-                        f"{cfg.data.image_size}; compare with the config the run was trained with")
+        raise UserError(
+            f"the run's models take {trained}-px faces but the config says data.image_size = "
+            f"{cfg.data.image_size}; compare with the config the run was trained with"
+        )
     report_dir = Path(out) if out else run_p / "reports"  # the run itself is only read
     compare(open_experiment(cfg, run_p, _log, out=report_dir), split, report_dir, _log)
 
 
 @cli.command("export", short_help="Export the whole hierarchy as one ONNX or TorchScript graph.")
-@click.option("--run", type=click.Path(file_okay=False), default=None,
-              help="Run folder (default: the bundled model; see ensemble models).")
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (default: the bundled model; see ensemble models).",
+)
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")

@@ -54,8 +54,7 @@ def check_detector(name: str) -> str:
 def _downscale(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
     scale = min(1.0, max_side / max(image.size))
     if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.BILINEAR)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     return image, scale
 
 
@@ -73,8 +72,10 @@ def _load_haar():
     try:
         import cv2
     except ImportError:
-        raise UserError("face detection needs opencv-python-headless<5 (pip install 'opencv-python-headless<5'), "
-                        "or pass --detector none for images that are face crops") from None
+        raise UserError(
+            "face detection needs opencv-python-headless<5 (pip install 'opencv-python-headless<5'), "
+            "or pass --detector none for images that are face crops"
+        ) from None
     path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
@@ -82,14 +83,15 @@ def _load_haar():
     return cv2, cascade
 
 
-
 @lru_cache(maxsize=1)
 def _mtcnn():
     try:
         from facenet_pytorch.models.mtcnn import MTCNN
     except ImportError:
-        raise UserError("the mtcnn detector needs facenet-pytorch (pip install facenet-pytorch==2.5.3 --no-deps), "
-                        "or pass --detector haar") from None
+        raise UserError(
+            "the mtcnn detector needs facenet-pytorch (pip install facenet-pytorch==2.5.3 --no-deps), "
+            "or pass --detector haar"
+        ) from None
     # min_face_size 20 px in the downscaled photo; the default thresholds of the paper
     return MTCNN(keep_all=True, min_face_size=20, thresholds=[0.6, 0.7, 0.7], post_process=False, device="cpu").eval()
 
@@ -111,8 +113,9 @@ def detect_mtcnn(image: Image.Image, max_side: int = MAX_SIDE, min_score: float 
     with torch.no_grad():  # inference only: one MTCNN serves every decode thread
         boxes, probs, points = model.detect(small, landmarks=True)
     faces = []
-    for b, p, lm in zip(boxes if boxes is not None else [], probs if probs is not None else [],
-                        points if points is not None else []):
+    for b, p, lm in zip(
+        boxes if boxes is not None else [], probs if probs is not None else [], points if points is not None else []
+    ):
         if p is None or p < min_score:
             continue
         x0, y0, x1, y1 = (float(v) / scale for v in b)
@@ -163,8 +166,7 @@ def align_crop(image, box, landmarks=None, margin: float = 0.0, size: int = 48) 
     s = side / size
     cos, sin = math.cos(theta) * s, math.sin(theta) * s
     half = size / 2.0 - 0.5
-    to_src = np.array([[cos, -sin, cx - cos * half + sin * half],
-                       [sin, cos, cy - sin * half - cos * half]], np.float64)
+    to_src = np.array([[cos, -sin, cx - cos * half + sin * half], [sin, cos, cy - sin * half - cos * half]], np.float64)
     interp = cv2.INTER_AREA if s > 1.5 else cv2.INTER_LINEAR
     if s > 1.5:  # shrink first so a large face is averaged, not aliased
         k = 1.0 / s
@@ -172,8 +174,13 @@ def align_crop(image, box, landmarks=None, margin: float = 0.0, size: int = 48) 
         to_src = np.vstack([to_src, [0, 0, 1]])
         to_src = (np.diag([pre.shape[1] / arr.shape[1], pre.shape[0] / arr.shape[0], 1.0]) @ to_src)[:2]
         arr, interp = pre, cv2.INTER_LINEAR
-    return cv2.warpAffine(np.ascontiguousarray(arr), to_src, (size, size), flags=interp | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(
+        np.ascontiguousarray(arr),
+        to_src,
+        (size, size),
+        flags=interp | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
 
 
 def run_margin(meta: dict, detector: str) -> float:

@@ -14,28 +14,51 @@ from .errors import UserError
 def _line(rec: dict) -> str:
     probs = sorted(rec["probabilities"].items(), key=lambda kv: -kv[1])
     box = f" [{','.join(map(str, rec['box']))}]" if rec["box"] else ""
-    va = (f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
-          if "valence" in rec else "")
-    label = f"uncertain (best guess {rec['top_emotion']} {rec['confidence']:.2f})" if rec["uncertain"] else \
-        f"{rec['emotion']} {rec['confidence']:.2f}"
-    return (f"{rec['file']}{box}: {label}  (then {probs[1][0]} {probs[1][1]:.2f}, {probs[2][0]} {probs[2][1]:.2f})"
-            f"{va}")
+    va = (
+        f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
+        if "valence" in rec
+        else ""
+    )
+    label = (
+        f"uncertain (best guess {rec['top_emotion']} {rec['confidence']:.2f})"
+        if rec["uncertain"]
+        else f"{rec['emotion']} {rec['confidence']:.2f}"
+    )
+    return f"{rec['file']}{box}: {label}  (then {probs[1][0]} {probs[1][1]:.2f}, {probs[2][0]} {probs[2][1]:.2f}){va}"
 
 
-def run_predict(paths, run, as_json: bool, detector: str, router: str | None, use_flat: bool,
-                batch_size: int = 32, min_confidence: float = 0.0, annotate: Path | None = None,
-                csv: Path | None = None) -> int:
+def run_predict(
+    paths,
+    run,
+    as_json: bool,
+    detector: str,
+    router: str | None,
+    use_flat: bool,
+    batch_size: int = 32,
+    min_confidence: float = 0.0,
+    annotate: Path | None = None,
+    csv: Path | None = None,
+) -> int:
     """Predict every face; returns the number of files that failed."""
     from .api import flat_row, load, walk
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    model = load(run, flat=use_flat, router=router, detector=detector, min_confidence=min_confidence,
-                 log=lambda m: click.echo(m, err=True))
+    model = load(
+        run,
+        flat=use_flat,
+        router=router,
+        detector=detector,
+        min_confidence=min_confidence,
+        log=lambda m: click.echo(m, err=True),
+    )
     files, skipped = walk(paths)
     if skipped:
-        click.echo(f"skipped {len(skipped)} file(s) without an image extension in folders "
-                   f"(e.g. {', '.join(str(f) for f in skipped[:3])})", err=True)
+        click.echo(
+            f"skipped {len(skipped)} file(s) without an image extension in folders "
+            f"(e.g. {', '.join(str(f) for f in skipped[:3])})",
+            err=True,
+        )
     if not files:
         raise UserError("no image files to predict")
     for target in (annotate, csv.parent if csv else None):

@@ -43,12 +43,26 @@ def run(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("api")
-    cfg = load_config(None, [
-        "data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", "data.image_size=32",
-        f"data.cache_dir={root / 'cache'}", "model.backbone=tinyvgg", "model.hidden=32", "train.epochs=1",
-        "train.batch_size=32", "train.device=cpu", "train.precision=fp32", "experts.min_count=5",
-        "neighborhoods.k=3", "stage1.model.trunk_from=flat", "experts.model.trunk_from=flat",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.n_synthetic=240",
+            "data.synthetic_size=32",
+            "data.image_size=32",
+            f"data.cache_dir={root / 'cache'}",
+            "model.backbone=tinyvgg",
+            "model.hidden=32",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "experts.min_count=5",
+            "neighborhoods.k=3",
+            "stage1.model.trunk_from=flat",
+            "experts.model.trunk_from=flat",
+        ],
+    )
     logs = []
     exp = open_experiment(cfg, root / "run", log=logs.append, progress=False)
     fit_flat(exp, log=logs.append)
@@ -114,7 +128,7 @@ def test_align_crop_by_hand():
     d = np.array([np.cos(np.radians(30)), np.sin(np.radians(30))]) * 30
     eyes = np.stack([c - d, c + d])
     for ex, ey in eyes:
-        img[int(ey) - 3:int(ey) + 4, int(ex) - 3:int(ex) + 4] = 255
+        img[int(ey) - 3 : int(ey) + 4, int(ex) - 3 : int(ex) + 4] = 255
     lm = np.vstack([eyes, [[100, 130], [90, 150], [110, 150]]]).astype(np.float32)
     assert eye_angle(lm) == pytest.approx(30, abs=1e-4)
     crop = align_crop(img, (50, 50, 100, 100), lm, margin=0.0, size=100)
@@ -168,7 +182,9 @@ def test_predict_record_from_path_pil_and_array(model, astronaut, tmp_path):
         assert len(r) == 1
     rec = recs[0][0]
     assert rec["file"] == str(path) and recs[2][0]["file"] is None
-    assert set(rec["probabilities"]) == set(CLASSES) and sum(rec["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert set(rec["probabilities"]) == set(CLASSES) and sum(rec["probabilities"].values()) == pytest.approx(
+        1, abs=1e-3
+    )
     assert rec["emotion"] == rec["top_emotion"] == max(rec["probabilities"], key=rec["probabilities"].get)
     assert rec["confidence"] == max(rec["probabilities"].values()) and not rec["uncertain"]
     assert -1 <= rec["valence"] <= 1 and -1 <= rec["arousal"] <= 1 and 0 <= rec["neighborhood"] < 3
@@ -208,7 +224,9 @@ def test_predict_folder_is_a_dataframe_one_row_per_face(model, astronaut, tmp_pa
     faces = df[df["face"].notna()]
     assert sorted(Path(f).name for f in faces["file"]) == ["one.jpg", "two.png", "two.png"]
     assert {f"p_{c}" for c in CLASSES} <= set(df.columns)
-    assert {"x", "y", "w", "h", "emotion", "confidence", "valence", "arousal", "neighborhood", "left_eye_x"} <= set(df.columns)
+    assert {"x", "y", "w", "h", "emotion", "confidence", "valence", "arousal", "neighborhood", "left_eye_x"} <= set(
+        df.columns
+    )
     np.testing.assert_allclose(faces[[f"p_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-3)
     rest = df[df["face"].isna()].set_index(df[df["face"].isna()]["file"].map(lambda f: Path(f).name))
     assert rest.loc["blank.png", "note"] == "no face found"
@@ -229,7 +247,9 @@ def test_cli_annotate_and_csv(run, astronaut, tmp_path, capsys):
     astronaut.save(d / "astro.jpg")
     Image.new("RGB", (300, 200), (200, 200, 200)).save(d / "blank.png")
     out, csv = tmp_path / "annotated", tmp_path / "t" / "faces.csv"
-    code, so, se = _cli(["predict", str(d), "--run", str(run["run"]), "--annotate", str(out), "--csv", str(csv)], capsys)
+    code, so, se = _cli(
+        ["predict", str(d), "--run", str(run["run"]), "--annotate", str(out), "--csv", str(csv)], capsys
+    )
     assert code == 0 and "Traceback" not in so + se
     assert "astro.jpg [" in so and "blank.png: no face found" in so
     assert sorted(p.name for p in out.iterdir()) == ["astro.jpg", "blank.jpg"]
@@ -240,8 +260,8 @@ def test_cli_annotate_and_csv(run, astronaut, tmp_path, capsys):
     face = table[table["face"].notna()].iloc[0]
     x, y, w, h = (int(face[k]) for k in "xywh")
     orig = np.asarray(astronaut).astype(int)
-    edge = np.abs(drawn[y, x:x + w] - orig[y, x:x + w]).mean()  # the box's top edge is drawn
-    inside = np.abs(drawn[y + h // 2, x + 5:x + w - 5] - orig[y + h // 2, x + 5:x + w - 5]).mean()
+    edge = np.abs(drawn[y, x : x + w] - orig[y, x : x + w]).mean()  # the box's top edge is drawn
+    inside = np.abs(drawn[y + h // 2, x + 5 : x + w - 5] - orig[y + h // 2, x + 5 : x + w - 5]).mean()
     assert edge > 40 > inside
     assert face["emotion"] in CLASSES and abs(sum(face[f"p_{c}"] for c in CLASSES) - 1) < 1e-3
 
@@ -354,8 +374,18 @@ def test_bundle_converts_to_float16_and_refuses_a_tampered_file(run, astronaut, 
     from ensemble.artifacts import read_meta
 
     packaged = tmp_path / "models"
-    code, so, se = _cli(["bundle", "--run", str(run["run"]), "--out", str(packaged / "ferplus"),
-                         "--command", "ensemble fit-flat --config configs/x.toml"], capsys)
+    code, so, se = _cli(
+        [
+            "bundle",
+            "--run",
+            str(run["run"]),
+            "--out",
+            str(packaged / "ferplus"),
+            "--command",
+            "ensemble fit-flat --config configs/x.toml",
+        ],
+        capsys,
+    )
     assert code == 0 and "float16" in so
     b = packaged / "ferplus"
     for w in b.rglob("weights.pt"):
@@ -363,8 +393,11 @@ def test_bundle_converts_to_float16_and_refuses_a_tampered_file(run, astronaut, 
         assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
         read_meta(w.parent)  # the rewritten hashes hold
     size = sum(f.stat().st_size for f in b.rglob("*.pt"))
-    assert size < 0.6 * sum(f.stat().st_size for f in run["run"].rglob("*.pt") if "checkpoint" not in f.name
-                            and not f.parent.name.startswith("."))
+    assert size < 0.6 * sum(
+        f.stat().st_size
+        for f in run["run"].rglob("*.pt")
+        if "checkpoint" not in f.name and not f.parent.name.startswith(".")
+    )
     card = bundle.read_card(b)
     assert card["command"].startswith("ensemble fit-flat") and card["classes"] == list(CLASSES)
     assert card["input_size"] == 32 and "not for decisions" in card["not_for"] and card["licence"]
@@ -416,17 +449,21 @@ def test_loading_builds_on_the_meta_device_and_shares_one_trunk(run):
 
 # --------------------------------------------------------------------------- lazy imports
 def test_help_imports_neither_torch_nor_pandas():
-    code = ("import sys\n"
-            "from ensemble.cli import main\n"
-            "for args in (['--help'], ['predict', '--help'], ['models', '--help']):\n"
-            "    try:\n"
-            "        main(args)\n"
-            "    except SystemExit:\n"
-            "        pass\n"
-            "print(sorted(m for m in ('torch', 'pandas', 'numpy', 'sklearn', 'cv2') if m in sys.modules))\n"
-            "import ensemble\n"
-            "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    code = (
+        "import sys\n"
+        "from ensemble.cli import main\n"
+        "for args in (['--help'], ['predict', '--help'], ['models', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'pandas', 'numpy', 'sklearn', 'cv2') if m in sys.modules))\n"
+        "import ensemble\n"
+        "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[-2:] == ["[]", "[]"], out.stdout
