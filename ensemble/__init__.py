@@ -7,6 +7,8 @@
 Nothing heavy is imported until it is used: ``ensemble --help`` needs neither torch nor pandas.
 """
 
+from .classes import CLASSES  # the leaf module: nothing heavy
+
 __version__ = "0.1.0"
 __all__ = ["CLASSES", "FlatPredictor", "HierarchicalPredictor", "Model", "load"]
 
@@ -20,8 +22,4 @@ def __getattr__(name):  # torch, numpy and pandas load on first use
         from . import api
 
         return getattr(api, name)
-    if name == "CLASSES":
-        from .data import CLASSES
-
-        return CLASSES
     raise AttributeError(name)

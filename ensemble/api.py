@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import detect as detection
 from .data import CLASSES, IMAGE_EXTENSIONS, ImageError, face_array, open_image
-from .detect import DEFAULT_DETECTOR, align_crop, check_detector, detect, run_margin
+from .detect import DEFAULT_DETECTOR, align_crop, check_detector, face_region, run_crop
 from .errors import UserError
+from .paths import not_regular
 
 GRAYSCALE_FORMATS = ("ferplus",)  # data sets of grayscale faces: colour photos are shown to the model in gray
 
@@ -85,7 +87,7 @@ class Model:
         fmt = (self.card.get("data") or {}).get("format")
         self.synthetic = fmt == "synthetic"
         self.grayscale = fmt in GRAYSCALE_FORMATS
-        self.margin = {d: run_margin(self.net.meta, d) for d in ("mtcnn", "haar")}
+        self.crop = {d: run_crop(self.net.meta, d) for d in ("mtcnn", "haar")}  # (box_source, margin)
         self._warned = False
 
     def __repr__(self) -> str:
@@ -124,8 +126,10 @@ class Model:
         if detector == "none":
             faces, crops = [Face((0, 0, im.width, im.height), None, 1.0, "none")], [face_array(im, None, size)]
         else:
-            faces = detect(im, detector)
-            crops = [align_crop(im, f.box, f.landmarks, self.margin[detector], size) for f in faces]
+            faces = detection.detect(im, detector)
+            for f in faces:  # the region the model sees, framed like its training faces (detect.run_crop)
+                f.region = face_region(f.box, im.size, *self.crop[detector])
+            crops = [align_crop(im, f.region, f.landmarks, 0.0, size) for f in faces]
         arr = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
         if self.grayscale and len(arr):
             gray = (arr @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
@@ -163,6 +167,7 @@ class Model:
             "file": str(source) if isinstance(source, (str, Path)) else None,
             "face": i,
             "box": [int(v) for v in face.box] if face.detector != "none" else None,
+            "crop": [round(v) for v in face.region] if face.region is not None else None,
             "landmarks": face.landmarks.round(1).tolist() if face.landmarks is not None else None,
             "detector": face.detector,
             "detector_score": round(float(face.score), 4),
@@ -179,8 +184,7 @@ class Model:
             rec.update(
                 valence=round(out["valence"], 4),
                 arousal=round(out["arousal"], 4),
-                neighborhood=r,
-                expert=r,
+                neighborhood=r,  # one expert per neighborhood: its classes follow
                 expert_classes=self.net.expert_classes[r],
             )
         return rec
@@ -217,12 +221,19 @@ class Model:
         workers = workers or min(4, os.cpu_count() or 1)
 
         def prepare(src):
-            if isinstance(src, (str, Path)) and not Path(src).is_file():
-                return src, [], None, "no such file"
+            if isinstance(src, (str, Path)) and (why := not_regular(src)):
+                return src, [], None, why  # a FIFO or a device is named, never opened
             try:
-                return src, *self._faces_in_image(open_image(src), detector), None
+                im = open_image(src)
             except ImageError as exc:
                 return src, [], None, str(exc)
+            try:
+                return src, *self._faces_in_image(im, detector), None
+            except UserError:
+                raise  # no detector at all: one line for the whole command
+            except Exception as exc:  # noqa: BLE001 - a detector failing on one image must not stop the others
+                last = (str(exc).strip().splitlines() or [""])[-1][:120]
+                return src, [], None, f"face detection failed ({type(exc).__name__}: {last})"
 
         pending = []  # (source, faces, crops, error), waiting for their batch to be inferred
 
@@ -307,12 +318,13 @@ class Model:
 
 
 def walk(paths) -> tuple[list[Path], list[Path]]:
-    """Files to predict, and files skipped in walked folders because of their name."""
+    """Files to predict, and files skipped in walked folders because of their name or kind."""
     files, skipped = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            for f in sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")):
-                (files if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)
+            for f in sorted(f for f in p.rglob("*") if not f.is_dir() and not f.name.startswith(".")):
+                # a FIFO or a link to a device is skipped by name, never opened
+                (files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() else skipped).append(f)
         else:
             files.append(p)  # named explicitly: always tried
     return files, skipped
@@ -323,7 +335,7 @@ def flat_row(rec: dict) -> dict:
     row = {
         k: v
         for k, v in rec.items()
-        if k not in ("box", "probabilities", "landmarks", "top3", "expert_classes", "probability", "expert")
+        if k not in ("box", "crop", "probabilities", "landmarks", "top3", "expert_classes", "probability")
     }
     row.update(dict(zip(("x", "y", "w", "h"), rec["box"] or (None,) * 4)))
     row.update({f"p_{c}": v for c, v in rec["probabilities"].items()})

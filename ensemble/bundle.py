@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_write, swap_into_place
+from .paths import make_dir
 
 PACKAGED = Path(__file__).resolve().parent / "models"
 DEFAULT_NAME = "ferplus"
@@ -154,14 +156,15 @@ def _half(src: Path, dst: Path) -> None:
 
     state = load_weights(src.parent, src.name)
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
-    with open(dst, "wb") as f:
+    with atomic_write(dst) as f:
         torch.save(half, f)
 
 
 def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str | None = None, log=print) -> Path:
     """Copy a finished run into ``out`` (default ``ensemble/models/<name>``) with float16 weights,
     its meta.json hashes rewritten for the new files, and a model card."""
-    from .artifacts import read_meta, sha256_file, write_json
+    from .artifacts import read_meta, sha256_file
+    from .files import write_json
 
     run = Path(run)
     if not all((run / s / "meta.json").is_file() for s in ("flat", "stage1", "neighborhoods", "experts", "router")):
@@ -173,6 +176,9 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
         if not (run / missing).is_file():
             log(f"warning: {run} has no {missing}; its model card will lack those figures (run {how} first)")
     out = Path(out) if out else PACKAGED / name
+    if out.exists() and not out.is_dir():
+        raise UserError(f"refusing to bundle into {out}: it exists and is not a folder")
+    make_dir(out.parent, "the bundle's parent folder")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     folders = [run / s for s in STAGES if (run / s / "meta.json").is_file()]
@@ -198,9 +204,7 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
     card["name"] = out.name
     card["bundled_from"] = str(run)
     write_card(tmp, card)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    swap_into_place(tmp, out)
     mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     log(f"bundled {run} -> {out} ({mb:.1f} MB, float16 weights)")
     return out

@@ -27,22 +27,25 @@ DEFAULT_DETECTOR = "mtcnn"
 # FER+ faces are tight 48-px crops (brows to chin): eyes 0.39 of the side apart, at 0.40 of its
 # height, mouth at 0.80 (MTCNN's landmarks on 254 FER+ training faces). An MTCNN box shrunk by
 # 0.05 of its side on each side gives 0.38 / 0.40 / 0.78 on the shared photos; Haar's box is
-# 1/1.09 of MTCNN's with the same centre, so margin 0 crops it alike. Used when the run's meta
-# records no margin. Measured by benchmarks/crops.py (picture: results/crops-ferplus-vs-detector.png).
+# 1/1.09 of MTCNN's with the same centre, so margin 0 crops it alike. Used for runs trained on
+# face crops (box_source "image", see run_crop). Measured by benchmarks/crops.py (picture: results/crops-ferplus-vs-detector.png).
 DEFAULT_MARGIN = {"mtcnn": -0.05, "haar": 0.0}
 MAX_SIDE = 800  # long side a photo is downscaled to before detection
+MIN_FACE = 20  # MTCNN's smallest face, in pixels of the downscaled photo
 
 
 @dataclass
 class Face:
     """One detected face: ``box`` (x, y, w, h) in image pixels, ``landmarks`` (5, 2) or None
     (left eye, right eye, nose, left mouth corner, right mouth corner, as seen in the image),
-    ``score`` the detector's confidence (1.0 for Haar, which gives none)."""
+    ``score`` the detector's confidence (1.0 for Haar, which gives none), ``region`` the part of
+    the photo the model is shown (:func:`face_region`), set when the face is cropped."""
 
     box: tuple[int, int, int, int]
     landmarks: np.ndarray | None = None
     score: float = 1.0
     detector: str = field(default="none")
+    region: tuple[float, float, float, float] | None = None
 
 
 def check_detector(name: str) -> str:
@@ -92,13 +95,17 @@ def _mtcnn():
             "the mtcnn detector needs facenet-pytorch (pip install facenet-pytorch==2.5.3 --no-deps), "
             "or pass --detector haar"
         ) from None
-    # min_face_size 20 px in the downscaled photo; the default thresholds of the paper
-    return MTCNN(keep_all=True, min_face_size=20, thresholds=[0.6, 0.7, 0.7], post_process=False, device="cpu").eval()
+    # the smallest face in the downscaled photo; the default thresholds of the paper
+    return MTCNN(
+        keep_all=True, min_face_size=MIN_FACE, thresholds=[0.6, 0.7, 0.7], post_process=False, device="cpu"
+    ).eval()
 
 
 def detect_haar(image: Image.Image, max_side: int = MAX_SIDE, min_size: int = 24) -> list[Face]:
     cv2, cascade = _haar()
     small, scale = _downscale(image.convert("L"), max_side)
+    if min(small.size) < min_size:  # no face of the smallest size fits (a 2 x 30000 strip)
+        return []
     gray = cv2.equalizeHist(np.asarray(small))
     found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
     faces = [Face(tuple(round(v / scale) for v in b), None, 1.0, "haar") for b in (found if len(found) else [])]
@@ -110,6 +117,8 @@ def detect_mtcnn(image: Image.Image, max_side: int = MAX_SIDE, min_score: float 
 
     model = _mtcnn()
     small, scale = _downscale(image.convert("RGB"), max_side)
+    if min(small.size) < MIN_FACE:  # no face of the smallest size fits (a 2 x 30000 strip)
+        return []
     with torch.no_grad():  # inference only: one MTCNN serves every decode thread
         boxes, probs, points = model.detect(small, landmarks=True)
     faces = []
@@ -183,9 +192,35 @@ def align_crop(image, box, landmarks=None, margin: float = 0.0, size: int = 48) 
     )
 
 
-def run_margin(meta: dict, detector: str) -> float:
-    """The crop margin a run was trained with (recorded in its meta), else the FER-like default."""
-    for value in (meta.get("crop_margin"), (meta.get("crop") or {}).get("margin")):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return DEFAULT_MARGIN.get(detector, 0.0)
+def run_crop(meta: dict, detector: str) -> tuple[str, float]:
+    """How a face that ``detector`` found is cropped for a run's model: ``(box_source, margin)``.
+
+    The run's ``meta.json`` records its training crop (:mod:`ensemble.crop`):
+
+    * ``box_source = "image"``: the training images ARE face crops (FER+, folders of faces). The
+      crop that matches them is the detector's measured one, :data:`DEFAULT_MARGIN` (MTCNN -0.05,
+      Haar 0; benchmarks/crops.py). The margin such runs record (0.2) describes no measurement,
+      so it is not used here.
+    * ``box_source = "annotation"``: the model saw the data set's face boxes (AffectNet). The
+      detector's box stands for that box, widened by the recorded ``margin`` with
+      :func:`ensemble.crop.crop_box`, the detector contract.
+    * Runs that record no crop were trained on face crops: as ``"image"``.
+    """
+    crop = meta.get("crop") or {}
+    if crop.get("box_source") == "annotation":
+        return "annotation", float(crop.get("margin", 0.0))
+    return "image", DEFAULT_MARGIN.get(detector, 0.0)
+
+
+def face_region(box, image_size: tuple[int, int], box_source: str, margin: float) -> tuple[float, ...]:
+    """The region (x, y, w, h) of the photo that becomes the model's input for a detected ``box``
+    (see :func:`run_crop`): for ``"annotation"`` :func:`ensemble.crop.crop_box` (clipped to the
+    image, like the training boxes); for ``"image"`` the square around the box widened by
+    ``margin`` of its side on each side (pixels past the photo's edge repeat its border)."""
+    from .crop import crop_box
+
+    if box_source == "annotation":
+        return tuple(float(v) for v in crop_box(box, image_size, margin))
+    x, y, w, h = (float(v) for v in box)
+    side = max(w, h) * (1.0 + 2.0 * margin)
+    return (x + w / 2 - side / 2, y + h / 2 - side / 2, side, side)

@@ -33,10 +33,8 @@ def _cli(args, capsys):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny synthetic hierarchy (heads on the flat trunk), router and calibration, trained once."""
-    from ensemble.calibration import calibrate
-    from ensemble.pipeline import open_experiment
-    from ensemble.predictors import calibrate_router
-    from stages.experts import fit_experts
+    from ensemble.experiment import open_experiment
+    from ensemble.routing import fit_experts_and_router
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
 
@@ -67,9 +65,7 @@ def run(tmp_path_factory):
     exp = open_experiment(cfg, root / "run", log=logs.append, progress=False)
     fit_flat(exp, log=logs.append)
     fit_stage1(exp, log=logs.append)
-    fit_experts(exp, log=logs.append)
-    calibrate_router(exp, logs.append)
-    calibration = calibrate(exp, logs.append)
+    calibration = fit_experts_and_router(exp, log=logs.append)["calibration"]  # router, then temperatures
     torch.set_num_threads(before)
     return {"run": root / "run", "exp": exp, "calibration": calibration, "logs": logs, "root": root}
 

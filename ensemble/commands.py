@@ -1,5 +1,6 @@
-"""``ensemble predict``: files and folders in, one line (or JSON object) per face out, through the
-Python API (:mod:`ensemble.api`), optionally annotated images and a CSV table."""
+"""Bodies of CLI commands too long for cli.py. ``ensemble predict``: files and folders in, one line
+(or JSON object) per face out, through the Python API (:mod:`ensemble.api`), optionally annotated
+images and a CSV table."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
+from .paths import check_target, make_dir, shown, write_user_file
 
 
 def _line(rec: dict) -> str:
@@ -24,7 +26,10 @@ def _line(rec: dict) -> str:
         if rec["uncertain"]
         else f"{rec['emotion']} {rec['confidence']:.2f}"
     )
-    return f"{rec['file']}{box}: {label}  (then {probs[1][0]} {probs[1][1]:.2f}, {probs[2][0]} {probs[2][1]:.2f}){va}"
+    return (
+        f"{shown(rec['file'])}{box}: {label}  "
+        f"(then {probs[1][0]} {probs[1][1]:.2f}, {probs[2][0]} {probs[2][1]:.2f}){va}"
+    )
 
 
 def run_predict(
@@ -39,8 +44,10 @@ def run_predict(
     annotate: Path | None = None,
     csv: Path | None = None,
 ) -> int:
-    """Predict every face; returns the number of files that failed."""
+    """Predict every face; returns the number of files that failed (unreadable, not a regular
+    file, or the detector failed on it: each named on stderr, the others still predicted)."""
     from .api import flat_row, load, walk
+    from .files import atomic_path
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -55,29 +62,27 @@ def run_predict(
     files, skipped = walk(paths)
     if skipped:
         click.echo(
-            f"skipped {len(skipped)} file(s) without an image extension in folders "
-            f"(e.g. {', '.join(str(f) for f in skipped[:3])})",
+            f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
+            f"(e.g. {', '.join(shown(f) for f in skipped[:3])})",
             err=True,
         )
     if not files:
         raise UserError("no image files to predict")
-    for target in (annotate, csv.parent if csv else None):
-        if target is not None:
-            try:
-                Path(target).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"cannot write to {target}: {exc.strerror or exc}") from None
+    if annotate is not None:
+        make_dir(annotate, "the --annotate folder")
+    if csv is not None:  # refused before any face is predicted: a FIFO, a device or a folder
+        check_target(make_dir(csv.parent, "the --csv folder") / csv.name, "--csv table")
     failed, rows, written = 0, [], set()
     for src, recs, err in model.predict_many(files, batch_size=batch_size):
         if err is not None:
-            click.echo(f"error: {src}: {err}", err=True)
+            click.echo(f"error: {shown(src)}: {err}", err=True)
             failed += 1
             continue
         if not recs:
             if as_json:
                 click.echo(json.dumps({"file": str(src), "box": None, "emotion": None, "note": "no face found"}))
             else:
-                click.echo(f"{src}: no face found (use --detector none if the image is a face crop)")
+                click.echo(f"{shown(src)}: no face found (use --detector none if the image is a face crop)")
             rows.append({"file": str(src), "face": None, "emotion": None, "note": "no face found"})
         for rec in recs:
             click.echo(json.dumps(rec) if as_json else _line(rec))
@@ -90,16 +95,18 @@ def run_predict(
                 out = Path(annotate) / f"{name}-{i}.jpg"
                 i += 1
             written.add(out)
-            model.annotate(src, recs).save(out, quality=90)
+            with atomic_path(out) as tmp:
+                model.annotate(src, recs).save(tmp, format="JPEG", quality=90)
     if csv is not None:
         import pandas as pd
 
         from .api import _columns
 
-        pd.DataFrame(rows, columns=_columns(rows)).to_csv(csv, index=False)
-        click.echo(f"wrote {csv} ({sum(r.get('face') is not None for r in rows)} faces)", err=True)
+        table = pd.DataFrame(rows, columns=_columns(rows))
+        write_user_file(csv, lambda tmp: table.to_csv(tmp, index=False), "--csv table")
+        click.echo(f"wrote {shown(csv)} ({sum(r.get('face') is not None for r in rows)} faces)", err=True)
     if annotate is not None:
-        click.echo(f"wrote {len(written)} annotated image(s) to {annotate}", err=True)
+        click.echo(f"wrote {len(written)} annotated image(s) to {shown(annotate)}", err=True)
     if failed:
         click.echo(f"{failed} of {len(files)} file(s) could not be read", err=True)
     return failed
