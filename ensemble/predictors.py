@@ -89,6 +89,13 @@ def _damaged_run_is_one_line(load):
     return wrapper
 
 
+def flat_identity(meta: dict) -> dict:
+    """What identifies a trained flat model across float16 bundling (which rewrites its files):
+    its recorded trunk digest and training fingerprint. The router records it when it mixes
+    the flat model in, and the hierarchy refuses another flat model."""
+    return {"trunk_sha256": meta.get("trunk_sha256"), "fingerprint": meta.get("fingerprint")}
+
+
 class FlatPredictor(_Base):
     """The flat 8-class model of a run."""
 
@@ -212,7 +219,7 @@ class HierarchicalPredictor(_Base):
         flat_head, flat_key = None, None
         if rinfo.get("alpha") or rinfo.get("inputs") == "va+flat":  # the flat model is used: the one it was chosen with
             flat, mf = load_network(run / "flat", run, sources)
-            if mf["files"]["weights.pt"] != rinfo.get("flat_weights_sha256") or mf["input_size"] != m1["input_size"]:
+            if flat_identity(mf) != rinfo.get("flat_model") or mf["input_size"] != m1["input_size"]:
                 raise UserError(
                     f"{run / 'flat'} is not the flat model the router was calibrated with (rerun ensemble fit-experts)"
                 )

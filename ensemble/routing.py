@@ -17,7 +17,7 @@ from .combine import choose_alpha, choose_tau, final_proba, log_prior
 from .config import DEFAULT_TEMPERATURE
 from .errors import UserError
 from .metrics import classification_metrics
-from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
+from .predictors import FlatPredictor, HierarchicalPredictor, flat_identity, uint8_to_input
 from .router import fit_temperature
 
 
@@ -75,7 +75,7 @@ def calibrate_router(exp, log=print) -> dict:
         "log_prior": log_prior(labels[exp.idx("train")], len(CLASSES)).tolist(),
     }
     if has_flat:
-        result["flat_weights_sha256"] = read_meta(exp.run / "flat", "flat")["files"]["weights.pt"]
+        result["flat_model"] = flat_identity(read_meta(exp.run / "flat", "flat"))
     if len(vi) == 0:
         result["temperature"] = rc.temperature or DEFAULT_TEMPERATURE
         result["mode"] = "soft" if rc.mode == "auto" else rc.mode
