@@ -14,6 +14,7 @@ output is computed once per (face, view), kept on disk, and the trainable tail l
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import dataclasses
 import hashlib
@@ -38,6 +39,11 @@ from .metrics import classification_metrics, regression_metrics
 
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM: the last complete epoch is checkpointed; rerun with --resume."""
+
+
+# an observer of every epoch's validation metric, ``hook(epoch, metric)``, called after the
+# epoch is checkpointed; it may raise to stop the fit (``ensemble tune`` prunes trials this way)
+ON_EPOCH: contextvars.ContextVar = contextvars.ContextVar("ON_EPOCH", default=None)
 
 
 # --------------------------------------------------------------------------- runtime
@@ -518,6 +524,8 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                         "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "bad_epochs": bad_epochs,
                         "best_metric": best["metric"], "best_epoch": best["epoch"], "best_state": best["state"],
                         "rng_cpu": torch.get_rng_state(), "fingerprint": fingerprint}, ckpt_path)
+                if (hook := ON_EPOCH.get()) is not None:
+                    hook(epoch + 1, metric)
                 if tc.patience and bad_epochs >= tc.patience:
                     if rt.is_main:
                         log(f"{desc}: early stop, no improvement for {tc.patience} epochs")
