@@ -199,6 +199,26 @@ def _is_distribution(v) -> bool:
     return isinstance(v, list) or (isinstance(v, dict) and any(k in v for k in _KINDS))
 
 
+def _is_config_key(parts: list[str]) -> bool:
+    """``parts`` names a settable config value: section.key, a stage's section.sub.key, or
+    one entry of a table-valued key (balance.class_weights.fear)."""
+    import typing
+
+    from . import config as c
+
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "tune"}
+    if parts[0] not in sections:
+        return False
+    cls = typing.get_type_hints(Config)[parts[0]]
+    rest = parts[1:]
+    if parts[0] in ("flat", "stage1", "experts") and len(rest) >= 2 and rest[0] in ("model", "train", "balance"):
+        cls, rest = {"model": c.ModelConfig, "train": c.TrainConfig, "balance": c.BalanceConfig}[rest[0]], rest[1:]
+    hints = typing.get_type_hints(cls)
+    if not rest or rest[0] not in hints:
+        return False
+    return len(rest) == (2 if hints[rest[0]] is dict else 1)
+
+
 def parse_space(table: dict) -> list[Param]:
     """``[tune.space]`` -> parameters in an order where every condition's key comes first."""
     if not isinstance(table, dict) or not table:
@@ -211,6 +231,13 @@ def parse_space(table: dict) -> list[Param]:
                             f"got {spec!r}")
         if len(key.split(".")) < 2:
             raise UserError(f"tune.space.{key}: name a config key as section.key, e.g. train.lr")
+        parts = key.split(".")
+        if not _is_config_key(parts):
+            for n in range(2, len(parts)):
+                if _is_config_key(parts[:n]):
+                    raise UserError(f"tune.space.{'.'.join(parts[:n])}: unknown field {parts[n]!r} (a distribution "
+                                    f"is one of float, int, log, categorical, with step, log = true, when)")
+            raise UserError(f"tune.space.{key}: unknown config key: {key}")
         params[key] = _parse_param(key, spec)
     for p in params.values():
         for other, allowed in p.when:
