@@ -418,14 +418,17 @@ def _epoch_reporter(trial, prune: bool):
 
 # --------------------------------------------------------------------------- the study
 
-def open_storage(url: str | None, out: Path):
+def storage_url(url: str | None, out: Path) -> str:
+    return url or f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def open_storage(url: str):
     """Optuna RDB storage; SQLite waits for a busy database instead of failing at once."""
     import optuna
 
-    url = url or f"sqlite:///{(out / 'study.db').resolve()}"
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs), url
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as exc:  # a driver or a server the user named
         raise UserError(f"--storage {url}: cannot open it: {str(exc).splitlines()[0]}") from None
 
@@ -514,11 +517,12 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     shutil.rmtree(out / ".check", ignore_errors=True)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage, url = open_storage(opts.storage, out)
+    url = storage_url(opts.storage, out)
     lock = _claim_lock(url)
     space_json = json.dumps([dataclasses.asdict(p) for p in params], sort_keys=True)
     sampler = optuna.samplers.TPESampler(seed=None if tc.sampler_seed < 0 else tc.sampler_seed)
-    with lock:
+    with lock:  # two processes creating the tables of a new database at once would collide
+        storage = open_storage(url)
         study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", sampler=sampler,
                                     pruner=_pruner(tc), load_if_exists=True)
         attrs = study.user_attrs
