@@ -425,11 +425,12 @@ def storage_url(url: str | None, out: Path) -> str:
 def open_storage(url: str):
     """Optuna RDB storage; SQLite waits for a busy database instead of failing at once."""
     import optuna
+    import sqlalchemy.exc
 
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as exc:  # a driver or a server the user named
+    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:  # a driver, URL or server
         raise UserError(f"--storage {url}: cannot open it: {str(exc).splitlines()[0]}") from None
 
 
@@ -685,9 +686,9 @@ def write_results(study, tc, params, config_file, overrides, out: Path, url: str
     states = {s: sum(t.state == s for t in trials) for s in TrialState}
     _write_csv(study, out / "trials.csv")
     metric = METRIC_NAME[tc.stage]
-    lines = [f"study {study.study_name}: {len(trials)} trials, {states[TrialState.COMPLETE]} complete, "
-             f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, "
-             f"{states[TrialState.RUNNING]} running; this process {seconds / 60:.1f} min"]
+    lines = [(f"study {study.study_name}: {len(trials)} trials, {states[TrialState.COMPLETE]} complete, "
+              f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, "
+              f"{states[TrialState.RUNNING]} running; this process {seconds / 60:.1f} min")]
     best = _best(study)
     if best is None:
         lines.append("no complete trial yet: no best configuration")
@@ -751,9 +752,9 @@ def _plots(study, params, folder: Path) -> list[str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    jobs = {"history": lambda: vis.plot_optimization_history(study),
-            "epochs": lambda: vis.plot_intermediate_values(study),
-            "slices": lambda: vis.plot_slice(study)}
+    jobs = {"history": lambda: vis.plot_optimization_history(study), "slices": lambda: vis.plot_slice(study)}
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):  # per-epoch curves (not experts)
+        jobs["epochs"] = lambda: vis.plot_intermediate_values(study)
     if len(params) >= 2 and n_complete >= 4:
         jobs["importances"] = lambda: vis.plot_param_importances(study)
     written = []
@@ -773,4 +774,4 @@ def _plots(study, params, folder: Path) -> list[str]:
     return written
 
 
-__all__ = ["TuneConfig", "TuneOptions", "Param", "parse_space", "sample", "run_tune", "config_toml", "tune_config"]
+__all__ = ["Param", "TuneConfig", "TuneOptions", "config_toml", "parse_space", "run_tune", "sample", "tune_config"]

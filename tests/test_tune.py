@@ -152,8 +152,8 @@ balance.weights = ["none", "explicit"]
      "conditions need a categorical key"),
     ('a = {categorical = ["x"], when = {b = "y"}}\nb = {categorical = ["y"], when = {a = "x"}}',
      "tune.space.a: name a config key as section.key"),
-    ('train.optimizer = {categorical = ["sgd"], when = {"train.schedule" = "none"}}\n'
-     'train.schedule = {categorical = ["none"], when = {"train.optimizer" = "sgd"}}', "its conditions form a cycle"),
+    (('train.optimizer = {categorical = ["sgd"], when = {"train.schedule" = "none"}}\n'
+      'train.schedule = {categorical = ["none"], when = {"train.optimizer" = "sgd"}}'), "its conditions form a cycle"),
     ('trian.lr = {log = [1e-3, 1e-1]}', "tune.space.trian.lr: unknown config key: trian.lr"),
     ('flat.train.lr = {log = [1e-3, 1e-1]}\nflat.train.bogus = [1, 2]', "tune.space.flat.train.bogus: unknown config key"),
 ])
@@ -263,7 +263,7 @@ def test_study_end_to_end_then_resume(tmp_path, cache, capsys):
 
 
 def test_pruned_trials_stop_early_and_keep_their_history(tmp_path, cache, monkeypatch):
-    import ensemble.tune as tune
+    from ensemble import tune
 
     # a pruner that prunes every trial at its first report: the plumbing (engine hook -> trial.report
     # -> should_prune -> TrialPruned -> PRUNED) is what is tested, not the median's statistics
@@ -301,7 +301,7 @@ def test_objective_never_reads_the_test_split(tmp_path, cache, monkeypatch):
     real_metrics = stages.neural.stage_metrics
 
     def spy(net, task, images, idx, *a, **kw):
-        evaluated.append(set(int(i) for i in idx))
+        evaluated.append({int(i) for i in idx})
         return real_metrics(net, task, images, idx, *a, **kw)
 
     monkeypatch.setattr(ensemble.pipeline, "load_dataset", load_poisoned)
@@ -366,3 +366,51 @@ def test_sigterm_marks_the_trial_failed_and_the_study_continues(tmp_path, cache)
     cmd, env = _tune_cmd(cfg, out, "--trials", "1", "--pruner", "none", "--set", "train.epochs=1")
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     assert [t.state.name for t in _study(out, "x").trials] == ["FAIL", "COMPLETE"]
+
+
+@pytest.mark.parametrize("name", ["tune-demo.toml", "tune-ferplus-cpu.toml"])
+def test_shipped_tune_configs_are_valid(name):
+    from ensemble.tune import check_space, tune_config
+
+    path = REPO / "configs" / name
+    cfg = load_config(path)
+    tc = tune_config(cfg.tune)
+    params = parse_space(tc.space)
+    check_space(params, path, ())
+    keys = {p.key for p in params}
+    assert {"train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "balance.cap",
+            "balance.weights", "model.dropout"} <= keys
+    momentum = next(p for p in params if p.key == "train.momentum")
+    assert momentum.when == (("train.optimizer", ("sgd",)),)
+
+
+@pytest.mark.slow
+def test_stage1_and_experts_trials_build_on_a_trained_run(tmp_path, cache):
+    import json
+
+    cfg = write_config(tmp_path, cache, epochs=1, space="""
+[experts]
+min_count = 5
+[experts.model]
+trunk_from = "flat"
+[stage1.model]
+trunk_from = "flat"
+[tune.space]
+train.lr = {log = [1e-3, 1e-2]}
+""")
+    base = tmp_path / "base"
+    main(["fit-flat", "--config", str(cfg), "--out", str(base)])
+    with pytest.raises(UserError, match="trained flat stage and --run has none"):
+        run_tune(cfg, (), TuneOptions(stage="stage1", trials=1, out=str(tmp_path / "s1")))
+    run_tune(cfg, (), TuneOptions(stage="stage1", trials=1, out=str(tmp_path / "s1"), run=str(base)))
+    trial = _study(tmp_path / "s1", "tune-stage1").trials[0]
+    folder = tmp_path / "s1" / "trials" / "0000"
+    assert (folder / "flat").is_symlink() and (folder / "flat").resolve() == (base / "flat").resolve()
+    val = json.loads((folder / "stage1" / "metrics.json").read_text())["val"]
+    assert trial.value == pytest.approx((val["ccc_valence"] + val["ccc_arousal"]) / 2)
+    main(["fit-stage1", "--config", str(cfg), "--out", str(base)])
+    run_tune(cfg, (), TuneOptions(stage="experts", trials=1, out=str(tmp_path / "ex"), run=str(base)))
+    trial = _study(tmp_path / "ex", "tune-experts").trials[0]
+    router = json.loads((tmp_path / "ex" / "trials" / "0000" / "router" / "router.json").read_text())
+    assert trial.state.name == "COMPLETE" and trial.value == pytest.approx(router["val"][router["mode"]])
+    assert sorted(p.name for p in (base).iterdir()) == ["config.json", "flat", "stage1"]  # the base is only read
