@@ -370,12 +370,17 @@ def needed_stages(cfg: Config, stage: str) -> list[str]:
     return list(dict.fromkeys(need))
 
 
-def _link_base(folder: Path, base: Path | None, need: list[str]) -> None:
+def _check_base(base: Path | None, need: list[str]) -> None:
     for name in need:
         if base is None or not (base / name / "meta.json").is_file():
             where = f"{base}/{name}" if base else "--run"
             raise UserError(f"a trial of this stage builds on a trained {name} stage and {where} has none: "
                             f"train it (ensemble fit-{name}) and pass its run folder with --run")
+
+
+def _link_base(folder: Path, base: Path | None, need: list[str]) -> None:
+    _check_base(base, need)
+    for name in need:
         link = folder / name
         if not link.exists():
             folder.mkdir(parents=True, exist_ok=True)
@@ -466,7 +471,9 @@ class _SigTermRaises:
     """SIGTERM stops a tune like Ctrl-C: the running trial is marked failed, the study kept."""
 
     def __enter__(self):
-        self.old = signal.signal(signal.SIGTERM, self._raise)
+        self.old = None
+        with contextlib.suppress(ValueError):  # not the main thread: SIGTERM stays as it is
+            self.old = signal.signal(signal.SIGTERM, self._raise)
         return self
 
     @staticmethod
@@ -474,7 +481,8 @@ class _SigTermRaises:
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.old)
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
 
 
 @dataclass
@@ -514,8 +522,7 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = Path(opts.run) if opts.run else None
     need = needed_stages(cfg0, tc.stage)
-    _link_base(out / ".check", base, need)  # fail before anything trains
-    shutil.rmtree(out / ".check", ignore_errors=True)
+    _check_base(base, need)  # fail before anything trains
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(opts.storage, out)
