@@ -502,9 +502,6 @@ class TuneOptions:
 def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     """Run (or continue) a study, then write the results; returns the summary as a dict."""
     import optuna
-    from optuna.trial import TrialState
-
-    from .engine import ON_EPOCH, TrainingInterrupted
 
     if not config_file:
         raise UserError("ensemble tune needs --config FILE with a [tune.space] table (e.g. configs/tune-demo.toml)")
@@ -540,11 +537,10 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
         elif attrs.get("stage") != tc.stage or attrs.get("space") != space_json:
             raise UserError(f"study {study_name!r} in {url} was started with another stage or search space; "
                             f"continue it with the same [tune.space] and --stage, or name a new --study")
-    per_trial_data = any(p.key.startswith("data.") for p in params)
-    data = _Data(cfg0, out, log)
-    n_done = len(counted(study))
+    job = _Job(tc, params, config_file, tuple(overrides), out, url, base, need,
+               _Data(cfg0, out, log), any(p.key.startswith("data.") for p in params))
     log(f"tune: study {study_name!r} ({url}), stage {tc.stage}, {len(params)} parameters, "
-        f"{n_done}/{tc.trials} trials done, pruner {tc.pruner}")
+        f"{len(counted(study))}/{tc.trials} trials done, pruner {tc.pruner}")
     t_start = time.time()
     n_failed_row = 0
     with _SigTermRaises():
@@ -556,59 +552,94 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
                 if len(counted(study)) >= tc.trials:
                     break
                 trial = study.ask()
-            folder = out / "trials" / f"{trial.number:04d}"
-            trial.set_user_attr("run", str(folder))
-            trial.set_user_attr("pid", os.getpid())
-            t0 = time.time()
-            token = None
             try:
-                values = sample(params, trial)
-                cfg = load_config(config_file, list(overrides) + as_overrides(values))
-                trial.set_user_attr("seed", cfg.train.seed)
-                _link_base(folder, base, need)
-                with open_log(folder) as tlog:
-                    exp = data.experiment(cfg, folder, tlog, per_trial_data)
-                    if tc.stage != "experts":  # the experts are several fits: no single per-epoch curve
-                        token = ON_EPOCH.set(_epoch_reporter(trial, tc.pruner != "none"))
-                    value = run_stage(tc.stage, exp, tlog)
-            except optuna.TrialPruned as exc:
-                study.tell(trial, state=TrialState.PRUNED)
-                log(f"trial {trial.number}: {exc} ({_shown(values)}), {(time.time() - t0) / 60:.2f} min")
+                _run_trial(study, trial, job, log)
                 n_failed_row = 0
-            except (KeyboardInterrupt, TrainingInterrupted):
-                trial.set_user_attr("interrupted", True)
-                study.tell(trial, state=TrialState.FAIL)
-                raise TrainingInterrupted(f"tune interrupted: trial {trial.number} is marked failed and will be "
-                                          f"run again; the study in {url} is intact: rerun the same command to "
-                                          f"continue") from None
             except UserError as exc:
-                trial.set_user_attr("error", str(exc))
-                study.tell(trial, state=TrialState.FAIL)
-                log(f"trial {trial.number}: failed: {exc}")
                 n_failed_row += 1
                 if n_failed_row >= 3:
                     raise UserError(f"3 trials in a row failed; the last: {exc}") from None
-            except BaseException as exc:
-                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            else:
-                study.tell(trial, value)
-                log(f"trial {trial.number}: {METRIC_NAME[tc.stage]} {value:.4f} ({_shown(values)}), "
-                    f"{(time.time() - t0) / 60:.2f} min")
-                n_failed_row = 0
-            finally:
-                if token is not None:
-                    ON_EPOCH.reset(token)
             if tc.keep != "all":
                 _tidy(study, out, tc.keep, final=False)
-    repeats = _repeats(study, tc, params, config_file, overrides, data, out, base, need, per_trial_data, log)
+    repeats = _repeats(study, job, log)
     result = write_results(study, tc, params, config_file, overrides, out, url, repeats, time.time() - t_start)
     if tc.keep != "all":
         _tidy(study, out, tc.keep, final=True)
     for line in result["summary"]:
         log(line)
     return result
+
+
+@dataclass
+class _Job:
+    """What every trial of one tune command shares."""
+
+    tc: TuneConfig
+    params: list
+    config_file: Any
+    overrides: tuple
+    out: Path
+    url: str
+    base: Path | None  # --run: the trained stages a trial builds on
+    need: list  # which of them
+    data: _Data
+    per_trial_data: bool  # the space searches data.* keys: open the data per trial
+
+    def train(self, values: dict, folder: Path, extra: tuple = (), hook=None) -> float:
+        """One run of the stage with ``values`` in ``folder``: its selection metric."""
+        from .engine import ON_EPOCH
+
+        cfg = load_config(self.config_file, list(self.overrides) + as_overrides(values) + list(extra))
+        _link_base(folder, self.base, self.need)
+        token = ON_EPOCH.set(hook) if hook is not None else None
+        try:
+            with open_log(folder) as tlog:
+                return run_stage(self.tc.stage, self.data.experiment(cfg, folder, tlog, self.per_trial_data), tlog)
+        finally:
+            if token is not None:
+                ON_EPOCH.reset(token)
+
+
+def _run_trial(study, trial, job: _Job, log) -> None:
+    """Sample, train, tell the study; a trial's own error (UserError) marks it failed and is
+    raised again after logging; an interruption marks it failed and not counted."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .engine import TrainingInterrupted
+
+    t0 = time.time()
+    values: dict = {}
+    try:
+        folder = job.out / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("run", str(folder))
+        trial.set_user_attr("pid", os.getpid())
+        values = sample(job.params, trial)
+        trial.set_user_attr("seed", load_config(job.config_file, list(job.overrides) + as_overrides(values)).train.seed)
+        # the experts are several fits: no single per-epoch curve to prune on
+        hook = _epoch_reporter(trial, job.tc.pruner != "none") if job.tc.stage != "experts" else None
+        value = job.train(values, folder, hook=hook)
+    except optuna.TrialPruned as exc:
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"trial {trial.number}: {exc} ({_shown(values)}), {(time.time() - t0) / 60:.2f} min")
+    except (KeyboardInterrupt, TrainingInterrupted):
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        raise TrainingInterrupted(f"tune interrupted: trial {trial.number} is marked failed and will be run again; "
+                                  f"the study in {job.url} is intact: rerun the same command to continue") from None
+    except UserError as exc:
+        trial.set_user_attr("error", str(exc))
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"trial {trial.number}: failed: {exc}")
+        raise
+    except BaseException as exc:
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    else:
+        study.tell(trial, value)
+        log(f"trial {trial.number}: {METRIC_NAME[job.tc.stage]} {value:.4f} ({_shown(values)}), "
+            f"{(time.time() - t0) / 60:.2f} min")
 
 
 @contextlib.contextmanager
@@ -654,8 +685,9 @@ def _best(study):
     return max(done, key=lambda t: t.value) if done else None
 
 
-def _repeats(study, tc, params, config_file, overrides, data, out, base, need, per_trial_data, log) -> list[dict]:
+def _repeats(study, job: _Job, log) -> list[dict]:
     """The top configurations re-trained with ``repeats`` new seeds each: mean and spread."""
+    tc = job.tc
     if not tc.repeats:
         return []
     import numpy as np
@@ -664,19 +696,15 @@ def _repeats(study, tc, params, config_file, overrides, data, out, base, need, p
     done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:tc.top]
     rows = []
     for t in done:
-        cfg_t = load_config(config_file, list(overrides) + as_overrides(t.params))
+        seed0 = load_config(job.config_file, list(job.overrides) + as_overrides(t.params)).train.seed
+        seeds = [seed0 + r for r in range(1, tc.repeats + 1)]
         scores = []
-        for r in range(1, tc.repeats + 1):
-            seed = cfg_t.train.seed + r
-            folder = out / "repeats" / f"{t.number:04d}-seed{seed}"
-            cfg = load_config(config_file, list(overrides) + as_overrides(t.params) + [f"train.seed={seed}"])
-            _link_base(folder, base, need)
-            with open_log(folder) as tlog:
-                scores.append(run_stage(tc.stage, data.experiment(cfg, folder, tlog, per_trial_data), tlog))
+        for seed in seeds:
+            folder = job.out / "repeats" / f"{t.number:04d}-seed{seed}"
+            scores.append(job.train(t.params, folder, extra=(f"train.seed={seed}",)))
             log(f"repeat: trial {t.number} with seed {seed}: {METRIC_NAME[tc.stage]} {scores[-1]:.4f}")
-        rows.append({"trial": t.number, "search_value": t.value, "seeds": [cfg_t.train.seed + r for r in
-                     range(1, tc.repeats + 1)], "values": scores, "mean": float(np.mean(scores)),
-                     "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0})
+        rows.append({"trial": t.number, "search_value": t.value, "seeds": seeds, "values": scores,
+                     "mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0})
     return sorted(rows, key=lambda d: -d["mean"])
 
 
