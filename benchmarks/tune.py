@@ -54,9 +54,12 @@ def main() -> None:
 
     # 2. the pruned search
     t0 = time.time()
-    pruned = run_tune(args.config, args.overrides,
-                      TuneOptions(stage="flat", trials=args.trials, out=str(work / "pruned"), study="pruned",
-                                  keep="none"), print)
+    pruned = run_tune(
+        args.config,
+        args.overrides,
+        TuneOptions(stage="flat", trials=args.trials, out=str(work / "pruned"), study="pruned", keep="none"),
+        print,
+    )
     pruned_s = time.time() - t0
     s_pruned = optuna.load_study(study_name="pruned", storage=f"sqlite:///{(work / 'pruned' / 'study.db').resolve()}")
 
@@ -67,8 +70,14 @@ def main() -> None:
     for t in s_pruned.trials:
         s_full.enqueue_trial(t.params)
     t0 = time.time()
-    run_tune(args.config, args.overrides, TuneOptions(stage="flat", trials=args.trials, out=str(work / "unpruned"),
-                                                      study="unpruned", keep="none", pruner="none"), print)
+    run_tune(
+        args.config,
+        args.overrides,
+        TuneOptions(
+            stage="flat", trials=args.trials, out=str(work / "unpruned"), study="unpruned", keep="none", pruner="none"
+        ),
+        print,
+    )
     unpruned_s = time.time() - t0
     s_full = optuna.load_study(study_name="unpruned", storage=url)
 
@@ -76,9 +85,18 @@ def main() -> None:
     rows = []
     for t in s_pruned.trials:
         full = by_params[tuple(sorted(t.params.items()))]
-        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "epochs_run": len(t.intermediate_values),
-                     "seconds": t.duration.total_seconds(), "unpruned_value": full.value,
-                     "unpruned_seconds": full.duration.total_seconds(), "params": t.params})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "epochs_run": len(t.intermediate_values),
+                "seconds": t.duration.total_seconds(),
+                "unpruned_value": full.value,
+                "unpruned_seconds": full.duration.total_seconds(),
+                "params": t.params,
+            }
+        )
     n_pruned = sum(r["state"] == "PRUNED" for r in rows)
     best_pruned = max(r["value"] for r in rows if r["state"] == "COMPLETE")
     best_full = max(r["unpruned_value"] for r in rows)
@@ -92,29 +110,48 @@ def main() -> None:
     n_epochs = max(epochs_full // max(1, len(rows)), 1)
     skipped_s = sum(r["unpruned_seconds"] * (1 - r["epochs_run"] / n_epochs) for r in rows if r["state"] == "PRUNED")
     figures = {
-        "config": args.config, "overrides": args.overrides, "trials": args.trials,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "default_val_balanced_accuracy": default_value, "default_seconds": default_s,
-        "pruned_search_seconds": pruned_s, "unpruned_same_trials_seconds": unpruned_s,
-        "trial_seconds_pruned": trial_s_pruned, "trial_seconds_unpruned": trial_s_full,
-        "time_saved_fraction": 1 - trial_s_pruned / trial_s_full, "n_pruned": n_pruned,
-        "epochs_trained_pruned": epochs_pruned, "epochs_trained_unpruned": epochs_full,
+        "config": args.config,
+        "overrides": args.overrides,
+        "trials": args.trials,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "default_val_balanced_accuracy": default_value,
+        "default_seconds": default_s,
+        "pruned_search_seconds": pruned_s,
+        "unpruned_same_trials_seconds": unpruned_s,
+        "trial_seconds_pruned": trial_s_pruned,
+        "trial_seconds_unpruned": trial_s_full,
+        "time_saved_fraction": 1 - trial_s_pruned / trial_s_full,
+        "n_pruned": n_pruned,
+        "epochs_trained_pruned": epochs_pruned,
+        "epochs_trained_unpruned": epochs_full,
         "epochs_saved_fraction": 1 - epochs_pruned / epochs_full,
         "time_saved_fraction_same_phase_estimate": skipped_s / trial_s_full,
-        "best_pruned_search": best_pruned, "best_params": pruned["best"]["params"],
-        "best_unpruned_same_trials": best_full, "pruned_trials_that_would_have_won": lost,
-        "beats_default": best_pruned > default_value, "trials_detail": rows,
+        "best_pruned_search": best_pruned,
+        "best_params": pruned["best"]["params"],
+        "best_unpruned_same_trials": best_full,
+        "pruned_trials_that_would_have_won": lost,
+        "beats_default": best_pruned > default_value,
+        "trials_detail": rows,
     }
-    print(f"\npruned search: {args.trials} trials in {pruned_s / 60:.1f} min ({n_pruned} pruned), best "
-          f"{best_pruned:.4f}; default {default_value:.4f} ({'beaten' if best_pruned > default_value else 'NOT beaten'})")
-    print(f"same trials unpruned: {unpruned_s / 60:.1f} min, best {best_full:.4f}; training time saved by pruning "
-          f"{100 * figures['time_saved_fraction']:.0f} % ({trial_s_full / 60:.1f} -> {trial_s_pruned / 60:.1f} min)")
-    print(f"epochs trained: {epochs_full} unpruned, {epochs_pruned} pruned "
-          f"({100 * figures['epochs_saved_fraction']:.0f} % fewer); from the unpruned run's own times, pruning "
-          f"skipped {100 * figures['time_saved_fraction_same_phase_estimate']:.0f} % of the training time")
+    print(
+        f"\npruned search: {args.trials} trials in {pruned_s / 60:.1f} min ({n_pruned} pruned), best "
+        f"{best_pruned:.4f}; default {default_value:.4f} ({'beaten' if best_pruned > default_value else 'NOT beaten'})"
+    )
+    print(
+        f"same trials unpruned: {unpruned_s / 60:.1f} min, best {best_full:.4f}; training time saved by pruning "
+        f"{100 * figures['time_saved_fraction']:.0f} % ({trial_s_full / 60:.1f} -> {trial_s_pruned / 60:.1f} min)"
+    )
+    print(
+        f"epochs trained: {epochs_full} unpruned, {epochs_pruned} pruned "
+        f"({100 * figures['epochs_saved_fraction']:.0f} % fewer); from the unpruned run's own times, pruning "
+        f"skipped {100 * figures['time_saved_fraction_same_phase_estimate']:.0f} % of the training time"
+    )
     print(f"pruned trials that would have beaten the pruned search's best: {lost or 'none'}")
-    print(f"load average before {load_before[0]:.1f}, after {figures['load_average_after'][0]:.1f} "
-          f"on {os.cpu_count()} cores")
+    print(
+        f"load average before {load_before[0]:.1f}, after {figures['load_average_after'][0]:.1f} "
+        f"on {os.cpu_count()} cores"
+    )
     save("tune", figures, args.out)
 
 

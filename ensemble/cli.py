@@ -15,10 +15,16 @@ import click
 from .errors import UserError
 
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Experiment TOML file.")
-SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                   help="Override one config value (repeatable), e.g. --set train.epochs=1.")
-OUT = click.option("--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True,
-                   help="Run folder.")
+SET = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config value (repeatable), e.g. --set train.epochs=1.",
+)
+OUT = click.option(
+    "--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True, help="Run folder."
+)
 RESUME = click.option("--resume", is_flag=True, help="Continue from the last complete epoch's checkpoint.")
 
 
@@ -96,8 +102,9 @@ def prepare_cmd(config_file, overrides, workers):
 
     cfg = load_config(config_file, overrides)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
-    folder, info = prepare_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
-                                  cfg.data.num_workers if workers is None else workers)
+    folder, info = prepare_images(
+        ds.manifest, cfg.data.image_size, cfg.data.cache_dir, cfg.data.num_workers if workers is None else workers
+    )
     click.echo(f"prepared {info['n']} faces at {info['size']} px in {folder} ({info['n_bad']} unreadable)")
 
 
@@ -143,7 +150,9 @@ def fit_experts_cmd(config_file, overrides, run, resume):
     fit_experts(exp, resume, _log)
     if exp.rt.is_main:
         if not (exp.run / "stage1" / "meta.json").is_file():
-            raise UserError("experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again")
+            raise UserError(
+                "experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again"
+            )
         calibrate_router(exp, _log)
 
 
@@ -153,28 +162,48 @@ def _print_metrics(stage: str, metrics: dict) -> None:
         if not m:
             continue
         if "balanced_accuracy" in m:
-            click.echo(f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
-                       f"macro-F1 {m['macro_f1']:.4f}")
+            click.echo(
+                f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+                f"macro-F1 {m['macro_f1']:.4f}"
+            )
         else:
-            click.echo(f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
-                       f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}")
+            click.echo(
+                f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
+                f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}"
+            )
 
 
 @cli.command("tune", short_help="Search a stage's settings with Optuna: pruned, resumable, parallel.")
 @CONFIG
 @SET
-@click.option("--stage", type=click.Choice(["flat", "stage1", "experts"]), default=None,
-              help="Stage each trial trains (default: [tune] stage, else flat).")
+@click.option(
+    "--stage",
+    type=click.Choice(["flat", "stage1", "experts"]),
+    default=None,
+    help="Stage each trial trains (default: [tune] stage, else flat).",
+)
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="The study's total number of trials.")
 @click.option("--minutes", type=click.FloatRange(min=0), default=None, help="Start no trial after this many minutes.")
 @click.option("--study", default=None, help="Study name (default: CONFIG-STAGE).")
-@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db), e.g. postgresql://...")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Tuning folder (default: artifacts/tune/STUDY).")
-@click.option("--run", type=click.Path(file_okay=False), default=None,
-              help="Run folder with the trained stages a stage1 or experts trial builds on.")
+@click.option(
+    "--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db), e.g. postgresql://..."
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="Tuning folder (default: artifacts/tune/STUDY)."
+)
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder with the trained stages a stage1 or experts trial builds on.",
+)
 @click.option("--keep", type=click.Choice(["best", "all", "none"]), default=None, help="Trial run folders kept.")
-@click.option("--repeats", type=click.IntRange(min=0), default=None,
-              help="Re-train the top configurations with R new seeds; the best mean wins.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Re-train the top configurations with R new seeds; the best mean wins.",
+)
 @click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None)
 def tune_cmd(config_file, overrides, **opts):
     """Each trial trains the stage with values sampled from the config's [tune.space] table and
@@ -230,8 +259,10 @@ def compare_cmd(config_file, overrides, run, split, out):
         cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
     trained = read_meta(run_p / "flat", "flat").get("input_size")
     if trained != cfg.data.image_size:
-        raise UserError(f"the run's models take {trained}-px faces but the config says data.image_size = "
-                        f"{cfg.data.image_size}; compare with the config the run was trained with")
+        raise UserError(
+            f"the run's models take {trained}-px faces but the config says data.image_size = "
+            f"{cfg.data.image_size}; compare with the config the run was trained with"
+        )
     report_dir = Path(out) if out else run_p / "reports"  # the run itself is only read
     compare(open_experiment(cfg, run_p, _log, out=report_dir), split, report_dir, _log)
 

@@ -59,10 +59,17 @@ class TuneConfig:
     space: dict = field(default_factory=dict)  # config key -> distribution (module docstring)
 
 
-_TUNE_RULES = {"stage": lambda v: v in STAGES, "trials": lambda v: v >= 1, "minutes": lambda v: v >= 0,
-               "pruner": lambda v: v in ("median", "hyperband", "none"), "startup_trials": lambda v: v >= 0,
-               "warmup_epochs": lambda v: v >= 0, "repeats": lambda v: v >= 0, "top": lambda v: v >= 1,
-               "keep": lambda v: v in ("best", "all", "none")}
+_TUNE_RULES = {
+    "stage": lambda v: v in STAGES,
+    "trials": lambda v: v >= 1,
+    "minutes": lambda v: v >= 0,
+    "pruner": lambda v: v in ("median", "hyperband", "none"),
+    "startup_trials": lambda v: v >= 0,
+    "warmup_epochs": lambda v: v >= 0,
+    "repeats": lambda v: v >= 0,
+    "top": lambda v: v >= 1,
+    "keep": lambda v: v in ("best", "all", "none"),
+}
 
 
 def tune_config(table: dict) -> TuneConfig:
@@ -134,13 +141,17 @@ def _parse_param(key: str, spec) -> Param:
         spec = {"categorical": spec}
     unknown = [k for k in spec if k not in _KINDS + _OPTIONS]
     if unknown:
-        raise UserError(f"tune.space.{key}: unknown field {unknown[0]!r} (a distribution is one of float, int, log, "
-                        f"categorical, with step, log = true, when)")
+        raise UserError(
+            f"tune.space.{key}: unknown field {unknown[0]!r} (a distribution is one of float, int, log, "
+            f"categorical, with step, log = true, when)"
+        )
     log_range = isinstance(spec.get("log"), list)
     kinds = [k for k in ("float", "int", "categorical") if k in spec] + (["log"] if log_range else [])
     if len(kinds) != 1:
-        raise UserError(f"tune.space.{key}: give exactly one of float, int, log = [low, high] or categorical"
-                        + (f", not {' and '.join(kinds)}" if kinds else ""))
+        raise UserError(
+            f"tune.space.{key}: give exactly one of float, int, log = [low, high] or categorical"
+            + (f", not {' and '.join(kinds)}" if kinds else "")
+        )
     kind = kinds[0]
     when = _parse_when(key, spec.get("when", {}))
     if kind == "categorical":
@@ -163,17 +174,26 @@ def _parse_param(key: str, spec) -> Param:
     step = spec.get("step")
     if step is not None:
         if not _number(step) or step <= 0 or (kind == "int" and not isinstance(step, int)):
-            raise UserError(f"tune.space.{key}: step must be a {'whole ' if kind == 'int' else ''}number > 0, got {step!r}")
+            raise UserError(
+                f"tune.space.{key}: step must be a {'whole ' if kind == 'int' else ''}number > 0, got {step!r}"
+            )
         if log:
             raise UserError(f"tune.space.{key}: a range is either stepped or log, not both")
     ptype = "int" if kind == "int" else "float"
-    return Param(key, ptype, float(lo), float(hi), None if step is None else (int(step) if ptype == "int" else float(step)),
-                 log, when=when)
+    return Param(
+        key,
+        ptype,
+        float(lo),
+        float(hi),
+        None if step is None else (int(step) if ptype == "int" else float(step)),
+        log,
+        when=when,
+    )
 
 
 def _parse_when(key: str, when) -> tuple:
     if not isinstance(when, dict):
-        raise UserError(f"tune.space.{key}: when expects a table like {{\"train.optimizer\" = \"sgd\"}}, got {when!r}")
+        raise UserError(f'tune.space.{key}: when expects a table like {{"train.optimizer" = "sgd"}}, got {when!r}')
     out = []
     for other, allowed in _flatten(when, "", leaf=lambda v: not isinstance(v, dict)):
         allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
@@ -222,21 +242,26 @@ def _is_config_key(parts: list[str]) -> bool:
 def parse_space(table: dict) -> list[Param]:
     """``[tune.space]`` -> parameters in an order where every condition's key comes first."""
     if not isinstance(table, dict) or not table:
-        raise UserError("the config has no [tune.space] table: list the keys to search, e.g. "
-                        "train.lr = {log = [1e-4, 1e-1]} (see configs/tune-demo.toml)")
+        raise UserError(
+            "the config has no [tune.space] table: list the keys to search, e.g. "
+            "train.lr = {log = [1e-4, 1e-1]} (see configs/tune-demo.toml)"
+        )
     params = {}
     for key, spec in _flatten(table, "", leaf=_is_distribution):
         if not _is_distribution(spec):
-            raise UserError(f"tune.space.{key}: expected a list of choices or a table like {{float = [low, high]}}, "
-                            f"got {spec!r}")
+            raise UserError(
+                f"tune.space.{key}: expected a list of choices or a table like {{float = [low, high]}}, got {spec!r}"
+            )
         if len(key.split(".")) < 2:
             raise UserError(f"tune.space.{key}: name a config key as section.key, e.g. train.lr")
         parts = key.split(".")
         if not _is_config_key(parts):
             for n in range(2, len(parts)):
                 if _is_config_key(parts[:n]):
-                    raise UserError(f"tune.space.{'.'.join(parts[:n])}: unknown field {parts[n]!r} (a distribution "
-                                    f"is one of float, int, log, categorical, with step, log = true, when)")
+                    raise UserError(
+                        f"tune.space.{'.'.join(parts[:n])}: unknown field {parts[n]!r} (a distribution "
+                        f"is one of float, int, log, categorical, with step, log = true, when)"
+                    )
             raise UserError(f"tune.space.{key}: unknown config key: {key}")
         params[key] = _parse_param(key, spec)
     for p in params.values():
@@ -248,8 +273,10 @@ def parse_space(table: dict) -> list[Param]:
                 raise UserError(f"tune.space.{p.key}: its condition names {other!r}; conditions need a categorical key")
             bad = [a for a in allowed if a not in q.choices]
             if bad:
-                raise UserError(f"tune.space.{p.key}: its condition wants {other} = {bad[0]!r}, which is not among "
-                                f"its choices {list(q.choices)!r}")
+                raise UserError(
+                    f"tune.space.{p.key}: its condition wants {other} = {bad[0]!r}, which is not among "
+                    f"its choices {list(q.choices)!r}"
+                )
     ordered: list[Param] = []
     pending = list(params.values())
     while pending:
@@ -315,10 +342,18 @@ def config_toml(cfg: Config, header: str = "") -> str:
     for section, values in ours.items():
         if section == "tune":
             continue
-        subtables = {k: v for k, v in values.items() if k in ("model", "train", "balance")
-                     and section in ("experts", "stage1", "flat") and v}
-        plain = {k: v for k, v in values.items() if v != base[section][k] and k not in subtables
-                 and not (section in ("experts", "stage1", "flat") and k in ("model", "train", "balance"))}
+        subtables = {
+            k: v
+            for k, v in values.items()
+            if k in ("model", "train", "balance") and section in ("experts", "stage1", "flat") and v
+        }
+        plain = {
+            k: v
+            for k, v in values.items()
+            if v != base[section][k]
+            and k not in subtables
+            and not (section in ("experts", "stage1", "flat") and k in ("model", "train", "balance"))
+        }
         if plain:
             lines += ["", f"[{section}]"] + [f"{_toml_key(k)} = {toml_value(v)}" for k, v in plain.items()]
         for sub, table in subtables.items():
@@ -327,6 +362,7 @@ def config_toml(cfg: Config, header: str = "") -> str:
 
 
 # --------------------------------------------------------------------------- one trial
+
 
 def _hide_test(manifest):
     """The manifest a trial sees: test faces relabelled so that no stage evaluates them."""
@@ -374,8 +410,10 @@ def _check_base(base: Path | None, need: list[str]) -> None:
     for name in need:
         if base is None or not (base / name / "meta.json").is_file():
             where = f"{base}/{name}" if base else "--run"
-            raise UserError(f"a trial of this stage builds on a trained {name} stage and {where} has none: "
-                            f"train it (ensemble fit-{name}) and pass its run folder with --run")
+            raise UserError(
+                f"a trial of this stage builds on a trained {name} stage and {where} has none: "
+                f"train it (ensemble fit-{name}) and pass its run folder with --run"
+            )
 
 
 def _link_base(folder: Path, base: Path | None, need: list[str]) -> None:
@@ -423,6 +461,7 @@ def _epoch_reporter(trial, prune: bool):
 
 # --------------------------------------------------------------------------- the study
 
+
 def storage_url(url: str | None, out: Path) -> str:
     return url or f"sqlite:///{(out / 'study.db').resolve()}"
 
@@ -445,7 +484,7 @@ def _claim_lock(url: str):
     if url.startswith("sqlite:///"):
         from filelock import FileLock
 
-        return FileLock(url[len("sqlite:///"):] + ".lock")
+        return FileLock(url[len("sqlite:///") :] + ".lock")
     return contextlib.nullcontext()  # several machines on one server: a process may run one trial past N
 
 
@@ -453,8 +492,11 @@ def counted(study) -> list:
     """Trials that count towards ``trials``: all but those interrupted (they are redone)."""
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted")]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted")
+    ]
 
 
 def _pruner(tc: TuneConfig):
@@ -507,8 +549,11 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
         raise UserError("ensemble tune needs --config FILE with a [tune.space] table (e.g. configs/tune-demo.toml)")
     cfg0 = load_config(config_file, overrides)
     tc = tune_config({k: v for k, v in cfg0.tune.items()})
-    chosen = {k: getattr(opts, k) for k in ("stage", "trials", "minutes", "keep", "repeats", "pruner")
-              if getattr(opts, k) is not None}
+    chosen = {
+        k: getattr(opts, k)
+        for k in ("stage", "trials", "minutes", "keep", "repeats", "pruner")
+        if getattr(opts, k) is not None
+    }
     tc = dataclasses.replace(tc, **chosen)
     params = parse_space(tc.space)
     check_space(params, config_file, overrides)
@@ -528,19 +573,39 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     sampler = optuna.samplers.TPESampler(seed=None if tc.sampler_seed < 0 else tc.sampler_seed)
     with lock:  # two processes creating the tables of a new database at once would collide
         storage = open_storage(url)
-        study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", sampler=sampler,
-                                    pruner=_pruner(tc), load_if_exists=True)
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            direction="maximize",
+            sampler=sampler,
+            pruner=_pruner(tc),
+            load_if_exists=True,
+        )
         attrs = study.user_attrs
         if not attrs:
             study.set_user_attr("stage", tc.stage)
             study.set_user_attr("space", space_json)
         elif attrs.get("stage") != tc.stage or attrs.get("space") != space_json:
-            raise UserError(f"study {study_name!r} in {url} was started with another stage or search space; "
-                            f"continue it with the same [tune.space] and --stage, or name a new --study")
-    job = _Job(tc, params, config_file, tuple(overrides), out, url, base, need,
-               _Data(cfg0, out, log), any(p.key.startswith("data.") for p in params))
-    log(f"tune: study {study_name!r} ({url}), stage {tc.stage}, {len(params)} parameters, "
-        f"{len(counted(study))}/{tc.trials} trials done, pruner {tc.pruner}")
+            raise UserError(
+                f"study {study_name!r} in {url} was started with another stage or search space; "
+                f"continue it with the same [tune.space] and --stage, or name a new --study"
+            )
+    job = _Job(
+        tc,
+        params,
+        config_file,
+        tuple(overrides),
+        out,
+        url,
+        base,
+        need,
+        _Data(cfg0, out, log),
+        any(p.key.startswith("data.") for p in params),
+    )
+    log(
+        f"tune: study {study_name!r} ({url}), stage {tc.stage}, {len(params)} parameters, "
+        f"{len(counted(study))}/{tc.trials} trials done, pruner {tc.pruner}"
+    )
     t_start = time.time()
     n_failed_row = 0
     with _SigTermRaises():
@@ -625,8 +690,10 @@ def _run_trial(study, trial, job: _Job, log) -> None:
     except (KeyboardInterrupt, TrainingInterrupted):
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
-        raise TrainingInterrupted(f"tune interrupted: trial {trial.number} is marked failed and will be run again; "
-                                  f"the study in {job.url} is intact: rerun the same command to continue") from None
+        raise TrainingInterrupted(
+            f"tune interrupted: trial {trial.number} is marked failed and will be run again; "
+            f"the study in {job.url} is intact: rerun the same command to continue"
+        ) from None
     except UserError as exc:
         trial.set_user_attr("error", str(exc))
         study.tell(trial, state=TrialState.FAIL)
@@ -638,8 +705,10 @@ def _run_trial(study, trial, job: _Job, log) -> None:
         raise
     else:
         study.tell(trial, value)
-        log(f"trial {trial.number}: {METRIC_NAME[job.tc.stage]} {value:.4f} ({_shown(values)}), "
-            f"{(time.time() - t0) / 60:.2f} min")
+        log(
+            f"trial {trial.number}: {METRIC_NAME[job.tc.stage]} {value:.4f} ({_shown(values)}), "
+            f"{(time.time() - t0) / 60:.2f} min"
+        )
 
 
 @contextlib.contextmanager
@@ -647,9 +716,11 @@ def open_log(folder: Path):
     """A trial's own log (its training lines), so that the console shows one line per trial."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "log.txt", "a", encoding="utf-8") as f:
+
         def log(msg: str) -> None:
             f.write(f"{msg}\n")
             f.flush()
+
         yield log
 
 
@@ -693,7 +764,7 @@ def _repeats(study, job: _Job, log) -> list[dict]:
     import numpy as np
     from optuna.trial import TrialState
 
-    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:tc.top]
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[: tc.top]
     rows = []
     for t in done:
         seed0 = load_config(job.config_file, list(job.overrides) + as_overrides(t.params)).train.seed
@@ -703,15 +774,25 @@ def _repeats(study, job: _Job, log) -> list[dict]:
             folder = job.out / "repeats" / f"{t.number:04d}-seed{seed}"
             scores.append(job.train(t.params, folder, extra=(f"train.seed={seed}",)))
             log(f"repeat: trial {t.number} with seed {seed}: {METRIC_NAME[tc.stage]} {scores[-1]:.4f}")
-        rows.append({"trial": t.number, "search_value": t.value, "seeds": seeds, "values": scores,
-                     "mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0})
+        rows.append(
+            {
+                "trial": t.number,
+                "search_value": t.value,
+                "seeds": seeds,
+                "values": scores,
+                "mean": float(np.mean(scores)),
+                "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+            }
+        )
     return sorted(rows, key=lambda d: -d["mean"])
 
 
 # --------------------------------------------------------------------------- results
 
-def write_results(study, tc, params, config_file, overrides, out: Path, url: str, repeats: list[dict],
-                  seconds: float) -> dict:
+
+def write_results(
+    study, tc, params, config_file, overrides, out: Path, url: str, repeats: list[dict], seconds: float
+) -> dict:
     """trials.csv, best.toml, plots/*.png, repeats.json and the summary lines."""
     from optuna.trial import TrialState
 
@@ -721,9 +802,13 @@ def write_results(study, tc, params, config_file, overrides, out: Path, url: str
     states = {s: sum(t.state == s for t in trials) for s in TrialState}
     _write_csv(study, out / "trials.csv")
     metric = METRIC_NAME[tc.stage]
-    lines = [(f"study {study.study_name}: {len(trials)} trials, {states[TrialState.COMPLETE]} complete, "
-              f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, "
-              f"{states[TrialState.RUNNING]} running; this process {seconds / 60:.1f} min")]
+    lines = [
+        (
+            f"study {study.study_name}: {len(trials)} trials, {states[TrialState.COMPLETE]} complete, "
+            f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed, "
+            f"{states[TrialState.RUNNING]} running; this process {seconds / 60:.1f} min"
+        )
+    ]
     best = _best(study)
     if best is None:
         lines.append("no complete trial yet: no best configuration")
@@ -735,42 +820,55 @@ def write_results(study, tc, params, config_file, overrides, out: Path, url: str
         chosen = {"trial": top["trial"], "value": top["mean"], "std": top["std"]}
         write_json(out / "repeats.json", repeats)
     cfg = load_config(config_file, list(overrides) + as_overrides(chosen_trial.params))
-    header = (f"best of study {study.study_name} ({url}): trial {chosen_trial.number}, {metric} "
-              f"{chosen['value']:.4f}" + (f" (mean of {tc.repeats} seeds)" if repeats else "")
-              + f"\nfrom {config_file}" + (f" with --set {' '.join(overrides)}" if overrides else "")
-              + f"\ntrain it: python -m ensemble fit-{tc.stage} --config {out / 'best.toml'}")
+    header = (
+        f"best of study {study.study_name} ({url}): trial {chosen_trial.number}, {metric} "
+        f"{chosen['value']:.4f}"
+        + (f" (mean of {tc.repeats} seeds)" if repeats else "")
+        + f"\nfrom {config_file}"
+        + (f" with --set {' '.join(overrides)}" if overrides else "")
+        + f"\ntrain it: python -m ensemble fit-{tc.stage} --config {out / 'best.toml'}"
+    )
     best_toml = out / "best.toml"
     tmp = best_toml.with_name(f".best.toml.tmp{os.getpid()}")
     tmp.write_text(config_toml(cfg, header), encoding="utf-8")
     os.replace(tmp, best_toml)
     plots = _plots(study, params, out / "plots")
-    lines.append(f"best: trial {chosen_trial.number}, {metric} {chosen['value']:.4f}"
-                 + (f" ± {chosen['std']:.4f} over {tc.repeats} new seeds (search: {chosen_trial.value:.4f})"
-                    if repeats else ""))
+    lines.append(
+        f"best: trial {chosen_trial.number}, {metric} {chosen['value']:.4f}"
+        + (f" ± {chosen['std']:.4f} over {tc.repeats} new seeds (search: {chosen_trial.value:.4f})" if repeats else "")
+    )
     for k, v in chosen_trial.params.items():
         lines.append(f"  {k} = {toml_value(v)}")
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:5]
     lines.append("top trials: " + ", ".join(f"#{t.number} {t.value:.4f}" for t in done))
     if repeats:
         lines.append("repeats: " + ", ".join(f"#{r['trial']} {r['mean']:.4f} ± {r['std']:.4f}" for r in repeats))
-    lines.append(f"wrote {out / 'trials.csv'}, {best_toml}" + (f", {len(plots)} plots in {out / 'plots'}" if plots else ""))
+    lines.append(
+        f"wrote {out / 'trials.csv'}, {best_toml}" + (f", {len(plots)} plots in {out / 'plots'}" if plots else "")
+    )
     lines.append(f"next: python -m ensemble fit-{tc.stage} --config {best_toml} --out artifacts/best")
-    summary = {"summary": lines, "best": {**chosen, "params": chosen_trial.params}, "plots": plots,
-               "states": {s.name: n for s, n in states.items()}}
+    summary = {
+        "summary": lines,
+        "best": {**chosen, "params": chosen_trial.params},
+        "plots": plots,
+        "states": {s.name: n for s, n in states.items()},
+    }
     (out / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary
 
 
 def _write_csv(study, path: Path) -> None:
-    df = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params", "user_attrs",
-                                       "intermediate_values"))
+    df = study.trials_dataframe(
+        attrs=("number", "value", "state", "duration", "params", "user_attrs", "intermediate_values")
+    )
     if "duration" in df:
         df["minutes"] = df["duration"].dt.total_seconds() / 60
         df = df.drop(columns=["duration"])
     # params_train.lr -> train.lr, user_attrs_seed -> seed, intermediate_values_3 -> epoch_3 (the
     # per-epoch history, also of pruned trials)
-    df.columns = [re.sub(r"^(params_|user_attrs_)", "", c).replace("intermediate_values_", "epoch_")
-                  for c in df.columns]
+    df.columns = [
+        re.sub(r"^(params_|user_attrs_)", "", c).replace("intermediate_values_", "epoch_") for c in df.columns
+    ]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)

@@ -79,8 +79,11 @@ def _study(out: Path, name: str):
 
 # --------------------------------------------------------------------------- the space parser
 
+
 def test_every_distribution_kind():
-    params = {p.key: p for p in _space("""
+    params = {
+        p.key: p
+        for p in _space("""
 [tune.space]
 train.optimizer = ["adam", "sgd"]
 train.schedule = {categorical = ["cosine", "none"]}
@@ -91,7 +94,8 @@ train.label_smoothing = {float = [0.0, 0.2]}
 balance.cap = {int = [200, 2000], step = 200}
 model.hidden = {int = [16, 256], log = true}
 train.epochs = {int = [1, 3]}
-""")}
+""")
+    }
     study = optuna.create_study()
     trial = study.ask()
     values = sample(list(params.values()), trial)
@@ -120,9 +124,17 @@ balance.weights = ["none", "explicit"]
     assert order.index("train.optimizer") < order.index("train.momentum")  # conditions are sampled first
     adam = sample(params, optuna.trial.FixedTrial({"train.optimizer": "adam", "balance.weights": "none"}))
     assert adam == {"train.optimizer": "adam", "balance.weights": "none"}
-    sgd = sample(params, optuna.trial.FixedTrial({"train.optimizer": "sgd", "train.momentum": 0.7,
-                                                  "balance.weights": "explicit",
-                                                  "balance.class_weights.contempt": 3.0}))
+    sgd = sample(
+        params,
+        optuna.trial.FixedTrial(
+            {
+                "train.optimizer": "sgd",
+                "train.momentum": 0.7,
+                "balance.weights": "explicit",
+                "balance.class_weights.contempt": 3.0,
+            }
+        ),
+    )
     assert sgd["train.momentum"] == 0.7 and sgd["balance.class_weights.contempt"] == 3.0
     # a per-class weight reaches the config as a --set override
     from ensemble.tune import as_overrides
@@ -131,32 +143,54 @@ balance.weights = ["none", "explicit"]
     assert cfg.balance.class_weights == {"contempt": 3.0} and cfg.train.optimizer == "sgd"
 
 
-@pytest.mark.parametrize("spec, message", [
-    ('train.lr = 0.1', "tune.space.train.lr: expected a list of choices"),
-    ('train.lr = {float = [0.1, 0.01]}', "tune.space.train.lr: low 0.1 must be below high 0.01"),
-    ('train.lr = {float = [0.1]}', "tune.space.train.lr: float expects [low, high]"),
-    ('train.lr = {log = [0.0, 0.1]}', "tune.space.train.lr: a log range needs low > 0"),
-    ('train.lr = {float = [0.001, 0.1], log = true, step = 0.01}', "tune.space.train.lr: a range is either stepped or log"),
-    ('train.lr = {uniform = [0.001, 0.1]}', "tune.space.train.lr: unknown field 'uniform'"),
-    ('train.lr = {float = [0.001, 0.1], int = [1, 2]}', "tune.space.train.lr: give exactly one of"),
-    ('train.epochs = {int = [1.5, 4]}', "tune.space.train.epochs: int expects whole numbers"),
-    ('train.epochs = {int = [1, 4], step = 0.5}', "tune.space.train.epochs: step must be a whole number"),
-    ('train.optimizer = []', "tune.space.train.optimizer: categorical expects a non-empty list"),
-    ('train.optimizer = ["sgd", "sgd"]', "tune.space.train.optimizer: a choice is listed twice"),
-    ('train.optimizer = {categorical = ["sgd"], step = 1}', "tune.space.train.optimizer: step and log apply"),
-    ('train.momentum = {float = [0.5, 0.9], when = {"train.optimizer" = "sgd"}}',
-     "tune.space.train.momentum: its condition names 'train.optimizer', which is not searched"),
-    ('train.optimizer = ["adam", "sgd"]\ntrain.momentum = {float = [0.5, 0.9], when = {"train.optimizer" = "rmsprop"}}',
-     "tune.space.train.momentum: its condition wants train.optimizer = 'rmsprop'"),
-    ('train.lr = {log = [1e-3, 1e-1]}\ntrain.momentum = {float = [0.5, 0.9], when = {"train.lr" = 0.01}}',
-     "conditions need a categorical key"),
-    ('a = {categorical = ["x"], when = {b = "y"}}\nb = {categorical = ["y"], when = {a = "x"}}',
-     "tune.space.a: name a config key as section.key"),
-    (('train.optimizer = {categorical = ["sgd"], when = {"train.schedule" = "none"}}\n'
-      'train.schedule = {categorical = ["none"], when = {"train.optimizer" = "sgd"}}'), "its conditions form a cycle"),
-    ('trian.lr = {log = [1e-3, 1e-1]}', "tune.space.trian.lr: unknown config key: trian.lr"),
-    ('flat.train.lr = {log = [1e-3, 1e-1]}\nflat.train.bogus = [1, 2]', "tune.space.flat.train.bogus: unknown config key"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("train.lr = 0.1", "tune.space.train.lr: expected a list of choices"),
+        ("train.lr = {float = [0.1, 0.01]}", "tune.space.train.lr: low 0.1 must be below high 0.01"),
+        ("train.lr = {float = [0.1]}", "tune.space.train.lr: float expects [low, high]"),
+        ("train.lr = {log = [0.0, 0.1]}", "tune.space.train.lr: a log range needs low > 0"),
+        (
+            "train.lr = {float = [0.001, 0.1], log = true, step = 0.01}",
+            "tune.space.train.lr: a range is either stepped or log",
+        ),
+        ("train.lr = {uniform = [0.001, 0.1]}", "tune.space.train.lr: unknown field 'uniform'"),
+        ("train.lr = {float = [0.001, 0.1], int = [1, 2]}", "tune.space.train.lr: give exactly one of"),
+        ("train.epochs = {int = [1.5, 4]}", "tune.space.train.epochs: int expects whole numbers"),
+        ("train.epochs = {int = [1, 4], step = 0.5}", "tune.space.train.epochs: step must be a whole number"),
+        ("train.optimizer = []", "tune.space.train.optimizer: categorical expects a non-empty list"),
+        ('train.optimizer = ["sgd", "sgd"]', "tune.space.train.optimizer: a choice is listed twice"),
+        ('train.optimizer = {categorical = ["sgd"], step = 1}', "tune.space.train.optimizer: step and log apply"),
+        (
+            'train.momentum = {float = [0.5, 0.9], when = {"train.optimizer" = "sgd"}}',
+            "tune.space.train.momentum: its condition names 'train.optimizer', which is not searched",
+        ),
+        (
+            'train.optimizer = ["adam", "sgd"]\ntrain.momentum = {float = [0.5, 0.9], when = {"train.optimizer" = "rmsprop"}}',
+            "tune.space.train.momentum: its condition wants train.optimizer = 'rmsprop'",
+        ),
+        (
+            'train.lr = {log = [1e-3, 1e-1]}\ntrain.momentum = {float = [0.5, 0.9], when = {"train.lr" = 0.01}}',
+            "conditions need a categorical key",
+        ),
+        (
+            'a = {categorical = ["x"], when = {b = "y"}}\nb = {categorical = ["y"], when = {a = "x"}}',
+            "tune.space.a: name a config key as section.key",
+        ),
+        (
+            (
+                'train.optimizer = {categorical = ["sgd"], when = {"train.schedule" = "none"}}\n'
+                'train.schedule = {categorical = ["none"], when = {"train.optimizer" = "sgd"}}'
+            ),
+            "its conditions form a cycle",
+        ),
+        ("trian.lr = {log = [1e-3, 1e-1]}", "tune.space.trian.lr: unknown config key: trian.lr"),
+        (
+            "flat.train.lr = {log = [1e-3, 1e-1]}\nflat.train.bogus = [1, 2]",
+            "tune.space.flat.train.bogus: unknown config key",
+        ),
+    ],
+)
 def test_bad_specs_are_one_line_errors_naming_the_key(spec, message):
     with pytest.raises(UserError) as err:
         _space("[tune.space]\n" + spec)
@@ -178,12 +212,12 @@ def test_space_values_are_checked_against_the_config(tmp_path, cache):
 
 
 def test_tune_table_is_checked(tmp_path, cache):
-    cfg = write_config(tmp_path, cache, tune='trails = 3')
+    cfg = write_config(tmp_path, cache, tune="trails = 3")
     with pytest.raises(SystemExit) as code:
         main(["tune", "--config", str(cfg), "--out", str(tmp_path / "t")])
     assert code.value.code == 2
     bare = tmp_path / "bare.toml"
-    bare.write_text('[train]\nepochs = 1\n')
+    bare.write_text("[train]\nepochs = 1\n")
     with pytest.raises(UserError, match="no \\[tune.space\\] table"):
         run_tune(bare, (), TuneOptions(out=str(tmp_path / "t2")))
     with pytest.raises(UserError, match="trained stage1 stage"):
@@ -191,9 +225,19 @@ def test_tune_table_is_checked(tmp_path, cache):
 
 
 def test_config_toml_round_trips():
-    cfg = load_config(None, ["train.lr=0.02", "balance.weights=\"explicit\"", "balance.class_weights.fear=2.5",
-                             "experts.model.trunk_from=\"flat\"", "stage1.train.epochs=7", "data.prototypes.happy=[0.5, 0.25]",
-                             "model.dropout=0.125", "tune.trials=3"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=0.02",
+            'balance.weights="explicit"',
+            "balance.class_weights.fear=2.5",
+            'experts.model.trunk_from="flat"',
+            "stage1.train.epochs=7",
+            "data.prototypes.happy=[0.5, 0.25]",
+            "model.dropout=0.125",
+            "tune.trials=3",
+        ],
+    )
     text = config_toml(cfg, "a header\ntwo lines")
     assert text.startswith("# a header\n# two lines\n") and "[tune" not in text
     back = load_config_text(text)
@@ -214,19 +258,43 @@ def load_config_text(text: str):
 
 # --------------------------------------------------------------------------- tiny studies
 
+
 def test_study_end_to_end_then_resume(tmp_path, cache, capsys):
     cfg = write_config(tmp_path, cache, tune="top = 2")
     out = tmp_path / "tune"
-    main(["tune", "--config", str(cfg), "--trials", "4", "--out", str(out), "--study", "s", "--pruner", "none",
-          "--repeats", "2"])
+    main(
+        [
+            "tune",
+            "--config",
+            str(cfg),
+            "--trials",
+            "4",
+            "--out",
+            str(out),
+            "--study",
+            "s",
+            "--pruner",
+            "none",
+            "--repeats",
+            "2",
+        ]
+    )
     shown = capsys.readouterr().out
     study = _study(out, "s")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     assert all(t.user_attrs["seed"] == 0 for t in study.trials)
     assert "study s: 4 trials, 4 complete, 0 pruned, 0 failed" in shown and "best: trial" in shown and "±" in shown
     table = pd.read_csv(out / "trials.csv")
-    assert len(table) == 4 and {"train.lr", "train.optimizer", "model.dropout", "value", "minutes", "seed",
-                                "epoch_1", "epoch_2"} <= set(table.columns)
+    assert len(table) == 4 and {
+        "train.lr",
+        "train.optimizer",
+        "model.dropout",
+        "value",
+        "minutes",
+        "seed",
+        "epoch_1",
+        "epoch_2",
+    } <= set(table.columns)
     assert np.allclose(table["value"], [t.value for t in study.trials])
     # the momentum column is filled only where the optimizer is sgd
     assert (table["train.momentum"].notna() == (table["train.optimizer"] == "sgd")).all()
@@ -319,8 +387,19 @@ def test_objective_never_reads_the_test_split(tmp_path, cache, monkeypatch):
 
 def _tune_cmd(cfg, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return [sys.executable, "-m", "ensemble", "tune", "--config", str(cfg), "--out", str(out), "--study", "x",
-            *extra], env
+    return [
+        sys.executable,
+        "-m",
+        "ensemble",
+        "tune",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--study",
+        "x",
+        *extra,
+    ], env
 
 
 @pytest.mark.slow
@@ -328,8 +407,10 @@ def test_two_processes_share_one_study(tmp_path, cache):
     cfg = write_config(tmp_path, cache, epochs=1)
     out = tmp_path / "tune"
     cmd, env = _tune_cmd(cfg, out, "--trials", "4", "--keep", "all", "--pruner", "none")
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     study = _study(out, "x")
@@ -378,8 +459,15 @@ def test_shipped_tune_configs_are_valid(name):
     params = parse_space(tc.space)
     check_space(params, path, ())
     keys = {p.key for p in params}
-    assert {"train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "balance.cap",
-            "balance.weights", "model.dropout"} <= keys
+    assert {
+        "train.optimizer",
+        "train.lr",
+        "train.momentum",
+        "train.weight_decay",
+        "balance.cap",
+        "balance.weights",
+        "model.dropout",
+    } <= keys
     momentum = next(p for p in params if p.key == "train.momentum")
     assert momentum.when == (("train.optimizer", ("sgd",)),)
 
@@ -388,7 +476,11 @@ def test_shipped_tune_configs_are_valid(name):
 def test_stage1_and_experts_trials_build_on_a_trained_run(tmp_path, cache):
     import json
 
-    cfg = write_config(tmp_path, cache, epochs=1, space="""
+    cfg = write_config(
+        tmp_path,
+        cache,
+        epochs=1,
+        space="""
 [experts]
 min_count = 5
 [experts.model]
@@ -397,7 +489,8 @@ trunk_from = "flat"
 trunk_from = "flat"
 [tune.space]
 train.lr = {log = [1e-3, 1e-2]}
-""")
+""",
+    )
     base = tmp_path / "base"
     main(["fit-flat", "--config", str(cfg), "--out", str(base)])
     with pytest.raises(UserError, match="trained flat stage and --run has none"):
