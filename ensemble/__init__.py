@@ -1,6 +1,6 @@
 """ensemble: hierarchical facial-emotion recognition (valence/arousal neighborhoods + experts)."""
 
-from .data import CLASSES
+from .classes import CLASSES
 
 __version__ = "0.1.0"
 __all__ = ["CLASSES", "FlatPredictor", "HierarchicalPredictor"]

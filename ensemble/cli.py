@@ -38,7 +38,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def _experiment(config_file, overrides, run):
     from .config import load_config
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
 
     return open_experiment(load_config(config_file, overrides), Path(run), _log)
 
@@ -93,7 +93,9 @@ def summary_cmd(config_file, overrides, fmt, root, as_json, no_verify, strict):
 @cli.command("prepare", short_help="Decode, crop and resize every image once into shards.")
 @CONFIG
 @SET
-@click.option("--workers", type=int, default=None, help="Decoder processes (default: data.num_workers).")
+@click.option(
+    "--workers", type=click.IntRange(0, 256), default=None, help="Decoder processes, 0-256 (default: data.num_workers)."
+)
 def prepare_cmd(config_file, overrides, workers):
     """Write the uint8 shard that training and evaluation read (it is also built on first use)."""
     from .config import load_config
@@ -142,18 +144,9 @@ def fit_flat_cmd(config_file, overrides, run, resume):
 def fit_experts_cmd(config_file, overrides, run, resume):
     """Cluster the training V/A labels into neighborhoods, train one expert per neighborhood,
     then fit the router on validation; writes RUN/neighborhoods, RUN/experts, RUN/router."""
-    from stages.experts import fit_experts
+    from .routing import fit_experts_and_router
 
-    from .predictors import calibrate_router
-
-    exp = _experiment(config_file, overrides, run)
-    fit_experts(exp, resume, _log)
-    if exp.rt.is_main:
-        if not (exp.run / "stage1" / "meta.json").is_file():
-            raise UserError(
-                "experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again"
-            )
-        calibrate_router(exp, _log)
+    fit_experts_and_router(_experiment(config_file, overrides, run), resume, _log)
 
 
 def _print_metrics(stage: str, metrics: dict) -> None:
@@ -227,7 +220,7 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
     """Detect every face (OpenCV Haar cascade), then predict emotion, top 3, valence, arousal,
     neighborhood and expert. Directories are walked. Unreadable files are named on stderr and
     the exit code is non-zero; the other files are still predicted."""
-    from .predict import run_predict
+    from .commands import run_predict
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
@@ -247,7 +240,7 @@ def compare_cmd(config_file, overrides, run, split, out):
     accuracy and stage-1 RMSE/CCC; writes report.md, metrics.csv and plots."""
     from .artifacts import read_meta
     from .config import config_from_dict, load_config
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
     from .reports import compare
 
     run_p = Path(run)
@@ -282,6 +275,7 @@ def export_cmd(run, fmt, out, router):
 
 
 def main(argv=None) -> None:
+    """The ``ensemble`` command: a user error is one ``error:`` line and exit 2, never a traceback."""
     warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="ensemble", standalone_mode=False)
@@ -304,3 +298,8 @@ def main(argv=None) -> None:
             click.echo(f"stopped: {exc}", err=True)
             sys.exit(130)
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # (a command that never imported torch has no group)
+            from .runtime import shutdown
+
+            shutdown()

@@ -33,7 +33,9 @@ def detect_faces(image: Image.Image, margin: float = 0.2, min_size: int = 24) ->
     scale = 1.0
     if max(gray.shape) > 1600:  # detection cost grows with pixels; faces stay findable
         scale = 1600 / max(gray.shape)
-        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        # explicit size, never 0: a 2 x 30000 image would round its short side away
+        size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     gray = cv2.equalizeHist(gray)
     found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
     boxes = []

@@ -30,7 +30,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -376,22 +375,25 @@ class _Data:
     searches ``data.*`` keys, which change the data)."""
 
     def __init__(self, cfg: Config, out: Path, log):
-        from .pipeline import open_experiment
+        from .experiment import open_experiment
 
         self.base = open_experiment(cfg, out, log, progress=False, save=False)
         self.manifest = _hide_test(self.base.manifest)
 
     def experiment(self, cfg: Config, folder: Path, log, per_trial: bool):
-        from .engine import runtime
-        from .pipeline import Experiment, open_experiment
+        """The trial's run in ``folder``. The folder is its own (trial numbers are unique across
+        the study's processes), so it takes no run lock: a lock lives as long as its process,
+        and a long study would hold one per trial."""
+        from .experiment import Experiment, open_experiment
+        from .runtime import runtime
 
-        if per_trial:
-            exp = open_experiment(cfg, folder, log, progress=False)
-            exp.manifest = _hide_test(exp.manifest)
-            return exp
         folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder / "config.json")
-        return Experiment(cfg, folder, self.manifest, self.base.dropped, self.base.images, runtime(cfg.train))
+        if per_trial:
+            exp = open_experiment(cfg, folder, log, progress=False, save=False)
+            exp.manifest = _hide_test(exp.manifest)
+            return exp
+        return Experiment(cfg, folder, self.manifest, self.base.images, runtime(cfg.train))
 
 
 def needed_stages(cfg: Config, stage: str) -> list[str]:
@@ -427,15 +429,13 @@ def _link_base(folder: Path, base: Path | None, need: list[str]) -> None:
 
 def run_stage(stage: str, exp, log) -> float:
     """Train ``stage`` in ``exp.run``; its selection metric on the selection split."""
-    from stages.experts import fit_experts
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
 
     if stage == "experts":
-        from .predictors import calibrate_router
+        from .routing import fit_experts_and_router
 
-        fit_experts(exp, log=log)
-        router = calibrate_router(exp, log)
+        router = fit_experts_and_router(exp, log=log)["router"]
         if not router["val"]:
             raise UserError("tuning needs validation faces (the selection split) and this data set has none")
         return float(router["val"][router["mode"]])
@@ -509,24 +509,6 @@ def _pruner(tc: TuneConfig):
     return optuna.pruners.NopPruner()
 
 
-class _SigTermRaises:
-    """SIGTERM stops a tune like Ctrl-C: the running trial is marked failed, the study kept."""
-
-    def __enter__(self):
-        self.old = None
-        with contextlib.suppress(ValueError):  # not the main thread: SIGTERM stays as it is
-            self.old = signal.signal(signal.SIGTERM, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
-
-
 @dataclass
 class TuneOptions:
     stage: str | None = None
@@ -544,6 +526,8 @@ class TuneOptions:
 def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     """Run (or continue) a study, then write the results; returns the summary as a dict."""
     import optuna
+
+    from .runtime import StopOnSigterm
 
     if not config_file:
         raise UserError("ensemble tune needs --config FILE with a [tune.space] table (e.g. configs/tune-demo.toml)")
@@ -608,7 +592,7 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     )
     t_start = time.time()
     n_failed_row = 0
-    with _SigTermRaises():
+    with StopOnSigterm():  # SIGTERM stops a tune like Ctrl-C: the trial is marked failed, the study kept
         while True:
             if tc.minutes and (time.time() - t_start) / 60 >= tc.minutes:
                 log(f"tune: {tc.minutes:g} minutes are up; no new trial started")
@@ -796,7 +780,7 @@ def write_results(
     """trials.csv, best.toml, plots/*.png, repeats.json and the summary lines."""
     from optuna.trial import TrialState
 
-    from .artifacts import write_json
+    from .files import write_json
 
     trials = study.get_trials(deepcopy=False)
     states = {s: sum(t.state == s for t in trials) for s in TrialState}

@@ -1,4 +1,4 @@
-"""``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
+"""Bodies of CLI commands too long for cli.py. ``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import numpy as np
 
 from .data import CLASSES, IMAGE_EXTENSIONS, ImageError, face_array, open_image
 from .errors import UserError
+from .paths import not_regular, shown
 
 
 def _walk(paths) -> tuple[list[Path], list[Path]]:
-    """Files to predict, and files skipped in walked folders because of their name."""
+    """Files to predict, and files skipped in walked folders because of their name or kind."""
     files, skipped = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            for f in sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")):
-                (files if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)
+            for f in sorted(f for f in p.rglob("*") if not f.is_dir() and not f.name.startswith(".")):
+                # a FIFO or a link to a device is skipped by name, never opened
+                (files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() else skipped).append(f)
         else:
             files.append(p)  # named explicitly: always tried
     return files, skipped
@@ -28,15 +30,17 @@ def run_predict(
     paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool, batch_size: int = 32
 ) -> int:
     """Predict every face; returns the number of files that failed."""
+    from .crop import crop_box, crop_margin
     from .faces import detect_faces
     from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
 
     model = FlatPredictor.load(run) if use_flat else HierarchicalPredictor.load(run, router=router)
+    margin = crop_margin(model.meta)  # frame detected faces as the model's training crops were
     files, skipped = _walk(paths)
     if skipped:
         click.echo(
-            f"skipped {len(skipped)} file(s) without an image extension in folders "
-            f"(e.g. {', '.join(str(f) for f in skipped[:3])})",
+            f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
+            f"(e.g. {', '.join(shown(f) for f in skipped[:3])})",
             err=True,
         )
     if not files:
@@ -58,8 +62,7 @@ def run_predict(
                 {
                     "valence": round(float(v[0]), 4),
                     "arousal": round(float(v[1]), 4),
-                    "neighborhood": int(r),
-                    "expert": int(r),
+                    "neighborhood": int(r),  # one expert per neighborhood: its classes follow
                     "expert_classes": model.expert_classes[int(r)],
                 }
                 for v, r in zip(va, w.argmax(1))
@@ -84,30 +87,41 @@ def run_predict(
                 )
                 box_txt = f" [{','.join(map(str, box))}]" if box else ""
                 click.echo(
-                    f"{f}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
+                    f"{shown(f)}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
                     f"(then {CLASSES[top[1]]} {p[top[1]]:.2f}, {CLASSES[top[2]]} {p[top[2]]:.2f}){va_txt}"
                 )
         faces.clear()
         where.clear()
 
     for f in files:
-        if not f.is_file():
-            click.echo(f"error: {f}: no such file", err=True)
+        if why := not_regular(f):
+            click.echo(f"error: {shown(f)}: {why}", err=True)
             failed += 1
             continue
         try:
             im = open_image(f)
         except ImageError as exc:
-            click.echo(f"error: {f}: {exc}", err=True)
+            click.echo(f"error: {shown(f)}: {exc}", err=True)
             failed += 1
             continue
-        boxes = detect_faces(im) if detect else [None]
+        try:
+            boxes = [crop_box(b, im.size, margin) for b in detect_faces(im, margin=0.0)] if detect else [None]
+        except UserError:
+            raise  # no detector at all: one line for the whole command
+        except Exception as exc:  # noqa: BLE001 - a detector failing on one image must not stop the others
+            click.echo(
+                f"error: {shown(f)}: face detection failed ({type(exc).__name__}: "
+                f"{(str(exc).strip().splitlines() or [''])[-1][:120]})",
+                err=True,
+            )
+            failed += 1
+            continue
         if not boxes:
             flush()  # results stay in file order
             if as_json:
                 click.echo(json.dumps({"file": str(f), "box": None, "emotion": None, "note": "no face found"}))
             else:
-                click.echo(f"{f}: no face found (use --no-detect if the image is a face crop)")
+                click.echo(f"{shown(f)}: no face found (use --no-detect if the image is a face crop)")
             continue
         for box in boxes:
             faces.append(face_array(im, box, model.size))
