@@ -152,9 +152,15 @@ def _warn_versions(meta: dict, folder: Path) -> None:
 def load_weights(folder: Path, name: str = "weights.pt") -> dict:
     """A verified state_dict (call :func:`read_meta` first); never executes code."""
     try:
-        return torch.load(folder / name, map_location="cpu", weights_only=True)
+        state = torch.load(folder / name, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot load {folder / name}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict):  # bundled runs store float16; inference on the CPU runs in float32
+        state = {
+            k: v.float() if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
+            for k, v in state.items()
+        }
+    return state
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -132,7 +132,12 @@ def fit_flat_cmd(config_file, overrides, run, resume):
     """Train the flat 8-class classifier; writes RUN/flat."""
     from stages.flat import fit_flat
 
-    metrics = fit_flat(_experiment(config_file, overrides, run), resume, _log)
+    from .calibration import calibrate
+
+    exp = _experiment(config_file, overrides, run)
+    metrics = fit_flat(exp, resume, _log)
+    if exp.rt.is_main:
+        calibrate(exp, _log)
     _print_metrics("flat", metrics)
 
 
@@ -210,23 +215,110 @@ def tune_cmd(config_file, overrides, **opts):
 
 @cli.command("predict", short_help="Emotion, valence and arousal of every face in images.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--run", type=click.Path(file_okay=False), default="artifacts/demo", show_default=True)
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (default: the bundled model; see ensemble models).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per face.")
-@click.option("--no-detect", is_flag=True, help="The images are face crops: skip face detection.")
+@click.option(
+    "--detector",
+    type=click.Choice(["mtcnn", "haar", "none"]),
+    default="mtcnn",
+    show_default=True,
+    help="Face detector; none: the images are face crops.",
+)
+@click.option("--no-detect", is_flag=True, help="Same as --detector none.")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Below this calibrated probability a face is marked uncertain instead of labelled.",
+)
+@click.option(
+    "--annotate",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write each image with its faces drawn into this folder.",
+)
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), default=None, help="Write one row per face.")
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 @click.option("--flat", "use_flat", is_flag=True, help="Use the run's flat model instead of the hierarchy.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
-    """Detect every face (OpenCV Haar cascade), then predict emotion, top 3, valence, arousal,
-    neighborhood and expert. Directories are walked. Unreadable files are named on stderr and
+def predict_cmd(
+    paths, run, as_json, detector, no_detect, min_confidence, annotate, csv_file, router, use_flat, batch_size
+):
+    """Detect every face (MTCNN with landmarks by default), turn it upright by its eyes, crop it
+    as the model's training faces were cropped, then predict emotion, probabilities, valence,
+    arousal and neighborhood. Directories are walked. Unreadable files are named on stderr and
     the exit code is non-zero; the other files are still predicted."""
     from .commands import run_predict
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
-    n_failed = run_predict(paths, Path(run), as_json, not no_detect, router, use_flat, batch_size)
+    n_failed = run_predict(
+        paths,
+        run,
+        as_json,
+        "none" if no_detect else detector,
+        router,
+        use_flat,
+        batch_size,
+        min_confidence,
+        Path(annotate) if annotate else None,
+        Path(csv_file) if csv_file else None,
+    )
     if n_failed:
         sys.exit(1)
+
+
+@cli.command("models", short_help="Bundled models and runs under artifacts/, with their model cards.")
+@click.option("--artifacts", type=click.Path(file_okay=False), default="artifacts", show_default=True)
+def models_cmd(artifacts):
+    """Each model's card: data and licence, classes, input size, the command and commit that
+    trained it, its figures (flat vs hierarchy, calibration) and what it is not for."""
+    from .bundle import list_models, render_models
+
+    click.echo(render_models(list_models(Path(artifacts))))
+
+
+@cli.command("bundle", short_help="Store a finished run inside the package (float16) as a bundled model.")
+@click.option("--run", type=click.Path(file_okay=False), required=True)
+@click.option("--name", default="ferplus", show_default=True, help="Folder name under ensemble/models/.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Elsewhere than ensemble/models/NAME.")
+@click.option("--command", "train_command", default=None, help="The exact command that trained the run (model card).")
+def bundle_cmd(run, name, out, train_command):
+    """Copy the run's stages with float16 weights and their sha256 checks rewritten, plus a model card."""
+    from .bundle import bundle
+
+    bundle(Path(run), name, Path(out) if out else None, train_command, _log)
+
+
+@cli.command("calibrate", short_help="Fit temperature scaling on the selection split (val).")
+@CONFIG
+@SET
+@click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
+def calibrate_cmd(config_file, overrides, run):
+    """Fit the flat model's and the hierarchy's temperatures on val; writes RUN/calibration with
+    the expected calibration error before and after (val, and test where there is one)."""
+    from .calibration import calibrate
+
+    calibrate(_experiment_for_run(config_file, overrides, run), _log)
+
+
+def _experiment_for_run(config_file, overrides, run):
+    """An experiment on a trained run's own config (config.json) unless a config is given."""
+    from .config import config_from_dict, load_config
+    from .experiment import open_experiment
+
+    run_p = Path(run)
+    if config_file or overrides or not (run_p / "config.json").is_file():
+        cfg = load_config(config_file, overrides)
+    else:
+        cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
+    return open_experiment(cfg, run_p, _log, save=False)
 
 
 @cli.command("compare", short_help="Flat vs hierarchical (hard, soft, oracle) on the same faces.")
@@ -261,15 +353,22 @@ def compare_cmd(config_file, overrides, run, split, out):
 
 
 @cli.command("export", short_help="Export the whole hierarchy as one ONNX or TorchScript graph.")
-@click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (default: the bundled model; see ensemble models).",
+)
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 def export_cmd(run, fmt, out, router):
     """Trunk(s), stage 1, router, experts and the mixture as one graph with a dynamic batch:
     input HierarchicalPredictor.preprocess(images), output (n, 8) probabilities."""
+    from .bundle import resolve_run
     from .export import export
 
+    run = resolve_run(run, lambda m: click.echo(m, err=True), "export")
     path = export(Path(run), fmt, Path(out), router)
     click.echo(f"wrote {path}")
 

@@ -1,4 +1,6 @@
-"""Bodies of CLI commands too long for cli.py. ``ensemble predict``: files and folders in, one line (or JSON object) per face out."""
+"""Bodies of CLI commands too long for cli.py. ``ensemble predict``: files and folders in, one line
+(or JSON object) per face out, through the Python API (:mod:`ensemble.api`), optionally annotated
+images and a CSV table."""
 
 from __future__ import annotations
 
@@ -6,37 +8,58 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 
-from .data import CLASSES, IMAGE_EXTENSIONS, ImageError, face_array, open_image
 from .errors import UserError
-from .paths import not_regular, shown
+from .paths import check_target, make_dir, shown, write_user_file
 
 
-def _walk(paths) -> tuple[list[Path], list[Path]]:
-    """Files to predict, and files skipped in walked folders because of their name or kind."""
-    files, skipped = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            for f in sorted(f for f in p.rglob("*") if not f.is_dir() and not f.name.startswith(".")):
-                # a FIFO or a link to a device is skipped by name, never opened
-                (files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() else skipped).append(f)
-        else:
-            files.append(p)  # named explicitly: always tried
-    return files, skipped
+def _line(rec: dict) -> str:
+    probs = sorted(rec["probabilities"].items(), key=lambda kv: -kv[1])
+    box = f" [{','.join(map(str, rec['box']))}]" if rec["box"] else ""
+    va = (
+        f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
+        if "valence" in rec
+        else ""
+    )
+    label = (
+        f"uncertain (best guess {rec['top_emotion']} {rec['confidence']:.2f})"
+        if rec["uncertain"]
+        else f"{rec['emotion']} {rec['confidence']:.2f}"
+    )
+    return (
+        f"{shown(rec['file'])}{box}: {label}  "
+        f"(then {probs[1][0]} {probs[1][1]:.2f}, {probs[2][0]} {probs[2][1]:.2f}){va}"
+    )
 
 
 def run_predict(
-    paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool, batch_size: int = 32
+    paths,
+    run,
+    as_json: bool,
+    detector: str,
+    router: str | None,
+    use_flat: bool,
+    batch_size: int = 32,
+    min_confidence: float = 0.0,
+    annotate: Path | None = None,
+    csv: Path | None = None,
 ) -> int:
-    """Predict every face; returns the number of files that failed."""
-    from .crop import crop_box, crop_margin
-    from .faces import detect_faces
-    from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
+    """Predict every face; returns the number of files that failed (unreadable, not a regular
+    file, or the detector failed on it: each named on stderr, the others still predicted)."""
+    from .api import flat_row, load, walk
+    from .files import atomic_path
 
-    model = FlatPredictor.load(run) if use_flat else HierarchicalPredictor.load(run, router=router)
-    margin = crop_margin(model.meta)  # frame detected faces as the model's training crops were
-    files, skipped = _walk(paths)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    model = load(
+        run,
+        flat=use_flat,
+        router=router,
+        detector=detector,
+        min_confidence=min_confidence,
+        log=lambda m: click.echo(m, err=True),
+    )
+    files, skipped = walk(paths)
     if skipped:
         click.echo(
             f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
@@ -45,90 +68,45 @@ def run_predict(
         )
     if not files:
         raise UserError("no image files to predict")
-    failed = 0
-    faces, where = [], []  # face crops (uint8) and (file, box)
-
-    def flush():
-        if not faces:
-            return
-        x = uint8_to_input(np.stack(faces), model.mean, model.std)
-        if use_flat:
-            proba = model.proba_from_input(x)
-            extra = [{} for _ in faces]
-        else:
-            va, ep = model.parts_from_input(x)
-            proba, w = model.route(va, ep)
-            extra = [
-                {
-                    "valence": round(float(v[0]), 4),
-                    "arousal": round(float(v[1]), 4),
-                    "neighborhood": int(r),  # one expert per neighborhood: its classes follow
-                    "expert_classes": model.expert_classes[int(r)],
-                }
-                for v, r in zip(va, w.argmax(1))
-            ]
-        for (f, box), p, e in zip(where, proba, extra):
-            top = np.argsort(-p)[:3]
-            rec = {
-                "file": str(f),
-                "box": list(box) if box else None,
-                "emotion": CLASSES[top[0]],
-                "probability": round(float(p[top[0]]), 4),
-                "top3": [[CLASSES[i], round(float(p[i]), 4)] for i in top],
-                **e,
-            }
+    if annotate is not None:
+        make_dir(annotate, "the --annotate folder")
+    if csv is not None:  # refused before any face is predicted: a FIFO, a device or a folder
+        check_target(make_dir(csv.parent, "the --csv folder") / csv.name, "--csv table")
+    failed, rows, written = 0, [], set()
+    for src, recs, err in model.predict_many(files, batch_size=batch_size):
+        if err is not None:
+            click.echo(f"error: {shown(src)}: {err}", err=True)
+            failed += 1
+            continue
+        if not recs:
             if as_json:
-                click.echo(json.dumps(rec))
+                click.echo(json.dumps({"file": str(src), "box": None, "emotion": None, "note": "no face found"}))
             else:
-                va_txt = (
-                    f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
-                    if e
-                    else ""
-                )
-                box_txt = f" [{','.join(map(str, box))}]" if box else ""
-                click.echo(
-                    f"{shown(f)}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
-                    f"(then {CLASSES[top[1]]} {p[top[1]]:.2f}, {CLASSES[top[2]]} {p[top[2]]:.2f}){va_txt}"
-                )
-        faces.clear()
-        where.clear()
+                click.echo(f"{shown(src)}: no face found (use --detector none if the image is a face crop)")
+            rows.append({"file": str(src), "face": None, "emotion": None, "note": "no face found"})
+        for rec in recs:
+            click.echo(json.dumps(rec) if as_json else _line(rec))
+            rows.append(flat_row(rec))
+        if annotate is not None:
+            name = Path(src).stem
+            out = Path(annotate) / f"{name}.jpg"
+            i = 1
+            while out in written:  # two inputs with one name in different folders
+                out = Path(annotate) / f"{name}-{i}.jpg"
+                i += 1
+            written.add(out)
+            with atomic_path(out) as tmp:
+                model.annotate(src, recs).save(tmp, format="JPEG", quality=90)
+    if csv is not None:
+        import pandas as pd
 
-    for f in files:
-        if why := not_regular(f):
-            click.echo(f"error: {shown(f)}: {why}", err=True)
-            failed += 1
-            continue
-        try:
-            im = open_image(f)
-        except ImageError as exc:
-            click.echo(f"error: {shown(f)}: {exc}", err=True)
-            failed += 1
-            continue
-        try:
-            boxes = [crop_box(b, im.size, margin) for b in detect_faces(im, margin=0.0)] if detect else [None]
-        except UserError:
-            raise  # no detector at all: one line for the whole command
-        except Exception as exc:  # noqa: BLE001 - a detector failing on one image must not stop the others
-            click.echo(
-                f"error: {shown(f)}: face detection failed ({type(exc).__name__}: "
-                f"{(str(exc).strip().splitlines() or [''])[-1][:120]})",
-                err=True,
-            )
-            failed += 1
-            continue
-        if not boxes:
-            flush()  # results stay in file order
-            if as_json:
-                click.echo(json.dumps({"file": str(f), "box": None, "emotion": None, "note": "no face found"}))
-            else:
-                click.echo(f"{shown(f)}: no face found (use --no-detect if the image is a face crop)")
-            continue
-        for box in boxes:
-            faces.append(face_array(im, box, model.size))
-            where.append((f, box))
-            if len(faces) >= batch_size:
-                flush()
-    flush()
+        from .api import _columns
+
+        table = pd.DataFrame(rows, columns=_columns(rows))
+        write_user_file(csv, lambda tmp: table.to_csv(tmp, index=False), "--csv table")
+        click.echo(f"wrote {shown(csv)} ({sum(r.get('face') is not None for r in rows)} faces)", err=True)
+    if annotate is not None:
+        click.echo(f"wrote {len(written)} annotated image(s) to {shown(annotate)}", err=True)
     if failed:
         click.echo(f"{failed} of {len(files)} file(s) could not be read", err=True)
     return failed

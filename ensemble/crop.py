@@ -9,9 +9,10 @@ and the model's recorded ``margin`` widens it — a fraction of the box's longer
 on every side, clipped to the image.
 
 For annotated boxes the margin is 0 (the detector's box stands for the annotation's box).
-For whole-image face crops it is :data:`FACE_CROP_MARGIN`: face-crop data sets frame the
-face loosely (FER+'s 48-px crops show hair, chin and some background), which is also the
-margin ``predict`` always used before runs recorded their crop.
+For whole-image face crops :data:`FACE_CROP_MARGIN` is recorded (the margin ``predict`` used
+before runs recorded their crop), but ``predict`` frames those with the detector's own measured
+margin instead, the one that reproduces FER+'s training crops: the rule for both cases is
+:func:`ensemble.detect.run_crop`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,6 @@ def training_crop(boxes) -> dict:
     if boxes and n_boxed * 2 >= len(boxes):
         return {"box_source": "annotation", "margin": 0.0}
     return {"box_source": "image", "margin": FACE_CROP_MARGIN}
-
-
-def crop_margin(meta: dict) -> float:
-    """The margin a run's model expects around a detected face (runs before crops were recorded: 0.2)."""
-    crop = meta.get("crop") or {}
-    return float(crop.get("margin", FACE_CROP_MARGIN))
 
 
 def crop_box(box, image_size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:

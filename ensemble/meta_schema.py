@@ -88,6 +88,11 @@ def _dropout(v):
     return None if _number(v) and 0 <= v < 1 else "must be a number in [0, 1)"
 
 
+def _temperatures(v):
+    ok = isinstance(v, dict) and all(isinstance(k, str) and _number(t) and t > 0 for k, t in v.items())
+    return None if ok else "must map model names to temperatures > 0"
+
+
 #: field -> check (None = fine, else what is wrong); absent fields are not checked here
 RULES = {
     "files": _files,
@@ -108,6 +113,8 @@ RULES = {
     "k": _int_in(1, 64),
     "region": _int_in(0, 63),
     "crop": _crop,
+    "temperatures": _temperatures,
+    "stored_precision": _text,
 }
 
 

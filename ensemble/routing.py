@@ -1,7 +1,9 @@
-"""``fit-experts`` whole: neighborhoods, one expert each, then the router calibrated on validation.
+"""``fit-experts`` whole: neighborhoods, one expert each, the router calibrated on validation, then
+the probabilities' temperatures (:func:`ensemble.calibration.calibrate`, ``RUN/calibration``).
 
-The CLI, the demo and the benchmarks call :func:`fit_experts_and_router`; the router is part of
-the step that trains the experts it routes to, so no caller can forget it.
+The CLI, the demo and the benchmarks call :func:`fit_experts_and_router`; the router and the
+temperature scaling are part of the step that trains the experts they apply to, so no caller can
+forget them (``fit-flat`` calibrates the flat model the same way when it ends).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .artifacts import StageWriter
+from .calibration import calibrate
 from .classes import CLASSES
 from .config import DEFAULT_TEMPERATURE
 from .errors import UserError
@@ -22,7 +25,7 @@ def fit_experts_and_router(exp, resume: bool = False, log=print) -> dict:
 
     Stage 1 must exist before anything trains: the router routes on its V/A (and
     ``experts.train_on = "routed"``/``"both"`` trains on it). Returns the experts' index and,
-    on the main process, the router's record."""
+    on the main process, the router's record and the temperature calibration (flat and hierarchy)."""
     from stages.experts import fit_experts
 
     if not (exp.run / "stage1" / "meta.json").is_file():
@@ -31,8 +34,10 @@ def fit_experts_and_router(exp, resume: bool = False, log=print) -> dict:
             "valence/arousal; run ensemble fit-stage1 first"
         )
     index = fit_experts(exp, resume, log)
-    router = calibrate_router(exp, log) if exp.rt.is_main else None
-    return {"experts": index, "router": router}
+    if not exp.rt.is_main:
+        return {"experts": index, "router": None, "calibration": None}
+    router = calibrate_router(exp, log)
+    return {"experts": index, "router": router, "calibration": calibrate(exp, log)}
 
 
 def calibrate_router(exp, log=print) -> dict:

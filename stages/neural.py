@@ -195,9 +195,16 @@ def load_network(folder: Path, run: Path | None = None, sources: dict | None = N
         dropout=meta["dropout"],
         trainable="all",
     )
-    net = build_model(mc, len(meta["classes"]))
+    # built on the meta device: no memory and no random initialisation for what the state_dict
+    # replaces; assign=True takes the loaded tensors as they are (a trunk several stages borrow
+    # is one set of tensors)
+    with torch.device("meta"):
+        net = build_model(mc, len(meta["classes"]))
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise UserError(f"{folder}/weights.pt does not fit its meta.json: {str(exc).splitlines()[0]}") from None
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):  # a buffer the state_dict does not hold
+        net = build_model(mc, len(meta["classes"]))
+        net.load_state_dict(state, strict=True)
     return net.eval(), meta

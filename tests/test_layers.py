@@ -20,7 +20,7 @@ LAYERS = {
         "ensemble.data",
         "ensemble.synthetic",
         "ensemble.prepare",
-        "ensemble.faces",
+        "ensemble.detect",
         "ensemble.artifacts",
         "ensemble.meta_schema",
     ],
@@ -43,7 +43,16 @@ LAYERS = {
         "stages.neighborhoods",
         "stages.experts",
     ],
-    "predictors": ["ensemble.router", "ensemble.predictors", "ensemble.routing", "ensemble.reports", "ensemble.export"],
+    "predictors": [
+        "ensemble.router",
+        "ensemble.predictors",
+        "ensemble.calibration",
+        "ensemble.routing",
+        "ensemble.reports",
+        "ensemble.export",
+        "ensemble.bundle",
+        "ensemble.api",
+    ],
     "cli": [
         "ensemble",
         "ensemble.cli",
@@ -83,7 +92,8 @@ def _imports(module: str) -> set[str]:
             if node.level:
                 pkg = package.split(".")
                 base = ".".join(pkg[: len(pkg) - node.level + 1] + ([base] if base else []))
-            names = [f"{base}.{a.name}" for a in node.names] + [base]
+            # ``from . import detect`` imports the module ensemble.detect, not the package's own code
+            names = [f"{base}.{a.name}" for a in node.names] + ([base] if node.module else [])
         else:
             continue
         for name in names:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from ensemble.cli import main
 from ensemble.config import load_config
-from ensemble.crop import FACE_CROP_MARGIN, crop_box, crop_margin, training_crop
+from ensemble.crop import FACE_CROP_MARGIN, crop_box, training_crop
+from ensemble.errors import UserError
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -121,9 +122,6 @@ def test_crop_box_by_hand():
 def test_training_crop_and_its_default():
     assert training_crop([(0, 0, 5, 5), None, (1, 1, 2, 2)]) == {"box_source": "annotation", "margin": 0.0}
     assert training_crop([None, None, (1, 1, 2, 2)]) == {"box_source": "image", "margin": FACE_CROP_MARGIN}
-    assert (
-        crop_margin({}) == FACE_CROP_MARGIN and crop_margin({"crop": {"box_source": "annotation", "margin": 0.0}}) == 0
-    )
 
 
 def test_meta_records_the_training_crop(runs):
@@ -141,20 +139,54 @@ def _cli(args, capsys):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("name,want", [("affectnet", [40, 50, 30, 20]), ("folder", [34, 44, 42, 32])])
+@pytest.mark.parametrize(
+    "name,want",
+    [
+        # AffectNet boxes (box_source "annotation", margin 0): the detector's box is the crop
+        ("affectnet", [40.0, 50.0, 30.0, 20.0]),
+        # folder faces were face crops (box_source "image"): MTCNN's measured margin, -0.05 x 30 =
+        # 1.5 px off every side of the 30-px square around the box centre (55, 60)
+        ("folder", [41.5, 46.5, 27.0, 27.0]),
+    ],
+)
 def test_predict_frames_the_detected_face_as_the_model_was_trained(name, want, runs, tmp_path, capsys, monkeypatch):
-    import ensemble.faces
+    import ensemble.detect
+    from ensemble.detect import Face
 
-    monkeypatch.setattr(
-        ensemble.faces, "detect_faces", lambda im, margin=0.2: [(40, 50, 30, 20)] if margin == 0 else []
-    )
+    monkeypatch.setattr(ensemble.detect, "detect", lambda im, detector: [Face((40, 50, 30, 20), None, 0.99, detector)])
     write_image(tmp_path / "photo.png", size=(200, 100))
     code, out, err = _cli(
         ["predict", str(tmp_path / "photo.png"), "--run", str(runs[name]["run"]), "--flat", "--json"], capsys
     )
     assert code == 0, err
-    # folder faces were whole-image crops: 0.2 x 30 = 6 px added on every side
-    assert json.loads(out)["box"] == want
+    rec = json.loads(out)
+    assert rec["box"] == [40, 50, 30, 20]  # the detector's box, as it found it
+    assert rec["crop"] == [round(v) for v in want]
+
+
+def test_the_crop_rule_by_hand():
+    """box_source "image": the detector's measured margin (the recorded 0.2 is not used);
+    "annotation": the recorded margin through crop_box, clipped to the image."""
+    from ensemble.detect import DEFAULT_MARGIN, face_region, run_crop
+
+    folder = {"crop": {"box_source": "image", "margin": FACE_CROP_MARGIN}}
+    assert run_crop(folder, "mtcnn") == ("image", DEFAULT_MARGIN["mtcnn"]) == ("image", -0.05)
+    assert run_crop(folder, "haar") == ("image", 0.0)
+    assert run_crop({}, "mtcnn") == ("image", -0.05)  # a run that records no crop was trained on face crops
+    annotated = {"crop": {"box_source": "annotation", "margin": 0.25}}
+    assert run_crop(annotated, "mtcnn") == run_crop(annotated, "haar") == ("annotation", 0.25)
+    assert face_region((10, 20, 30, 40), (100, 100), "annotation", 0.25) == (0, 10, 50, 60)  # = crop_box
+    assert face_region((10, 20, 30, 40), (100, 100), "image", 0.0) == (5, 20, 40, 40)  # the square, unclipped
+    assert face_region((0, 0, 20, 20), (100, 100), "image", 0.5) == (-10, -10, 40, 40)
+
+
+@pytest.mark.parametrize("bad", [{"flat": 0}, {"flat": float("nan")}, ["flat", 1.0], {"flat": "1"}])
+def test_a_calibration_meta_with_bad_temperatures_is_refused(bad, tmp_path):
+    from ensemble.meta_schema import check_meta
+
+    assert check_meta({"stage": "calibration", "temperatures": {"flat": 1.3, "hierarchy": 0.9}}, tmp_path)
+    with pytest.raises(UserError, match="field 'temperatures'"):
+        check_meta({"stage": "calibration", "temperatures": bad}, tmp_path)
 
 
 # --------------------------------------------------------------------------- item 8: meta.json schema
@@ -221,14 +253,15 @@ def test_predict_skips_a_2x30000_image_and_goes_on(runs, tmp_path, capsys):
 
 
 def test_predict_names_a_file_the_detector_fails_on_and_prints_the_others(runs, tmp_path, capsys, monkeypatch):
-    import ensemble.faces
+    import ensemble.detect
+    from ensemble.detect import Face
 
-    def detect(im, margin=0.2):
+    def detect(im, detector):
         if im.size == (33, 33):
             raise RuntimeError("OpenCV(4) error: (-215:Assertion failed) !dsize.empty()")
-        return [(0, 0, im.size[0], im.size[1])]
+        return [Face((0, 0, im.size[0], im.size[1]), None, 0.99, detector)]
 
-    monkeypatch.setattr(ensemble.faces, "detect_faces", detect)
+    monkeypatch.setattr(ensemble.detect, "detect", detect)
     for i, size in enumerate([(20, 20), (33, 33), (24, 24)]):
         write_image(tmp_path / f"{i}.png", size=size)
     code, out, err = _cli(
