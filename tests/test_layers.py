@@ -53,7 +53,15 @@ LAYERS = {
         "ensemble.bundle",
         "ensemble.api",
     ],
-    "cli": ["ensemble", "ensemble.cli", "ensemble.__main__", "ensemble.commands", "ensemble.demo", "ensemble.summary"],
+    "cli": [
+        "ensemble",
+        "ensemble.cli",
+        "ensemble.__main__",
+        "ensemble.commands",
+        "ensemble.demo",
+        "ensemble.summary",
+        "ensemble.tune",
+    ],
 }
 ORDER = list(LAYERS)
 LAYER_OF = {m: ORDER.index(layer) for layer, mods in LAYERS.items() for m in mods}
