@@ -150,6 +150,7 @@ def _choose_final(exp, result: dict, y: np.ndarray, p_hier: np.ndarray, p_flat: 
     final = classification_metrics(
         y, final_proba(p, tau=result["tau"], log_prior=result["log_prior"]).argmax(1), CLASSES
     )
+    result["val_final"] = final["balanced_accuracy"]  # the run's output on the selection split
     log(
         f"router: flat weight alpha {result['alpha']:g}, logit adjustment tau {result['tau']:g} "
         f"(flat alone: tau {result['flat_tau']:g}) -> validation balanced accuracy {final['balanced_accuracy']:.4f}"

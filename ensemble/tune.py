@@ -365,8 +365,10 @@ def config_toml(cfg: Config, header: str = "") -> str:
 
 def _hide_test(manifest):
     """The manifest a trial sees: test faces relabelled so that no stage evaluates them."""
+    from .data import TEST_SPLITS
+
     m = manifest.copy()
-    m.loc[m["split"] == "test", "split"] = "test-hidden"
+    m.loc[m["split"].isin(TEST_SPLITS), "split"] = "test-hidden"  # FER+'s "valid" too
     return m
 
 
@@ -438,7 +440,7 @@ def run_stage(stage: str, exp, log) -> float:
         router = fit_experts_and_router(exp, log=log)["router"]
         if not router["val"]:
             raise UserError("tuning needs validation faces (the selection split) and this data set has none")
-        return float(router["val"][router["mode"]])
+        return float(router.get("val_final", router["val"][router["mode"]]))  # the final output's selection score
     metrics = (fit_flat if stage == "flat" else fit_stage1)(exp, log=log)
     val = metrics.get("val")
     if not val:
