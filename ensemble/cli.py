@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
+from .video_cli import video_options
 
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Experiment TOML file.")
 SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -168,15 +169,23 @@ def _print_metrics(stage: str, metrics: dict) -> None:
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 @click.option("--flat", "use_flat", is_flag=True, help="Use the run's flat model instead of the hierarchy.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size):
+@video_options
+def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size, **video):
     """Detect every face (OpenCV Haar cascade), then predict emotion, top 3, valence, arousal,
     neighborhood and expert. Directories are walked. Unreadable files are named on stderr and
-    the exit code is non-zero; the other files are still predicted."""
+    the exit code is non-zero; the other files are still predicted.
+
+    Videos (mp4, avi, mov, mkv, webm): one row per face per analysed frame with a track id
+    (--csv, --json), one summary line per track, --annotate, --summary; see the video options."""
     from .predict import run_predict
+    from .video_cli import predict_videos
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
-    n_failed = run_predict(paths, Path(run), as_json, not no_detect, router, use_flat, batch_size)
+    paths, n_failed = predict_videos(paths, video, run=Path(run), as_json=as_json, detect=not no_detect,
+                                     router=router, use_flat=use_flat, batch_size=batch_size)
+    if paths:
+        n_failed += run_predict(paths, Path(run), as_json, not no_detect, router, use_flat, batch_size)
     if n_failed:
         sys.exit(1)
 
