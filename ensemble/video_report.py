@@ -78,7 +78,7 @@ def summary_line(row) -> str:
     va = "" if np.isnan(row["mean_valence"]) else f"; mean V {row['mean_valence']:+.2f} A {row['mean_arousal']:+.2f}"
     return (
         f"{row['file']} track {row['track']}: {row['first_s']:.2f}-{row['last_s']:.2f} s, "
-        f"{row['n_frames']} frames: {parts}{va}"
+        f"{row['n_frames']} frame{'' if row['n_frames'] == 1 else 's'}: {parts}{va}"
     )
 
 
@@ -154,7 +154,7 @@ def draw_faces(frame: np.ndarray, faces) -> np.ndarray:
         cv2.putText(frame, label, (x + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (0, 0, 0), 1, cv2.LINE_AA)
         v, a = float(r[val]), float(r[aro])
         if np.isfinite(v) and np.isfinite(a):
-            s = int(np.clip(w / 3, 24, 72))
+            s = int(np.clip(w / 3, 32, 72))
             sx = x + w + 4 if x + w + 4 + s <= w_img else max(0, x - s - 4)
             sy = min(max(0, y), max(0, h_img - s))
             cv2.rectangle(frame, (sx, sy), (sx + s, sy + s), (40, 40, 40), -1)
