@@ -547,3 +547,53 @@ def test_one_annotated_file_for_several_videos_is_refused(tiny_run, tmp_path, ca
     )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == ["a.annotated.mp4", "b.annotated.mp4"]
+
+
+def crossing_clip(path, n=24, fps=8.0, width=560, height=260):
+    """Two astronauts cross paths: A (in front, lower) moves right, B (mirrored, behind, higher)
+    moves left; for a few frames in the middle A hides B's face from the detector."""
+    face = astronaut_face()
+    mirror = face[:, ::-1].copy()
+    frames = []
+    for k in range(n):
+        f = np.full((height, width, 3), 120, np.uint8)
+        xa = int(round(10 + (width - 180) * k / (n - 1)))
+        xb = int(round(width - 170 - (width - 180) * k / (n - 1)))
+        f[10:170, xb : xb + 160] = mirror
+        f[90:250, xa : xa + 160] = face
+        frames.append(f)
+    return write_clip(path, frames, fps)
+
+
+def test_two_astronauts_cross_without_swapping_ids(tiny_run, tmp_path, capsys):
+    clip = crossing_clip(tmp_path / "cross.mp4")
+    csv = tmp_path / "cross.csv"
+    code, out, err = _cli(["predict", str(clip), "--run", str(tiny_run), "--csv", str(csv)], capsys)
+    assert code == 0, err
+    t = pd.read_csv(csv)
+    per_frame = t.groupby("frame").size()
+    assert per_frame.loc[0] == 2 and per_frame.loc[23] == 2
+    assert (per_frame == 1).any()  # B was hidden for a while: a real occlusion, not just a crossing
+    a, b = t[t.box_y > 80], t[t.box_y <= 80]  # A's face is lower in the frame than B's
+    assert set(a.track) == {1} and set(b.track) == {2}
+    assert a.sort_values("frame").box_x.is_monotonic_increasing
+    assert b.sort_values("frame").box_x.is_monotonic_decreasing
+    assert "2 track(s)" in out
+
+
+def test_fps_option_through_the_cli(tiny_run, tmp_path, capsys):
+    clip = astronaut_clip(tmp_path / "talk.mp4")  # 12 frames at 6 fps
+    code, out, err = _cli(
+        ["predict", str(clip), "--run", str(tiny_run), "--json", "--fps", "2", "--start", "0.5"], capsys
+    )
+    assert code == 0, err
+    # from frame 3 (0.5 s), the first frame of each half second: 3, 6, 9
+    assert [json.loads(line)["frame"] for line in out.splitlines()] == [3, 6, 9]
+    assert [json.loads(line)["time_s"] for line in out.splitlines()] == [0.5, 1.0, 1.5]
+
+
+def test_progress_bar_shows_frames_per_second(tmp_path, capsys):
+    clip = square_clip(tmp_path / "cross.avi")
+    analyse_video(clip, colour_analyser, batch_size=4, progress=True)
+    err = capsys.readouterr().err
+    assert "cross.avi" in err and "frame/s" in err
