@@ -67,27 +67,35 @@ def video_options(f):
 
 
 def split_paths(paths) -> tuple[list[Path], list]:
-    """(video files, image paths for the image path). Folders holding videos are walked here;
-    without any video the paths come back untouched."""
-    from .predict import _walk
+    """(video files, paths for the image path). Folders are walked here only if they hold a
+    video; without any video the paths come back untouched, for the image path to walk."""
+    from .data import IMAGE_EXTENSIONS
 
-    if not any(Path(p).suffix.lower() in VIDEO_SUFFIXES or Path(p).is_dir() for p in paths):
+    def is_video(f: Path) -> bool:
+        return f.suffix.lower() in VIDEO_SUFFIXES
+
+    walked = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            walked[p] = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    if not any(is_video(Path(p)) for p in paths) and not any(is_video(f) for fs in walked.values() for f in fs):
         return [], list(paths)
-    files, skipped = _walk(paths)
-    videos = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
-    videos += [f for f in skipped if f.suffix.lower() in VIDEO_SUFFIXES]
-    if not videos:
-        return [], list(paths)
-    others = [f for f in skipped if f.suffix.lower() not in VIDEO_SUFFIXES]
-    if others:
+    videos, rest, skipped = [], [], []
+    for p in map(Path, paths):
+        for f in walked.get(p, [p]):
+            if is_video(f):
+                videos.append(f)
+            elif p not in walked or f.suffix.lower() in IMAGE_EXTENSIONS:
+                rest.append(f)  # a file named explicitly is always tried
+            else:
+                skipped.append(f)
+    if skipped:
         click.echo(
-            f"skipped {len(others)} file(s) without an image or video extension in folders "
-            f"(e.g. {', '.join(str(f) for f in others[:3])})",
+            f"skipped {len(skipped)} file(s) without an image or video extension in folders "
+            f"(e.g. {', '.join(str(f) for f in skipped[:3])})",
             err=True,
         )
-    return sorted(videos, key=lambda f: files.index(f) if f in files else len(files)), [
-        f for f in files if f.suffix.lower() not in VIDEO_SUFFIXES
-    ]
+    return videos, rest
 
 
 def predict_videos(

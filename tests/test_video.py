@@ -597,3 +597,16 @@ def test_progress_bar_shows_frames_per_second(tmp_path, capsys):
     analyse_video(clip, colour_analyser, batch_size=4, progress=True)
     err = capsys.readouterr().err
     assert "cross.avi" in err and "frame/s" in err
+
+
+def test_a_folder_with_videos_images_and_other_files(tiny_run, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    astronaut_clip(folder / "clip.avi", n=3)
+    cv2.imwrite(str(folder / "photo.png"), cv2.cvtColor(astronaut_face(), cv2.COLOR_RGB2BGR))
+    (folder / "notes.txt").write_text("not media")
+    code, out, err = _cli(["predict", str(folder), "--run", str(tiny_run)], capsys)
+    assert code == 0, err
+    assert f"{folder / 'clip.avi'}: 3 frames" in out  # the video path
+    assert f"{folder / 'photo.png'}" in out and "track" not in out.split("photo.png")[1].splitlines()[0]
+    assert "skipped 1 file(s) without an image or video extension" in err and "notes.txt" in err
