@@ -172,9 +172,11 @@ def iter_frames(
     rgb: bool = True,
     stop_event: threading.Event | None = None,
 ):
-    """Yield (frame index, frame) for the selected frames (every frame of the range when
-    ``all_frames``), RGB when ``rgb`` else BGR, then one DecodeEnd. Frames that are not
-    wanted are skipped with ``grab`` (decoded, never converted or copied)."""
+    """Yield (frame index, time in seconds, frame) for the selected frames (every frame of the
+    range when ``all_frames``), RGB when ``rgb`` else BGR, then one DecodeEnd. Frames that are
+    not wanted are skipped with ``grab`` (decoded, never converted or copied). The time is the
+    frame's presentation time where the container gives one (right for variable frame rates),
+    else index / fps."""
     cv2 = _cv2()
     first, stop = selection.frame_range(info.fps)
     if info.n_frames and first >= info.n_frames:
@@ -191,7 +193,9 @@ def iter_frames(
             ok, frame = cap.read()
             if not ok:
                 break
-            yield i, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if rgb else frame
+            msec = cap.get(cv2.CAP_PROP_POS_MSEC)
+            t = msec / 1000 if np.isfinite(msec) and (msec > 0 or i == 0) else i / info.fps
+            yield i, t, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if rgb else frame
         elif not cap.grab():
             break
         i += 1
@@ -274,7 +278,7 @@ def analyse_video(
     )
     rows: list[tuple] = []
     frames: list[np.ndarray] = []
-    indices: list[int] = []
+    indices: list[tuple[int, float]] = []  # (frame, seconds)
     n_analysed, last, end = 0, first - 1, None
     t0 = time.perf_counter()
     name = str(path)
@@ -286,8 +290,7 @@ def analyse_video(
         results = analyser(frames)
         if len(results) != len(frames):
             raise RuntimeError(f"the analyser returned {len(results)} results for {len(frames)} frames")
-        for i, faces in zip(indices, results):
-            t = i / info.fps
+        for (i, t), faces in zip(indices, results):
             ids = tracker.update(t, [f.box for f in faces], [f.landmarks for f in faces])
             for track, f in zip(ids, faces):
                 p = np.asarray(f.proba, np.float64)
@@ -318,9 +321,9 @@ def analyse_video(
             if isinstance(item, DecodeEnd):
                 end = item
                 break
-            i, frame = item
+            i, t, frame = item
             frames.append(frame)
-            indices.append(i)
+            indices.append((i, t))
             bar.update(i - last)
             last = i
             if len(frames) >= batch_size:

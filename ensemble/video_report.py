@@ -192,7 +192,7 @@ def annotate_video(path, table, out, selection: FrameSelection | None = None) ->
         for item in iter_frames(cap, info, selection, all_frames=True, rgb=False):
             if not isinstance(item, tuple):
                 break
-            i, frame = item
+            i, _, frame = item
             current = by_frame.get(i, current) if i in by_frame or not _analysed(i, selection, info) else []
             writer.write(draw_faces(frame, current))
             n += 1

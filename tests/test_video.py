@@ -69,7 +69,8 @@ def decoded(path, selection=None) -> tuple[list[int], list[int], DecodeEnd]:
     items = list(iter_frames(cap, info, selection or FrameSelection()))
     cap.release()
     frames = items[:-1]
-    return [i for i, _ in frames], [read_code(f) for _, f in frames], items[-1]
+    assert all(t == pytest.approx(i / info.fps) for i, t, _ in frames)  # constant frame rate: index / fps
+    return [i for i, _, _ in frames], [read_code(f) for _, _, f in frames], items[-1]
 
 
 @pytest.fixture(scope="module")
