@@ -76,9 +76,9 @@ class FrameSelection:
             raise UserError(f"--every must be a whole number >= 1, got {self.every}")
         if self.fps is not None and not self.fps > 0:
             raise UserError(f"--fps must be > 0, got {self.fps}")
-        if self.start is not None and not self.start >= 0:
+        if self.start is not None and not (self.start >= 0 and math.isfinite(self.start)):
             raise UserError(f"--start must be >= 0 seconds, got {self.start}")
-        if self.end is not None and not self.end > (self.start or 0):
+        if self.end is not None and not (self.end > (self.start or 0) and math.isfinite(self.end)):
             raise UserError(f"--end must be after --start, got {self.end}")
 
     def frame_range(self, source_fps: float) -> tuple[int, int | None]:
@@ -146,7 +146,11 @@ def open_video(path) -> tuple[object, VideoInfo]:
 
 
 def _image_kind(path: Path) -> str | None:
-    head = path.open("rb").read(16)
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise VideoError(f"cannot read it ({exc.strerror or exc})") from None
     for magic, kind in ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP")):
         if head.startswith(magic):
             return kind

@@ -111,7 +111,16 @@ def test_every_and_fps_select_by_hand(coded_clips):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(every=0), dict(every=2, fps=3.0), dict(fps=0.0), dict(start=-1.0), dict(start=2.0, end=1.0)]
+    "kw",
+    [
+        dict(every=0),
+        dict(every=2, fps=3.0),
+        dict(fps=0.0),
+        dict(start=-1.0),
+        dict(start=2.0, end=1.0),
+        dict(start=math.inf),
+        dict(end=math.nan),
+    ],
 )
 def test_bad_selection_is_a_user_error(kw):
     with pytest.raises(UserError):
