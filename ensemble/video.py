@@ -296,7 +296,7 @@ def analyse_video(
             raise RuntimeError(f"the analyser returned {len(results)} results for {len(frames)} frames")
         for (i, t), faces in zip(indices, results):
             ids = tracker.update(t, [f.box for f in faces], [f.landmarks for f in faces])
-            for track, f in zip(ids, faces):
+            for track, f in sorted(zip(ids, faces), key=lambda z: z[0]):  # rows of a frame by track
                 p = np.asarray(f.proba, np.float64)
                 rows.append(
                     (
