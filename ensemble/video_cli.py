@@ -159,7 +159,9 @@ def run_videos(
     targets = _annotate_targets(videos, options.get("annotate"))
     csv_file = Path(options["csv_file"]) if options.get("csv_file") else None
     summary_dir = Path(options["summary_dir"]) if options.get("summary_dir") else None
+    _check_writable(csv_file, summary_dir, *(t.parent for t in targets if t is not None))
     analyser = RunAnalyser(run, router=router, use_flat=use_flat, detect=detect)
+    say = click.echo if not as_json else (lambda m: click.echo(m, err=True))  # stdout holds the JSON rows
     failed, wrote_csv, summaries, stems = 0, False, [], {}
     for video, target in zip(videos, targets):
         try:
@@ -178,20 +180,18 @@ def run_videos(
         if res.truncated:
             click.echo(f"error: {video}: {res.truncated} (the frames before it are reported)", err=True)
             failed += 1
-        out = click.echo if not as_json else (lambda m: click.echo(m, err=True))
         if as_json:
             for rec in _json_rows(table):
                 click.echo(json.dumps(rec))
         if table.empty:
-            out(f"{head}; no face found (use --no-detect if the frames are face crops)")
+            say(f"{head}; no face found (use --no-detect if the frames are face crops)")
         else:
             summary = track_summary(table)
-            out(f"{head}; {len(summary)} track(s)")
+            say(f"{head}; {len(summary)} track(s)")
             for _, row in summary.iterrows():
-                out(summary_line(row))
+                say(summary_line(row))
             summaries.append(summary)
         if csv_file is not None:
-            csv_file.parent.mkdir(parents=True, exist_ok=True)
             table.to_csv(
                 csv_file, mode="a" if wrote_csv else "w", header=not wrote_csv, index=False, float_format="%.4f"
             )
@@ -200,21 +200,34 @@ def run_videos(
             k = stems[video.stem] = stems.get(video.stem, 0) + 1
             stem = video.stem if k == 1 else f"{video.stem}-{k}"
             for p in plot_tracks(table, summary_dir, stem):
-                out(f"wrote {p}")
+                say(f"wrote {p}")
         if target is not None:
             n = annotate_video(video, table, target, selection)
-            out(f"wrote {target} ({n} frames)")
+            say(f"wrote {target} ({n} frames)")
     if summary_dir is not None and summaries:
         import pandas as pd
 
         path = summary_dir / "summary.csv"
         pd.concat(summaries).to_csv(path, index=False, float_format="%.4f")
-        (click.echo if not as_json else (lambda m: click.echo(m, err=True)))(f"wrote {path}")
+        say(f"wrote {path}")
     if csv_file is not None and wrote_csv:
-        (click.echo if not as_json else (lambda m: click.echo(m, err=True)))(f"wrote {csv_file}")
+        say(f"wrote {csv_file}")
     if failed:
         click.echo(f"{failed} of {len(videos)} video(s) could not be (fully) read", err=True)
     return failed
+
+
+def _check_writable(csv_file: Path | None, *folders: Path | None) -> None:
+    """Output places that cannot be written are one line now, not a traceback after the analysis."""
+    try:
+        for folder in folders:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        if csv_file is not None:
+            csv_file.parent.mkdir(parents=True, exist_ok=True)
+            csv_file.open("a").close()
+    except OSError as exc:
+        raise UserError(f"cannot write {exc.filename or csv_file}: {exc.strerror or exc}") from None
 
 
 def _json_rows(table):

@@ -620,3 +620,11 @@ def test_a_folder_with_videos_images_and_other_files(tiny_run, tmp_path, capsys)
     assert f"{folder / 'clip.avi'}: 3 frames" in out  # the video path
     assert f"{folder / 'photo.png'}" in out and "track" not in out.split("photo.png")[1].splitlines()[0]
     assert "skipped 1 file(s) without an image or video extension" in err and "notes.txt" in err
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    clip = square_clip(tmp_path / "c.avi", n=3)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder is needed")
+    code, _, err = _cli(["predict", str(clip), "--run", str(tmp_path), "--csv", str(blocker / "t.csv")], capsys)
+    assert code == 2 and err.startswith("error: cannot write") and "Traceback" not in err
