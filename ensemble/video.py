@@ -426,7 +426,11 @@ def predict_video(
 class RunAnalyser:
     """Adapter from the run predictors of ``ensemble.predictors`` (with the Haar detector of
     ``ensemble.faces``) to the ``Analyser`` interface: a whole batch of frames is classified
-    in one call. ``detect=False``: each frame is one face crop."""
+    in one call. ``detect=False``: each frame is one face crop.
+
+    This is the only place the video code meets a model: any object that turns a list of RGB
+    frames into ``FaceResult`` lists can take its place (a detector with landmarks fills
+    ``landmarks``, and the tracker then matches on them too)."""
 
     def __init__(self, run, router: str | None = None, use_flat: bool = False, detect: bool = True):
         from .predictors import FlatPredictor, HierarchicalPredictor
