@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, save
-
 import numpy as np
 import torch
+from common import ROOT, save
 
 
 def _dir_mb(path: Path) -> float:

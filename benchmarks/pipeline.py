@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, save
-
 import torch
+from common import ROOT, save
 
 
 def _loader_rate(batches, n_batches: int) -> float:

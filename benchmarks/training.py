@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, save
-
 import numpy as np
 import torch
+from common import ROOT, save
 
 
 def _rate(net, batches, opt, loss_fn, steps: int, rt, tail: bool) -> float:
@@ -53,7 +52,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from ensemble.config import load_config
-    from ensemble.engine import _feature_batches, _feature_cache, _image_batches, epoch_plan, feature_views, make_optimizer
+    from ensemble.engine import (
+        _feature_batches,
+        _feature_cache,
+        _image_batches,
+        epoch_plan,
+        feature_views,
+        make_optimizer,
+    )
     from ensemble.pipeline import open_experiment
     from stages.backbones import build_model, normalization
 

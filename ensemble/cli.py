@@ -199,11 +199,10 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size, **
 def compare_cmd(config_file, overrides, run, split, out):
     """Accuracy, balanced accuracy, macro-F1, per-class recall, confusion matrices, routing
     accuracy and stage-1 RMSE/CCC; writes report.md, metrics.csv and plots."""
+    from .artifacts import read_meta
     from .config import config_from_dict, load_config
     from .pipeline import open_experiment
     from .reports import compare
-
-    from .artifacts import read_meta
 
     run_p = Path(run)
     if not (run_p / "flat" / "meta.json").is_file():  # before any data is read or prepared

@@ -55,12 +55,13 @@ QUICK = ["data.n_synthetic=1600", "train.epochs=3", "stage1.train.epochs=4", "ex
 
 def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -> dict:
     """Synthetic faces -> fit-flat, fit-stage1, fit-experts, compare, and one predict."""
-    from .pipeline import open_experiment
-    from .predictors import HierarchicalPredictor, calibrate_router
-    from .reports import compare
     from stages.experts import fit_experts
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
+
+    from .pipeline import open_experiment
+    from .predictors import HierarchicalPredictor, calibrate_router
+    from .reports import compare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """Backbones: trunk blocks, freezing, heads, and where pretrained weights come from."""
 
 import shutil
-import warnings
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_broken_files, write_image
+
 from ensemble.cli import cli, main
 
 REPO = Path(__file__).resolve().parents[1]

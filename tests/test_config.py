@@ -1,8 +1,7 @@
 """Configuration: defaults, TOML files listing only differences, --set overrides, errors."""
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import pytest
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_FERPLUS, png_with_declared_size, write_broken_files, write_image
 from PIL import Image
 
-from conftest import SHARED_FERPLUS, png_with_declared_size, write_broken_files, write_image
 from ensemble.config import DataConfig, load_config
 from ensemble.data import (
     CLASSES,

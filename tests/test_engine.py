@@ -11,8 +11,7 @@ import torch
 from ensemble import engine
 from ensemble.config import BalanceConfig, TrainConfig, load_config
 from ensemble.data import CLASSES
-from ensemble.engine import (StageData, TrainingInterrupted, augment, ccc_loss, class_weights, epoch_plan, fit,
-                             runtime)
+from ensemble.engine import StageData, TrainingInterrupted, augment, ccc_loss, class_weights, epoch_plan, fit, runtime
 from ensemble.errors import UserError
 from ensemble.metrics import ccc, classification_metrics, confusion, pcc, regression_metrics
 from stages.backbones import build_model, normalization, state_digest
