@@ -39,8 +39,11 @@ def main() -> None:
     t = time.time()
     exp = open_experiment(cfg, Path(args.run))
     seconds["data"] = time.time() - t
-    for name, step in (("fit-flat", lambda: fit_flat(exp)), ("fit-stage1", lambda: fit_stage1(exp)),
-                       ("fit-experts", lambda: (fit_experts(exp), calibrate_router(exp)))):
+    for name, step in (
+        ("fit-flat", lambda: fit_flat(exp)),
+        ("fit-stage1", lambda: fit_stage1(exp)),
+        ("fit-experts", lambda: (fit_experts(exp), calibrate_router(exp))),
+    ):
         t = time.time()
         step()
         seconds[name] = time.time() - t
@@ -48,19 +51,42 @@ def main() -> None:
     t = time.time()
     result = compare(exp, args.split)
     seconds["compare"] = time.time() - t
-    models = {m: {"accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"], "macro_f1": r["macro_f1"],
-                  "recall_contempt": r["per_class_recall"]["contempt"], "recall_disgust": r["per_class_recall"]["disgust"],
-                  "per_class_recall": r["per_class_recall"]} for m, r in result["models"].items()}
+    models = {
+        m: {
+            "accuracy": r["accuracy"],
+            "balanced_accuracy": r["balanced_accuracy"],
+            "macro_f1": r["macro_f1"],
+            "recall_contempt": r["per_class_recall"]["contempt"],
+            "recall_disgust": r["per_class_recall"]["disgust"],
+            "per_class_recall": r["per_class_recall"],
+        }
+        for m, r in result["models"].items()
+    }
     best = max(("hard", "soft"), key=lambda m: models[m]["balanced_accuracy"])
     gain = models[best]["balanced_accuracy"] - models["flat"]["balanced_accuracy"]
-    print(f"best router {best}: balanced accuracy {100 * models[best]['balanced_accuracy']:.1f} vs flat "
-          f"{100 * models['flat']['balanced_accuracy']:.1f} ({100 * gain:+.1f} points); accuracy "
-          f"{100 * models[best]['accuracy']:.1f} vs {100 * models['flat']['accuracy']:.1f}")
-    save(args.name, {"config": args.config, "overrides": args.overrides, "split": result["split"], "n": result["n"],
-                     "models": models, "routing_accuracy": result["routing_accuracy"], "stage1": result["stage1"],
-                     "router_default": result["router_default"], "best_router": best,
-                     "best_minus_flat_balanced_accuracy": gain, "seconds": seconds,
-                     "total_minutes": sum(seconds.values()) / 60}, args.out)
+    print(
+        f"best router {best}: balanced accuracy {100 * models[best]['balanced_accuracy']:.1f} vs flat "
+        f"{100 * models['flat']['balanced_accuracy']:.1f} ({100 * gain:+.1f} points); accuracy "
+        f"{100 * models[best]['accuracy']:.1f} vs {100 * models['flat']['accuracy']:.1f}"
+    )
+    save(
+        args.name,
+        {
+            "config": args.config,
+            "overrides": args.overrides,
+            "split": result["split"],
+            "n": result["n"],
+            "models": models,
+            "routing_accuracy": result["routing_accuracy"],
+            "stage1": result["stage1"],
+            "router_default": result["router_default"],
+            "best_router": best,
+            "best_minus_flat_balanced_accuracy": gain,
+            "seconds": seconds,
+            "total_minutes": sum(seconds.values()) / 60,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ import sys; sys.path.insert(0, "benchmarks")
 import numpy as np, torch
 from common import peak_rss_mb
 from ensemble import FlatPredictor, HierarchicalPredictor
-p = {'FlatPredictor' if which == 'flat' else 'HierarchicalPredictor'}.load({run!r})
+p = {"FlatPredictor" if which == "flat" else "HierarchicalPredictor"}.load({run!r})
 x = np.random.default_rng(0).standard_normal(({batch}, 3, p.size, p.size)).astype('float32')
 loaded = peak_rss_mb()
 for _ in range(3):
-    {'p.proba_from_input(x)' if which == 'flat' else 'p.route(*p.parts_from_input(x))'}
+    {"p.proba_from_input(x)" if which == "flat" else "p.route(*p.parts_from_input(x))"}
 print(loaded, peak_rss_mb())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -97,19 +97,31 @@ def main() -> None:
         row["hier_peak_rss_mb"], row["hier_rss_after_load_mb"] = _peak_memory(str(run), "hier", batch)
         row["hier_over_flat_peak_rss"] = row["hier_peak_rss_mb"] / row["flat_peak_rss_mb"]
         figures["batches"][str(batch)] = row
-        print(f"batch {batch:>2}: flat {f_ms:.3f} ms/img, hierarchy {h_ms:.3f} ms/img (x{h_ms / f_ms:.2f})"
-              + (f", onnxruntime {row['onnxruntime_hier_ms_per_image']:.3f} ms/img" if o_t else "")
-              + f"; peak RSS flat {row['flat_peak_rss_mb']:.0f} MB, hierarchy {row['hier_peak_rss_mb']:.0f} MB"
-              + f" (x{row['hier_over_flat_peak_rss']:.2f})")
+        print(
+            f"batch {batch:>2}: flat {f_ms:.3f} ms/img, hierarchy {h_ms:.3f} ms/img (x{h_ms / f_ms:.2f})"
+            + (f", onnxruntime {row['onnxruntime_hier_ms_per_image']:.3f} ms/img" if o_t else "")
+            + f"; peak RSS flat {row['flat_peak_rss_mb']:.0f} MB, hierarchy {row['hier_peak_rss_mb']:.0f} MB"
+            + f" (x{row['hier_over_flat_peak_rss']:.2f})"
+        )
     flat_mb = _dir_mb(run / "flat")
     stages = [run / "stage1", *sorted((run / "experts").glob("[0-9]*"))]
     borrowed = {json.loads((p / "meta.json").read_text()).get("trunk_from") for p in stages} - {"", None}
-    hier_mb = (sum(_dir_mb(run / s) for s in ("stage1", "neighborhoods", "experts", "router"))
-               + sum((run / b / "weights.pt").stat().st_size / 1e6 for b in borrowed))  # a borrowed trunk, once
-    figures.update({"flat_artifact_mb": flat_mb, "hier_artifact_mb": hier_mb, "hier_over_flat_size": hier_mb / flat_mb,
-                    "n_distinct_trunks": len(hier.net.trunks), "n_experts": len(hier.net.expert_heads)})
-    print(f"artifacts: flat {flat_mb:.2f} MB, hierarchy {hier_mb:.2f} MB (x{hier_mb / flat_mb:.2f}; "
-          f"{len(hier.net.trunks)} distinct trunk(s) run per face)")
+    hier_mb = sum(_dir_mb(run / s) for s in ("stage1", "neighborhoods", "experts", "router")) + sum(
+        (run / b / "weights.pt").stat().st_size / 1e6 for b in borrowed
+    )  # a borrowed trunk, once
+    figures.update(
+        {
+            "flat_artifact_mb": flat_mb,
+            "hier_artifact_mb": hier_mb,
+            "hier_over_flat_size": hier_mb / flat_mb,
+            "n_distinct_trunks": len(hier.net.trunks),
+            "n_experts": len(hier.net.expert_heads),
+        }
+    )
+    print(
+        f"artifacts: flat {flat_mb:.2f} MB, hierarchy {hier_mb:.2f} MB (x{hier_mb / flat_mb:.2f}; "
+        f"{len(hier.net.trunks)} distinct trunk(s) run per face)"
+    )
     save("inference", figures, args.out)
 
 

@@ -75,18 +75,22 @@ def main() -> None:
     gen = torch.Generator(device=rt.device).manual_seed(0)
     figures = {"config": args.config, "device": str(rt.device), "batch_size": fc.train.batch_size}
     figures["loader_prepared_img_s"] = _loader_rate(
-        _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0), args.batches)
+        _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0), args.batches
+    )
     files = load_images(exp.manifest, cfg.data.image_size, cfg.data.cache_dir, "none")
     for w in (0, 2):
         figures[f"loader_decode_workers{w}_img_s"] = _loader_rate(
-            _image_batches(files, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, w), args.batches // 2)
+            _image_batches(files, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, w), args.batches // 2
+        )
     net = build_model(fc.model, 8).to(rt.device)
     if rt.channels_last:
         net.to(memory_format=torch.channels_last)
     net.train()
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], fc.train, rt.device)
     seen, t = 0, None
-    for i, (x, pos) in enumerate(_image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0)):
+    for i, (x, pos) in enumerate(
+        _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0)
+    ):
         if i == 2:
             t, seen = time.perf_counter(), 0
         with rt.autocast():
@@ -99,9 +103,11 @@ def main() -> None:
             break
     figures["train_step_img_s"] = seen / (time.perf_counter() - t)
     figures["loader_over_step"] = figures["loader_prepared_img_s"] / figures["train_step_img_s"]
-    print(f"loader from the prepared shard: {figures['loader_prepared_img_s']:.0f} img/s; decoding files: "
-          f"{figures['loader_decode_workers0_img_s']:.0f} img/s (0 workers), {figures['loader_decode_workers2_img_s']:.0f} "
-          f"(2 workers); training step: {figures['train_step_img_s']:.0f} img/s -> loader/step x{figures['loader_over_step']:.1f}")
+    print(
+        f"loader from the prepared shard: {figures['loader_prepared_img_s']:.0f} img/s; decoding files: "
+        f"{figures['loader_decode_workers0_img_s']:.0f} img/s (0 workers), {figures['loader_decode_workers2_img_s']:.0f} "
+        f"(2 workers); training step: {figures['train_step_img_s']:.0f} img/s -> loader/step x{figures['loader_over_step']:.1f}"
+    )
 
     pattern = str(Path(exp.manifest["path"].iloc[0]).parent / "*.png")
     for rows in (args.rows // 10, args.rows):
@@ -111,10 +117,17 @@ def main() -> None:
             print(out.stderr[-2000:])
             raise SystemExit("prepare benchmark failed")
         base, peak, secs, n = map(float, out.stdout.split()[-4:])
-        figures[f"prepare_{rows}_rows"] = {"peak_rss_mb": peak, "rss_with_manifest_mb": base, "growth_mb": peak - base,
-                                           "seconds": secs, "img_s": n / secs}
-        print(f"prepare {rows} rows at 32 px: peak RSS {peak:.0f} MB (+{peak - base:.0f} MB over the manifest), "
-              f"{secs:.0f}s, {n / secs:.0f} img/s")
+        figures[f"prepare_{rows}_rows"] = {
+            "peak_rss_mb": peak,
+            "rss_with_manifest_mb": base,
+            "growth_mb": peak - base,
+            "seconds": secs,
+            "img_s": n / secs,
+        }
+        print(
+            f"prepare {rows} rows at 32 px: peak RSS {peak:.0f} MB (+{peak - base:.0f} MB over the manifest), "
+            f"{secs:.0f}s, {n / secs:.0f} img/s"
+        )
     save("pipeline", figures, args.out)
 
 

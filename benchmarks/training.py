@@ -69,8 +69,14 @@ def main() -> None:
     rt = exp.rt
     tr = exp.idx("train")
     y = exp.manifest["label"].to_numpy()[tr]
-    figures = {"config": args.config, "overrides": args.overrides, "device": str(rt.device),
-               "precision": str(rt.amp_dtype), "image_size": cfg.data.image_size, "backbone": cfg.model.backbone}
+    figures = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": str(rt.device),
+        "precision": str(rt.amp_dtype),
+        "image_size": cfg.data.image_size,
+        "backbone": cfg.model.backbone,
+    }
     mean, std = normalization(cfg.model.backbone)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -83,8 +89,15 @@ def main() -> None:
     plan, copy = epoch_plan(y, fc.balance, 0, 0)
     gen = torch.Generator(device=rt.device).manual_seed(0)
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], fc.train, rt.device)
-    figures["flat_step_img_s"] = _rate(net, _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen,
-                                                          mean, std, 0, 0), opt, loss_fn, args.steps, rt, False)
+    figures["flat_step_img_s"] = _rate(
+        net,
+        _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0),
+        opt,
+        loss_fn,
+        args.steps,
+        rt,
+        False,
+    )
     print(f"flat ({fc.model.backbone}, trainable {fc.model.trainable}): {figures['flat_step_img_s']:.0f} img/s")
 
     # a head on the frozen trunk (stage 1 / experts with trunk_from), without and with the cache
@@ -93,38 +106,67 @@ def main() -> None:
     net.train()
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], ec.train, rt.device)
     plan, copy = epoch_plan(y, ec.balance, 0, 0)
-    figures["head_no_cache_img_s"] = _rate(net, _image_batches(exp.images, tr, plan, copy, ec.train, ec.balance, rt, gen,
-                                                              mean, std, 0, 0), opt, loss_fn, args.steps, rt, False)
+    figures["head_no_cache_img_s"] = _rate(
+        net,
+        _image_batches(exp.images, tr, plan, copy, ec.train, ec.balance, rt, gen, mean, std, 0, 0),
+        opt,
+        loss_fn,
+        args.steps,
+        rt,
+        False,
+    )
     t = time.perf_counter()
     n_views = len(feature_views(len(exp.images), ec.train, ec.balance))
-    feats = _feature_cache(net, exp.images, tr, np.array([], dtype=int), mean, std, rt, ec.train, ec.balance,
-                           "benchmark", print)
+    feats = _feature_cache(
+        net, exp.images, tr, np.array([], dtype=int), mean, std, rt, ec.train, ec.balance, "benchmark", print
+    )
     build_s = time.perf_counter() - t
     figures["cache_build_s"] = build_s
     figures["cache_views"] = n_views
     figures["cache_build_img_s"] = len(exp.images) * n_views / build_s
-    figures["head_cached_img_s"] = _rate(net, _feature_batches(feats, plan, copy, ec.train.batch_size, 0, 0, rt.device),
-                                         opt, loss_fn, max(args.steps, 200), rt, True)
-    print(f"head on frozen trunk: {figures['head_no_cache_img_s']:.0f} img/s from images, "
-          f"{figures['head_cached_img_s']:.0f} img/s from the cache (built in {build_s:.1f}s, "
-          f"{figures['cache_build_img_s']:.0f} img/s)")
+    figures["head_cached_img_s"] = _rate(
+        net,
+        _feature_batches(feats, plan, copy, ec.train.batch_size, 0, 0, rt.device),
+        opt,
+        loss_fn,
+        max(args.steps, 200),
+        rt,
+        True,
+    )
+    print(
+        f"head on frozen trunk: {figures['head_no_cache_img_s']:.0f} img/s from images, "
+        f"{figures['head_cached_img_s']:.0f} img/s from the cache (built in {build_s:.1f}s, "
+        f"{figures['cache_build_img_s']:.0f} img/s)"
+    )
 
     # projection for fit-flat + fit-experts (stage 1 and OOF refits excluded: they gain as experts do)
     flat_imgs = fc.train.epochs * len(epoch_plan(y, fc.balance, 0, 0)[0])
     expert_faces = len(tr)
     if args.run and (Path(args.run) / "experts" / "index.json").is_file():
-        expert_faces = sum(json.loads((p / "meta.json").read_text()).get("n_train", 0)
-                           for p in (Path(args.run) / "experts").glob("[0-9]*"))
+        expert_faces = sum(
+            json.loads((p / "meta.json").read_text()).get("n_train", 0)
+            for p in (Path(args.run) / "experts").glob("[0-9]*")
+        )
     expert_imgs = ec.train.epochs * expert_faces * max(1.0, len(plan) / len(tr))
     flat_s = flat_imgs / figures["flat_step_img_s"]
     no_cache = flat_s + expert_imgs / figures["head_no_cache_img_s"]
     cached = flat_s + build_s + expert_imgs / figures["head_cached_img_s"]
-    experts_only = (expert_imgs / figures["head_no_cache_img_s"]) / (build_s + expert_imgs / figures["head_cached_img_s"])
-    figures.update({"projected_flat_plus_experts_s_no_cache": no_cache, "projected_flat_plus_experts_s_cache": cached,
-                    "speedup_flat_plus_experts": no_cache / cached, "speedup_experts_only": experts_only,
-                    "expert_faces": expert_faces})
-    print(f"projected fit-flat + fit-experts: {no_cache / 60:.1f} min without the cache, {cached / 60:.1f} min with "
-          f"(x{no_cache / cached:.2f}; experts alone x{experts_only:.1f})")
+    experts_only = (expert_imgs / figures["head_no_cache_img_s"]) / (
+        build_s + expert_imgs / figures["head_cached_img_s"]
+    )
+    figures.update(
+        {
+            "projected_flat_plus_experts_s_no_cache": no_cache,
+            "projected_flat_plus_experts_s_cache": cached,
+            "speedup_flat_plus_experts": no_cache / cached,
+            "speedup_experts_only": experts_only,
+            "expert_faces": expert_faces,
+        }
+    )
+    print(
+        f"projected fit-flat + fit-experts: {no_cache / 60:.1f} min without the cache, {cached / 60:.1f} min with "
+        f"(x{no_cache / cached:.2f}; experts alone x{experts_only:.1f})"
+    )
 
     if args.run and args.check_epochs:
         from ensemble.engine import StageData, fit
@@ -139,13 +181,24 @@ def main() -> None:
             c.train = type(c.train)(**{**c.train.__dict__, "epochs": args.check_epochs, "feature_cache": use})
             n, src = build_stage_net(c, 2, exp.run)
             t = time.perf_counter()
-            r = fit(n, "regress", StageData(exp.images, tr, va[tr], vi, va[vi]), c, src["mean"], src["std"], rt,
-                    tmp / f"check{use}", log=lambda m: None)
+            r = fit(
+                n,
+                "regress",
+                StageData(exp.images, tr, va[tr], vi, va[vi]),
+                c,
+                src["mean"],
+                src["std"],
+                rt,
+                tmp / f"check{use}",
+                log=lambda m: None,
+            )
             figures[f"check_stage1_val_ccc_{'cache' if use else 'no_cache'}"] = r.best_metric
             figures[f"check_stage1_s_{'cache' if use else 'no_cache'}"] = time.perf_counter() - t
-        print(f"stage 1 head, {args.check_epochs} epochs: val mean CCC {figures['check_stage1_val_ccc_cache']:.4f} with "
-              f"the cache ({figures['check_stage1_s_cache']:.0f}s), {figures['check_stage1_val_ccc_no_cache']:.4f} "
-              f"without ({figures['check_stage1_s_no_cache']:.0f}s)")
+        print(
+            f"stage 1 head, {args.check_epochs} epochs: val mean CCC {figures['check_stage1_val_ccc_cache']:.4f} with "
+            f"the cache ({figures['check_stage1_s_cache']:.0f}s), {figures['check_stage1_val_ccc_no_cache']:.4f} "
+            f"without ({figures['check_stage1_s_no_cache']:.0f}s)"
+        )
     save(args.name, figures, args.out)
 
 

@@ -39,14 +39,20 @@ def versions() -> dict:
     import sklearn
     import torchvision
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -146,8 +152,10 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
         if not f.is_file():
             raise UserError(f"{f} is missing; the artifact is incomplete")
         if sha256_file(f) != digest:
-            raise UserError(f"{f} does not match the sha256 recorded in {meta_file}: refusing to load a "
-                            f"truncated, swapped or tampered file")
+            raise UserError(
+                f"{f} does not match the sha256 recorded in {meta_file}: refusing to load a "
+                f"truncated, swapped or tampered file"
+            )
     _warn_versions(meta, folder)
     return meta
 

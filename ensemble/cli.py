@@ -16,10 +16,16 @@ from .errors import UserError
 from .video_cli import video_options
 
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Experiment TOML file.")
-SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                   help="Override one config value (repeatable), e.g. --set train.epochs=1.")
-OUT = click.option("--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True,
-                   help="Run folder.")
+SET = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config value (repeatable), e.g. --set train.epochs=1.",
+)
+OUT = click.option(
+    "--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True, help="Run folder."
+)
 RESUME = click.option("--resume", is_flag=True, help="Continue from the last complete epoch's checkpoint.")
 
 
@@ -97,8 +103,9 @@ def prepare_cmd(config_file, overrides, workers):
 
     cfg = load_config(config_file, overrides)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
-    folder, info = prepare_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
-                                  cfg.data.num_workers if workers is None else workers)
+    folder, info = prepare_images(
+        ds.manifest, cfg.data.image_size, cfg.data.cache_dir, cfg.data.num_workers if workers is None else workers
+    )
     click.echo(f"prepared {info['n']} faces at {info['size']} px in {folder} ({info['n_bad']} unreadable)")
 
 
@@ -144,7 +151,9 @@ def fit_experts_cmd(config_file, overrides, run, resume):
     fit_experts(exp, resume, _log)
     if exp.rt.is_main:
         if not (exp.run / "stage1" / "meta.json").is_file():
-            raise UserError("experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again")
+            raise UserError(
+                "experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again"
+            )
         calibrate_router(exp, _log)
 
 
@@ -154,11 +163,15 @@ def _print_metrics(stage: str, metrics: dict) -> None:
         if not m:
             continue
         if "balanced_accuracy" in m:
-            click.echo(f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
-                       f"macro-F1 {m['macro_f1']:.4f}")
+            click.echo(
+                f"{stage} {split}: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+                f"macro-F1 {m['macro_f1']:.4f}"
+            )
         else:
-            click.echo(f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
-                       f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}")
+            click.echo(
+                f"{stage} {split}: RMSE V {m['rmse_valence']:.3f} A {m['rmse_arousal']:.3f}, "
+                f"CCC V {m['ccc_valence']:.3f} A {m['ccc_arousal']:.3f}"
+            )
 
 
 @cli.command("predict", short_help="Emotion, valence and arousal of every face in images.")
@@ -182,8 +195,16 @@ def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size, **
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
-    paths, n_failed = predict_videos(paths, video, run=Path(run), as_json=as_json, detect=not no_detect,
-                                     router=router, use_flat=use_flat, batch_size=batch_size)
+    paths, n_failed = predict_videos(
+        paths,
+        video,
+        run=Path(run),
+        as_json=as_json,
+        detect=not no_detect,
+        router=router,
+        use_flat=use_flat,
+        batch_size=batch_size,
+    )
     if paths:
         n_failed += run_predict(paths, Path(run), as_json, not no_detect, router, use_flat, batch_size)
     if n_failed:
@@ -213,8 +234,10 @@ def compare_cmd(config_file, overrides, run, split, out):
         cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
     trained = read_meta(run_p / "flat", "flat").get("input_size")
     if trained != cfg.data.image_size:
-        raise UserError(f"the run's models take {trained}-px faces but the config says data.image_size = "
-                        f"{cfg.data.image_size}; compare with the config the run was trained with")
+        raise UserError(
+            f"the run's models take {trained}-px faces but the config says data.image_size = "
+            f"{cfg.data.image_size}; compare with the config the run was trained with"
+        )
     report_dir = Path(out) if out else run_p / "reports"  # the run itself is only read
     compare(open_experiment(cfg, run_p, _log, out=report_dir), split, report_dir, _log)
 

@@ -194,22 +194,27 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
 def _one_of(*choices):
     def check(v):
         return None if v in choices else "must be one of " + ", ".join(repr(c) for c in choices)
+
     return check
 
 
 def _range(lo=None, hi=None, lo_open=False, hi_open=False):
     def check(v):
-        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (
+            hi is not None and (v >= hi if hi_open else v > hi)
+        )
         if not bad:
             return None
         left = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
         right = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
         return "must be " + " and ".join(x for x in (left, right) if x)
+
     return check
 
 
 def _device(v):
     import re
+
     ok = v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", v)
     return None if ok else "must be auto, cpu, cuda, cuda:N or mps"
 
@@ -233,32 +238,71 @@ def _prototypes_table(v):
     for k, va in v.items():
         if problem := _unknown_class(k):
             return problem
-        if (not isinstance(va, (list, tuple)) or len(va) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and -1 <= x <= 1 for x in va)):
+        if (
+            not isinstance(va, (list, tuple))
+            or len(va) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and -1 <= x <= 1 for x in va)
+        ):
             return f"gives {k} {va!r}; expected [valence, arousal] in [-1, 1]"
     return None
 
 
 # value checks per field, so that a bad value is refused when the config is read, naming the key
 _RULES: dict[type, dict[str, Any]] = {
-    DataConfig: {"format": _one_of(*FORMATS),
-                 "image_size": _range(8, 4096), "max_samples": _range(0), "val_fraction": _range(0, 1, hi_open=True),
-                 "prototypes": _prototypes_table, "n_synthetic": _range(80), "synthetic_size": _range(16, 1024),
-                 "cache": _one_of("auto", "disk", "none"), "num_workers": _range(0)},
-    ModelConfig: {"head": _one_of("slim", "classic"), "hidden": _range(1), "dropout": _range(0, 1, hi_open=True),
-                  "trunk_from": _one_of("", "flat", "stage1")},
-    TrainConfig: {"epochs": _range(1), "batch_size": _range(1), "optimizer": _one_of("adam", "adamw", "sgd"),
-                  "lr": _range(0, lo_open=True), "momentum": _range(0, 1, hi_open=True), "weight_decay": _range(0),
-                  "schedule": _one_of("cosine", "step", "none"), "step_size": _range(1), "gamma": _range(0, lo_open=True),
-                  "warmup_epochs": _range(0), "patience": _range(0), "loss": _one_of("mse", "mse+ccc"),
-                  "label_smoothing": _range(0, 1, hi_open=True), "crop_scale": _range(0, 0.5), "device": _device,
-                  "precision": _one_of("auto", "bf16", "fp16", "fp32"), "threads": _range(0),
-                  "max_minutes": _range(0), "transform_views": _range(1, 64)},
-    BalanceConfig: {"mode": _one_of("none", "down", "up", "transform"), "cap": _range(1), "floor": _range(0),
-                    "rotation": _range(0, 180), "weights": _one_of("none", "inverse", "sqrt_inverse", "explicit"),
-                    "class_weights": _weights_table},
-    NeighborhoodsConfig: {"method": _one_of("kmeans", "gmm", "agglomerative"), "k": _range(0, 64), "k_min": _range(2, 64),
-                          "k_max": _range(2, 64), "min_share": _range(0, 1, lo_open=True), "max_fit_samples": _range(10)},
+    DataConfig: {
+        "format": _one_of(*FORMATS),
+        "image_size": _range(8, 4096),
+        "max_samples": _range(0),
+        "val_fraction": _range(0, 1, hi_open=True),
+        "prototypes": _prototypes_table,
+        "n_synthetic": _range(80),
+        "synthetic_size": _range(16, 1024),
+        "cache": _one_of("auto", "disk", "none"),
+        "num_workers": _range(0),
+    },
+    ModelConfig: {
+        "head": _one_of("slim", "classic"),
+        "hidden": _range(1),
+        "dropout": _range(0, 1, hi_open=True),
+        "trunk_from": _one_of("", "flat", "stage1"),
+    },
+    TrainConfig: {
+        "epochs": _range(1),
+        "batch_size": _range(1),
+        "optimizer": _one_of("adam", "adamw", "sgd"),
+        "lr": _range(0, lo_open=True),
+        "momentum": _range(0, 1, hi_open=True),
+        "weight_decay": _range(0),
+        "schedule": _one_of("cosine", "step", "none"),
+        "step_size": _range(1),
+        "gamma": _range(0, lo_open=True),
+        "warmup_epochs": _range(0),
+        "patience": _range(0),
+        "loss": _one_of("mse", "mse+ccc"),
+        "label_smoothing": _range(0, 1, hi_open=True),
+        "crop_scale": _range(0, 0.5),
+        "device": _device,
+        "precision": _one_of("auto", "bf16", "fp16", "fp32"),
+        "threads": _range(0),
+        "max_minutes": _range(0),
+        "transform_views": _range(1, 64),
+    },
+    BalanceConfig: {
+        "mode": _one_of("none", "down", "up", "transform"),
+        "cap": _range(1),
+        "floor": _range(0),
+        "rotation": _range(0, 180),
+        "weights": _one_of("none", "inverse", "sqrt_inverse", "explicit"),
+        "class_weights": _weights_table,
+    },
+    NeighborhoodsConfig: {
+        "method": _one_of("kmeans", "gmm", "agglomerative"),
+        "k": _range(0, 64),
+        "k_min": _range(2, 64),
+        "k_max": _range(2, 64),
+        "min_share": _range(0, 1, lo_open=True),
+        "max_fit_samples": _range(10),
+    },
     ExpertsConfig: {"train_on": _one_of("true", "routed", "both"), "oof_folds": _range(2, 20), "min_count": _range(1)},
     RouterConfig: {"mode": _one_of("auto", "hard", "soft"), "temperature": _range(0)},
 }

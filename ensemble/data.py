@@ -43,14 +43,26 @@ FORMATS = ("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthet
 
 #: Names other data sets use for our classes.
 CLASS_ALIASES = {
-    "neutral": "neutral", "neutrality": "neutral", "calm": "neutral",
-    "happy": "happy", "happiness": "happy", "joy": "happy",
-    "sad": "sad", "sadness": "sad",
-    "surprise": "surprise", "surprised": "surprise",
-    "fear": "fear", "fearful": "fear", "afraid": "fear", "scared": "fear",
-    "disgust": "disgust", "disgusted": "disgust",
-    "anger": "anger", "angry": "anger",
-    "contempt": "contempt", "contemptuous": "contempt",
+    "neutral": "neutral",
+    "neutrality": "neutral",
+    "calm": "neutral",
+    "happy": "happy",
+    "happiness": "happy",
+    "joy": "happy",
+    "sad": "sad",
+    "sadness": "sad",
+    "surprise": "surprise",
+    "surprised": "surprise",
+    "fear": "fear",
+    "fearful": "fear",
+    "afraid": "fear",
+    "scared": "fear",
+    "disgust": "disgust",
+    "disgusted": "disgust",
+    "anger": "anger",
+    "angry": "anger",
+    "contempt": "contempt",
+    "contemptuous": "contempt",
 }
 
 #: Prototype (valence, arousal) per class, used to derive V/A where a data set has none.
@@ -72,8 +84,17 @@ VA_PROTOTYPES: dict[str, tuple[float, float]] = {
 # FER+ label.csv vote order (after file and box)
 FERPLUS_VOTES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt", "unknown", "NF")
 FERPLUS_SPLITS = {"FER2013Train": "train", "FER2013Valid": "val", "FER2013Test": "test"}
-AFFECTNET_COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
-                     "facial_landmarks", "expression", "valence", "arousal"]
+AFFECTNET_COLUMNS = [
+    "subDirectory_filePath",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "facial_landmarks",
+    "expression",
+    "valence",
+    "arousal",
+]
 
 
 @dataclass
@@ -132,7 +153,9 @@ class _Drops:
             _warn_dropped(reason, self.examples[reason], n)
 
 
-def _read_table(path: Path, drops: _Drops, reason: str, n_fields: int | None = None) -> tuple[list[str], list[list[str]]]:
+def _read_table(
+    path: Path, drops: _Drops, reason: str, n_fields: int | None = None
+) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of a CSV file. With ``n_fields`` there is no header and every row must
     have that many fields; otherwise the first row is the header and rows must match it. Rows
     of the wrong length are dropped and counted under ``reason``; blank lines are ignored."""
@@ -159,11 +182,22 @@ def _read_table(path: Path, drops: _Drops, reason: str, n_fields: int | None = N
 
 
 def _empty_row(path: str, label: int, split: str) -> dict:
-    return {"path": path, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan, "label": label,
-            "valence": np.nan, "arousal": np.nan, "va_source": "derived", "split": split}
+    return {
+        "path": path,
+        "x": np.nan,
+        "y": np.nan,
+        "w": np.nan,
+        "h": np.nan,
+        "label": label,
+        "valence": np.nan,
+        "arousal": np.nan,
+        "va_source": "derived",
+        "split": split,
+    }
 
 
 # --------------------------------------------------------------------------- adapters
+
 
 def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
     rows = []
@@ -202,7 +236,9 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
                 row[f"vote_{c}"] = emo[i]
             rows.append(row)
     if not found:
-        raise UserError(f"no FER+ split found under {root} (expected FER2013Train/label.csv, FER2013Valid/label.csv or FER2013Test/label.csv)")
+        raise UserError(
+            f"no FER+ split found under {root} (expected FER2013Train/label.csv, FER2013Valid/label.csv or FER2013Test/label.csv)"
+        )
     return rows
 
 
@@ -255,8 +291,16 @@ def _read_affectnet(root: Path, drops: _Drops) -> list[dict]:
 
 
 def _read_affectnet_folder(root: Path, drops: _Drops) -> list[dict]:
-    names = {"train": "train", "train_set": "train", "val": "test", "val_set": "test", "valid": "test",
-             "validation": "test", "test": "test", "test_set": "test"}
+    names = {
+        "train": "train",
+        "train_set": "train",
+        "val": "test",
+        "val_set": "test",
+        "valid": "test",
+        "validation": "test",
+        "test": "test",
+        "test_set": "test",
+    }
     rows = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         split = names.get(sub.name.lower())
@@ -370,6 +414,7 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
 
 # --------------------------------------------------------------------------- the manifest
 
+
 def stratified_take(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """Up to ``n`` rows keeping class proportions (every present class keeps >= 1 row)."""
     if n <= 0 or len(df) <= n:
@@ -433,7 +478,9 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
     if fmt == "synthetic":
         from .synthetic import synthetic_dataset
 
-        rows = synthetic_dataset(Path(data_cfg.cache_dir), n=data_cfg.n_synthetic, size=data_cfg.synthetic_size, seed=seed)
+        rows = synthetic_dataset(
+            Path(data_cfg.cache_dir), n=data_cfg.n_synthetic, size=data_cfg.synthetic_size, seed=seed
+        )
     else:
         if not data_cfg.root:
             raise UserError(f"data.root is not set (the {fmt} data set's location)")
@@ -460,7 +507,9 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
             drops.add("image file missing", p, split)
         df = df[exists]
         if df.empty:
-            raise UserError(f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {drops.examples['image file missing'][0]})")
+            raise UserError(
+                f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {drops.examples['image file missing'][0]})"
+            )
     df = derive_va(df, prototype_table(data_cfg.prototypes))
     df = _hold_out_val(df, data_cfg.val_fraction, seed)
     if data_cfg.max_samples:

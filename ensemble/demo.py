@@ -72,10 +72,12 @@ def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -
     times = {}
     log("[1/6] synthetic faces and data preparation")
     exp = open_experiment(cfg, out, log)
-    steps = [("[2/6] fit-flat", lambda: fit_flat(exp, log=log)),
-             ("[3/6] fit-stage1", lambda: fit_stage1(exp, log=log)),
-             ("[4/6] fit-experts", lambda: (fit_experts(exp, log=log), calibrate_router(exp, log))),
-             ("[5/6] compare", lambda: compare(exp, "test", log=log))]
+    steps = [
+        ("[2/6] fit-flat", lambda: fit_flat(exp, log=log)),
+        ("[3/6] fit-stage1", lambda: fit_stage1(exp, log=log)),
+        ("[4/6] fit-experts", lambda: (fit_experts(exp, log=log), calibrate_router(exp, log))),
+        ("[5/6] compare", lambda: compare(exp, "test", log=log)),
+    ]
     results = {}
     for name, step in steps:
         log(name)
@@ -86,8 +88,10 @@ def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -
     test_face = exp.manifest[exp.manifest["split"] == "test"].iloc[0]
     hp = HierarchicalPredictor.load(out)
     pred = hp.predict([test_face["path"]])
-    log(f"  {test_face['path']}: true {CLASSES[int(test_face['label'])]} -> {pred['label'][0]} "
-        f"(V {pred['valence'][0]:+.2f}, A {pred['arousal'][0]:+.2f}, neighborhood {pred['neighborhood'][0]})")
+    log(
+        f"  {test_face['path']}: true {CLASSES[int(test_face['label'])]} -> {pred['label'][0]} "
+        f"(V {pred['valence'][0]:+.2f}, A {pred['arousal'][0]:+.2f}, neighborhood {pred['neighborhood'][0]})"
+    )
     log(f"done in {time.time() - t0:.0f}s; run folder {out}; report {out / 'reports' / 'report.md'}")
     log(f"try: ensemble predict {test_face['path']} --run {out} --no-detect")
     return {"compare": results["[5/6] compare"], "seconds": times}

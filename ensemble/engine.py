@@ -42,6 +42,7 @@ class TrainingInterrupted(Exception):
 
 # --------------------------------------------------------------------------- runtime
 
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -116,6 +117,7 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 # --------------------------------------------------------------------------- data per epoch
+
 
 @dataclass
 class StageData:
@@ -199,8 +201,11 @@ def augment(x: torch.Tensor, copy: torch.Tensor, train_cfg, balance_cfg, gen: to
     scale = 1 + (r() * 2 - 1) * s if train_cfg.augment else torch.ones(n, device=dev)
     tx = (r() * 2 - 1) * s if train_cfg.augment else torch.zeros(n, device=dev)
     ty = (r() * 2 - 1) * s if train_cfg.augment else torch.zeros(n, device=dev)
-    flip_p = torch.where(copy, torch.full((n,), 0.5 if balance_cfg.flip else 0.0, device=dev),
-                         torch.full((n,), 0.5 if train_cfg.augment else 0.0, device=dev))
+    flip_p = torch.where(
+        copy,
+        torch.full((n,), 0.5 if balance_cfg.flip else 0.0, device=dev),
+        torch.full((n,), 0.5 if train_cfg.augment else 0.0, device=dev),
+    )
     flip = torch.where(r() < flip_p, -1.0, 1.0)
     angle = torch.where(copy, (r() * 2 - 1) * math.radians(balance_cfg.rotation), torch.zeros(n, device=dev))
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
@@ -228,15 +233,22 @@ class _Faces(torch.utils.data.Dataset):
 def _loader(images, idx, batch_size, rt: Runtime, shuffle_seed: int | None, workers: int):
     ds = _Faces(images, idx)
     if rt.world > 1 and shuffle_seed is not None:
-        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=rt.world, rank=rt.rank, shuffle=True,
-                                                      seed=shuffle_seed)
+        sampler = torch.utils.data.DistributedSampler(
+            ds, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=shuffle_seed
+        )
     elif shuffle_seed is not None:
         g = torch.Generator().manual_seed(shuffle_seed)
         sampler = torch.utils.data.RandomSampler(ds, generator=g)
     else:
         sampler = torch.utils.data.SequentialSampler(ds)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=rt.device.type == "cuda", persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=rt.device.type == "cuda",
+        persistent_workers=False,
+    )
 
 
 def to_input(batch_u8: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -252,9 +264,19 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- prediction
 
+
 @torch.no_grad()
-def predict_outputs(net: nn.Module, images, idx: np.ndarray, mean, std, rt: Runtime, batch_size: int = 256,
-                    workers: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_outputs(
+    net: nn.Module,
+    images,
+    idx: np.ndarray,
+    mean,
+    std,
+    rt: Runtime,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw outputs (n, n_out) float32 for faces ``idx``, and a mask of those that decoded."""
     net.eval()
     outs = []
@@ -273,6 +295,7 @@ def predict_outputs(net: nn.Module, images, idx: np.ndarray, mean, std, rt: Runt
 
 
 # --------------------------------------------------------------------------- the loop
+
 
 @dataclass
 class FitResult:
@@ -309,8 +332,10 @@ def make_optimizer(params, train_cfg, device: torch.device):
     elif name == "adamw":
         cls, kw = torch.optim.AdamW, {"weight_decay": tc.weight_decay}
     elif name == "sgd":
-        cls, kw = torch.optim.SGD, {"momentum": tc.momentum, "weight_decay": tc.weight_decay,
-                                    "nesterov": tc.nesterov and tc.momentum > 0}
+        cls, kw = (
+            torch.optim.SGD,
+            {"momentum": tc.momentum, "weight_decay": tc.weight_decay, "nesterov": tc.nesterov and tc.momentum > 0},
+        )
     else:
         raise UserError(f"train.optimizer must be adam, adamw or sgd, got {name!r}")
     if device.type in ("cuda", "cpu"):
@@ -358,8 +383,20 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime, work_dir: Path,
-        resume: bool = False, desc: str = "train", log=print, fingerprint_extra: dict | None = None) -> FitResult:
+def fit(
+    net: nn.Module,
+    task: str,
+    data: StageData,
+    cfg,
+    mean,
+    std,
+    rt: Runtime,
+    work_dir: Path,
+    resume: bool = False,
+    desc: str = "train",
+    log=print,
+    fingerprint_extra: dict | None = None,
+) -> FitResult:
     """Train ``net`` in place; keep the weights of the best validation epoch.
 
     ``task``: classify (cross-entropy, selection on balanced accuracy) or regress
@@ -391,7 +428,9 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype is torch.float16)
     model = net
     if rt.world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        )
     if tc.compile:
         model = torch.compile(model)
 
@@ -403,13 +442,20 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
     fingerprint = resume_fingerprint(cfg, train_idx, val_idx, fingerprint_extra)
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        changed = [k for k in sorted(set(fingerprint) | set(ck.get("fingerprint", {})))
-                   if fingerprint.get(k) != ck.get("fingerprint", {}).get(k)]
+        changed = [
+            k
+            for k in sorted(set(fingerprint) | set(ck.get("fingerprint", {})))
+            if fingerprint.get(k) != ck.get("fingerprint", {}).get(k)
+        ]
         if changed:
-            shown = ", ".join(f"{k} ({ck.get('fingerprint', {}).get(k)!r} -> {fingerprint.get(k)!r})" for k in changed[:3])
-            raise UserError(f"{desc}: cannot resume {ckpt_path}: the run was started with other settings: {shown}"
-                            + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-                            + "; resume with the same config, or start afresh without --resume")
+            shown = ", ".join(
+                f"{k} ({ck.get('fingerprint', {}).get(k)!r} -> {fingerprint.get(k)!r})" for k in changed[:3]
+            )
+            raise UserError(
+                f"{desc}: cannot resume {ckpt_path}: the run was started with other settings: {shown}"
+                + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                + "; resume with the same config, or start afresh without --resume"
+            )
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -431,7 +477,7 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
         try:
             for epoch in range(start_epoch, tc.epochs):
                 plan, copy = epoch_plan(train_y, bc, tc.seed, epoch)
-                eff_counts = (np.bincount(train_y[plan], minlength=n_classes) if task == "classify" else None)
+                eff_counts = np.bincount(train_y[plan], minlength=n_classes) if task == "classify" else None
                 weight = class_weights(eff_counts, bc, data.class_names) if task == "classify" else None
                 wt = torch.tensor(weight, dtype=torch.float32, device=rt.device) if weight is not None else None
                 gen = torch.Generator(device=rt.device).manual_seed(tc.seed * 100003 + epoch)
@@ -442,10 +488,28 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                 if features is not None:
                     batches = _feature_batches(features, plan, copy, tc.batch_size, tc.seed, epoch, rt.device)
                 else:
-                    batches = _image_batches(data.images, train_idx, plan, copy, tc, bc, rt, gen, mean, std,
-                                             epoch, cfg.data.num_workers, stats)
-                bar = tqdm(batches, total=steps, desc=f"{desc} {epoch + 1}/{tc.epochs}", leave=False,
-                           disable=None if rt.is_main else True)
+                    batches = _image_batches(
+                        data.images,
+                        train_idx,
+                        plan,
+                        copy,
+                        tc,
+                        bc,
+                        rt,
+                        gen,
+                        mean,
+                        std,
+                        epoch,
+                        cfg.data.num_workers,
+                        stats,
+                    )
+                bar = tqdm(
+                    batches,
+                    total=steps,
+                    desc=f"{desc} {epoch + 1}/{tc.epochs}",
+                    leave=False,
+                    disable=None if rt.is_main else True,
+                )
                 for x, pos in bar:
                     y_idx = plan[pos]
                     with rt.autocast():
@@ -464,8 +528,10 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                         elif tc.loss != "mse":
                             raise UserError(f"train.loss must be mse or mse+ccc, got {tc.loss!r}")
                     if not torch.isfinite(loss):
-                        raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
-                                        f"lower train.lr or use train.precision = \"fp32\"")
+                        raise UserError(
+                            f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                            f'lower train.lr or use train.precision = "fp32"'
+                        )
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(opt)
@@ -476,8 +542,12 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                     seen += len(pos)
                     bar.set_postfix(loss=f"{tot / nb:.4f}")
                 train_secs = time.time() - t_ep
-                row = {"epoch": epoch + 1, "train_loss": tot / max(1, nb), "lr": opt.param_groups[0]["lr"],
-                       "images_per_s": seen * rt.world / max(1e-9, train_secs)}
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": tot / max(1, nb),
+                    "lr": opt.param_groups[0]["lr"],
+                    "images_per_s": seen * rt.world / max(1e-9, train_secs),
+                }
                 if stats.get("skipped"):
                     row["skipped_unreadable"] = stats["skipped"]
                     n_skipped = max(n_skipped, stats["skipped"])
@@ -485,9 +555,21 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                     row["class_counts"] = " ".join(f"{c}:{int(k)}" for c, k in zip(data.class_names, eff_counts))
                 metric = math.nan
                 if rt.is_main and len(val_idx):
-                    vm = evaluate(net, task, data.images, val_idx, val_y, data.class_names, mean, std, rt,
-                                  features["val"] if features is not None else None)
-                    metric = vm["balanced_accuracy"] if task == "classify" else (vm["ccc_valence"] + vm["ccc_arousal"]) / 2
+                    vm = evaluate(
+                        net,
+                        task,
+                        data.images,
+                        val_idx,
+                        val_y,
+                        data.class_names,
+                        mean,
+                        std,
+                        rt,
+                        features["val"] if features is not None else None,
+                    )
+                    metric = (
+                        vm["balanced_accuracy"] if task == "classify" else (vm["ccc_valence"] + vm["ccc_arousal"]) / 2
+                    )
                     row.update({f"val_{k}": v for k, v in vm.items() if isinstance(v, float)})
                 row["val_metric"] = metric
                 if rt.world > 1:
@@ -496,28 +578,51 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                     metric = float(t.item())
                 no_val = len(val_idx) == 0
                 if no_val and epoch == start_epoch and rt.is_main:
-                    log(f"{desc}: no validation faces, so no model selection or early stopping: "
-                        f"the last epoch's weights are kept")
+                    log(
+                        f"{desc}: no validation faces, so no model selection or early stopping: "
+                        f"the last epoch's weights are kept"
+                    )
                 # without validation faces the newest epoch is the one to keep; a NaN metric otherwise never wins
                 improved = no_val or (not math.isnan(metric) and metric > best["metric"]) or best["state"] is None
                 if improved:
-                    best = {"metric": metric, "epoch": epoch + 1,
-                            "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+                    best = {
+                        "metric": metric,
+                        "epoch": epoch + 1,
+                        "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                    }
                     bad_epochs = 0
                 elif not no_val:
                     bad_epochs += 1
                 history.append(row)
                 if rt.is_main:
-                    log(f"{desc} epoch {epoch + 1}/{tc.epochs}: loss {row['train_loss']:.4f}"
-                        + (f", val {'bal.acc' if task == 'classify' else 'CCC'} {metric:.4f}" if not math.isnan(metric) else "")
+                    log(
+                        f"{desc} epoch {epoch + 1}/{tc.epochs}: loss {row['train_loss']:.4f}"
+                        + (
+                            f", val {'bal.acc' if task == 'classify' else 'CCC'} {metric:.4f}"
+                            if not math.isnan(metric)
+                            else ""
+                        )
                         + f", {row['images_per_s']:.0f} img/s"
-                        + (f", classes {row['class_counts']}" if epoch == start_epoch and "class_counts" in row else ""))
+                        + (f", classes {row['class_counts']}" if epoch == start_epoch and "class_counts" in row else "")
+                    )
                     write_history(history, work_dir / "history.csv")
-                    _atomic_torch_save({
-                        "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "bad_epochs": bad_epochs,
-                        "best_metric": best["metric"], "best_epoch": best["epoch"], "best_state": best["state"],
-                        "rng_cpu": torch.get_rng_state(), "fingerprint": fingerprint}, ckpt_path)
+                    _atomic_torch_save(
+                        {
+                            "model": net.state_dict(),
+                            "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "epoch": epoch,
+                            "history": history,
+                            "bad_epochs": bad_epochs,
+                            "best_metric": best["metric"],
+                            "best_epoch": best["epoch"],
+                            "best_state": best["state"],
+                            "rng_cpu": torch.get_rng_state(),
+                            "fingerprint": fingerprint,
+                        },
+                        ckpt_path,
+                    )
                 if tc.patience and bad_epochs >= tc.patience:
                     if rt.is_main:
                         log(f"{desc}: early stop, no improvement for {tc.patience} epochs")
@@ -527,8 +632,10 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
                         log(f"{desc}: stopping after {tc.max_minutes} min (train.max_minutes)")
                     break
         except KeyboardInterrupt:
-            raise TrainingInterrupted(f"{desc} interrupted; the last complete epoch is saved in {ckpt_path}: "
-                                      f"run the same command with --resume to continue") from None
+            raise TrainingInterrupted(
+                f"{desc} interrupted; the last complete epoch is saved in {ckpt_path}: "
+                f"run the same command with --resume to continue"
+            ) from None
     if best["state"] is None:
         best["state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best["state"])
@@ -536,21 +643,42 @@ def fit(net: nn.Module, task: str, data: StageData, cfg, mean, std, rt: Runtime,
 
 
 # settings a run may change between an interruption and --resume; any other change is refused
-_RESUMABLE = {"train.epochs", "train.max_minutes", "train.patience", "train.device", "train.threads",
-              "train.compile", "data.num_workers", "data.cache", "data.cache_dir", "data.strict"}
+_RESUMABLE = {
+    "train.epochs",
+    "train.max_minutes",
+    "train.patience",
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "data.num_workers",
+    "data.cache",
+    "data.cache_dir",
+    "data.strict",
+}
 
 
 def resume_fingerprint(cfg, train_idx: np.ndarray, val_idx: np.ndarray, extra: dict | None = None) -> dict:
     """What a checkpoint (or a finished stage) must agree on with the command that resumes it:
     the settings, which faces train and validate it, and ``extra`` (e.g. the trunk it builds
     on, the neighborhoods an expert belongs to). Flat and JSON-able."""
-    flat = {f"{sec}.{k}": v for sec in ("data", "model", "train", "balance")
-            for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
-    keep = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
-            for k, v in flat.items() if k not in _RESUMABLE}
+    flat = {
+        f"{sec}.{k}": v
+        for sec in ("data", "model", "train", "balance")
+        for k, v in dataclasses.asdict(getattr(cfg, sec)).items()
+    }
+    keep = {
+        k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
+        for k, v in flat.items()
+        if k not in _RESUMABLE
+    }
     faces = hashlib.sha256(np.asarray(train_idx, np.int64).tobytes() + b"|" + np.asarray(val_idx, np.int64).tobytes())
-    return {**keep, "training faces": int(len(train_idx)), "validation faces": int(len(val_idx)),
-            "which faces": faces.hexdigest()[:16], **(extra or {})}
+    return {
+        **keep,
+        "training faces": int(len(train_idx)),
+        "validation faces": int(len(val_idx)),
+        "which faces": faces.hexdigest()[:16],
+        **(extra or {}),
+    }
 
 
 def _image_batches(images, train_idx, plan, copy, tc, bc, rt, gen, mean, std, epoch, workers, stats=None):
@@ -578,8 +706,9 @@ def _image_batches(images, train_idx, plan, copy, tc, bc, rt, gen, mean, std, ep
 def evaluate(net, task, images, idx, y, class_names, mean, std, rt, val_features=None) -> dict:
     if val_features is not None:
         with torch.no_grad(), rt.autocast():
-            out = torch.cat([net.eval().tail(v.to(rt.device)).float().cpu()
-                             for v in torch.split(val_features, 1024)]).numpy()
+            out = torch.cat(
+                [net.eval().tail(v.to(rt.device)).float().cpu() for v in torch.split(val_features, 1024)]
+            ).numpy()
     else:
         out, _ = predict_outputs(net, images, idx, mean, std, rt)
     if task == "classify":
@@ -589,6 +718,7 @@ def evaluate(net, task, images, idx, y, class_names, mean, std, rt, val_features
 
 
 # --------------------------------------------------------------------------- feature cache
+
 
 def feature_views(n: int, tc, bc) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The fixed views a feature cache holds: (name, flip flags (n,), rotation degrees (n,))."""
@@ -600,8 +730,13 @@ def feature_views(n: int, tc, bc) -> list[tuple[str, np.ndarray, np.ndarray]]:
         for v in range(tc.transform_views):
             rng = np.random.default_rng([tc.seed + 99, v])
             flip = (rng.random(n) < 0.5).astype(float) if bc.flip else zero
-            views.append((f"transform-r{bc.rotation:g}-f{int(bc.flip)}-s{tc.seed}-v{v}", flip,
-                          rng.uniform(-bc.rotation, bc.rotation, n)))
+            views.append(
+                (
+                    f"transform-r{bc.rotation:g}-f{int(bc.flip)}-s{tc.seed}-v{v}",
+                    flip,
+                    rng.uniform(-bc.rotation, bc.rotation, n),
+                )
+            )
     return views
 
 
@@ -616,7 +751,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
 
     root = Path(getattr(images, "cache_dir", "artifacts/cache")) / "features"
     root.mkdir(parents=True, exist_ok=True)
-    frozen = net.trunk[:net.n_frozen_blocks]
+    frozen = net.trunk[: net.n_frozen_blocks]
     trunk_key = f"{state_digest(frozen)[:16]}-b{net.n_frozen_blocks}"
     out = []
     net.eval()
@@ -626,8 +761,9 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
             t0 = time.time()
             tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
             arr = None
-            loader = _loader(images, np.arange(len(images)), 256, Runtime(rt.device, rt.amp_dtype, rt.channels_last),
-                             None, 0)
+            loader = _loader(
+                images, np.arange(len(images)), 256, Runtime(rt.device, rt.amp_dtype, rt.channels_last), None, 0
+            )
             for xb, jb, _ in loader:
                 j = jb.numpy()
                 x = to_input(xb, rt)
@@ -636,9 +772,15 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
                 if bool((f != 0).any() or (a != 0).any()):
                     sign = 1 - 2 * f
                     cos, sin, z = torch.cos(a), torch.sin(a), torch.zeros_like(a)
-                    theta = torch.stack([torch.stack([cos * sign, -sin, z], 1), torch.stack([sin * sign, cos, z], 1)], 1)
-                    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False),
-                                      padding_mode="reflection", align_corners=False)
+                    theta = torch.stack(
+                        [torch.stack([cos * sign, -sin, z], 1), torch.stack([sin * sign, cos, z], 1)], 1
+                    )
+                    x = F.grid_sample(
+                        x,
+                        F.affine_grid(theta, list(x.shape), align_corners=False),
+                        padding_mode="reflection",
+                        align_corners=False,
+                    )
                 x = normalize(x, mean, std)
                 if rt.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -648,17 +790,23 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
                     need = len(images) * feat[0].nbytes
                     free = shutil.disk_usage(root).free
                     if need > 0.95 * free:
-                        raise UserError(f"the feature cache view '{name}' needs {need / 1e9:.1f} GB under {root} and "
-                                        f"{free / 1e9:.1f} GB are free: set train.feature_cache = false, fewer "
-                                        f"train.transform_views, or data.cache_dir on a larger disk")
-                    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(images),) + feat.shape[1:])
+                        raise UserError(
+                            f"the feature cache view '{name}' needs {need / 1e9:.1f} GB under {root} and "
+                            f"{free / 1e9:.1f} GB are free: set train.feature_cache = false, fewer "
+                            f"train.transform_views, or data.cache_dir on a larger disk"
+                        )
+                    arr = np.lib.format.open_memmap(
+                        tmp, mode="w+", dtype=np.float16, shape=(len(images),) + feat.shape[1:]
+                    )
                 arr[j] = feat
             arr.flush()
             del arr
             os.replace(tmp, path)
             if rt.is_main:
-                log(f"{desc}: feature cache '{name}' of the frozen trunk for {len(images)} faces, "
-                    f"{path.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s")
+                log(
+                    f"{desc}: feature cache '{name}' of the frozen trunk for {len(images)} faces, "
+                    f"{path.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s"
+                )
         out.append(np.load(path, mmap_mode="r"))
     return out
 
@@ -667,9 +815,13 @@ def _feature_cache(net, images, train_idx, val_idx, mean, std, rt, tc, bc, desc,
     views = feature_views(len(images), tc, bc)
     store = feature_store(net, images, mean, std, rt, views, log, desc)
     val = torch.from_numpy(np.asarray(store[0][val_idx], dtype=np.float32)) if len(val_idx) else None
-    return {"views": store, "train_rows": train_idx, "val": val,
-            "transform_views": np.flatnonzero([name.startswith("transform") for name, _, _ in views]),
-            "n_plain": 2 if len(views) >= 2 and views[1][0] == "flip" and tc.augment else 1}
+    return {
+        "views": store,
+        "train_rows": train_idx,
+        "val": val,
+        "transform_views": np.flatnonzero([name.startswith("transform") for name, _, _ in views]),
+        "n_plain": 2 if len(views) >= 2 and views[1][0] == "flip" and tc.augment else 1,
+    }
 
 
 def _feature_batches(features, plan, copy, batch_size, seed, epoch, device):
@@ -679,7 +831,7 @@ def _feature_batches(features, plan, copy, batch_size, seed, epoch, device):
     order = rng.permutation(len(plan))
     views, rows_all = features["views"], features["train_rows"]
     for s in range(0, len(order), batch_size):
-        pos = order[s:s + batch_size]
+        pos = order[s : s + batch_size]
         rows = rows_all[plan[pos]]
         view = rng.integers(0, features["n_plain"], len(pos))
         tv = features["transform_views"]

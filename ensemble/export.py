@@ -46,9 +46,16 @@ def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
             torch.jit.trace(model, example, check_trace=False).save(str(tmp))
         elif fmt == "onnx":
             try:
-                torch.onnx.export(model, (example,), str(tmp), input_names=["faces"], output_names=["probabilities"],
-                                  dynamic_axes={"faces": {0: "batch"}, "probabilities": {0: "batch"}},
-                                  opset_version=17, dynamo=False)
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp),
+                    input_names=["faces"],
+                    output_names=["probabilities"],
+                    dynamic_axes={"faces": {0: "batch"}, "probabilities": {0: "batch"}},
+                    opset_version=17,
+                    dynamo=False,
+                )
             except ImportError as exc:
                 raise UserError(f"ONNX export needs the onnx package ({exc}); pip install onnx") from None
         else:

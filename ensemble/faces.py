@@ -15,8 +15,10 @@ def _cascade():
     try:
         import cv2
     except ImportError:
-        raise UserError("face detection needs opencv-python-headless<5 (pip install 'opencv-python-headless<5'), "
-                        "or pass --no-detect for images that are face crops") from None
+        raise UserError(
+            "face detection needs opencv-python-headless<5 (pip install 'opencv-python-headless<5'), "
+            "or pass --no-detect for images that are face crops"
+        ) from None
     path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
@@ -35,7 +37,7 @@ def detect_faces(image: Image.Image, margin: float = 0.2, min_size: int = 24) ->
     gray = cv2.equalizeHist(gray)
     found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size))
     boxes = []
-    for x, y, w, h in (found if len(found) else []):
+    for x, y, w, h in found if len(found) else []:
         x, y, w, h = (v / scale for v in (x, y, w, h))
         m = margin * max(w, h)
         x0, y0 = max(0, int(x - m)), max(0, int(y - m))

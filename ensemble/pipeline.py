@@ -30,8 +30,9 @@ class Experiment:
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
 
 
-def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True, out: Path | None = None,
-                    save: bool = True) -> Experiment:
+def open_experiment(
+    cfg: Config, run: Path, log=print, progress: bool = True, out: Path | None = None, save: bool = True
+) -> Experiment:
     """Check the output folder (``out``, by default the run), load the data set, prepare its
     images once, pick the device; the resolved config is written into the output folder."""
     run = Path(run)
@@ -39,14 +40,21 @@ def open_experiment(cfg: Config, run: Path, log=print, progress: bool = True, ou
     check_output_dir(out)
     rt = runtime(cfg.train)
     ds = load_dataset(cfg.data, seed=cfg.train.seed)
-    images = load_images(ds.manifest, cfg.data.image_size, cfg.data.cache_dir,
-                         "none" if cfg.data.cache == "none" else "disk", cfg.data.num_workers,
-                         progress=progress and rt.is_main)
+    images = load_images(
+        ds.manifest,
+        cfg.data.image_size,
+        cfg.data.cache_dir,
+        "none" if cfg.data.cache == "none" else "disk",
+        cfg.data.num_workers,
+        progress=progress and rt.is_main,
+    )
     if rt.is_main:
         counts = ds.manifest.groupby("split").size().to_dict()
-        log(f"data: {cfg.data.format} {', '.join(f'{k} {v}' for k, v in counts.items())}"
+        log(
+            f"data: {cfg.data.format} {', '.join(f'{k} {v}' for k, v in counts.items())}"
             + (f"; dropped {sum(ds.dropped.values())}" if ds.dropped else "")
-            + f"; device {rt.device}, precision {rt.amp_dtype or 'fp32'}")
+            + f"; device {rt.device}, precision {rt.amp_dtype or 'fp32'}"
+        )
         if save:  # not from the per-GPU expert workers: the parent's config is the run's
             save_config(cfg, out / "config.json")
     return Experiment(cfg, run, ds.manifest, ds.dropped, images, rt)

@@ -24,8 +24,9 @@ def _walk(paths) -> tuple[list[Path], list[Path]]:
     return files, skipped
 
 
-def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool,
-                batch_size: int = 32) -> int:
+def run_predict(
+    paths, run: Path, as_json: bool, detect: bool, router: str | None, use_flat: bool, batch_size: int = 32
+) -> int:
     """Predict every face; returns the number of files that failed."""
     from .faces import detect_faces
     from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
@@ -33,8 +34,11 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
     model = FlatPredictor.load(run) if use_flat else HierarchicalPredictor.load(run, router=router)
     files, skipped = _walk(paths)
     if skipped:
-        click.echo(f"skipped {len(skipped)} file(s) without an image extension in folders "
-                   f"(e.g. {', '.join(str(f) for f in skipped[:3])})", err=True)
+        click.echo(
+            f"skipped {len(skipped)} file(s) without an image extension in folders "
+            f"(e.g. {', '.join(str(f) for f in skipped[:3])})",
+            err=True,
+        )
     if not files:
         raise UserError("no image files to predict")
     failed = 0
@@ -50,22 +54,39 @@ def run_predict(paths, run: Path, as_json: bool, detect: bool, router: str | Non
         else:
             va, ep = model.parts_from_input(x)
             proba, w = model.route(va, ep)
-            extra = [{"valence": round(float(v[0]), 4), "arousal": round(float(v[1]), 4),
-                      "neighborhood": int(r), "expert": int(r),
-                      "expert_classes": model.expert_classes[int(r)]} for v, r in zip(va, w.argmax(1))]
+            extra = [
+                {
+                    "valence": round(float(v[0]), 4),
+                    "arousal": round(float(v[1]), 4),
+                    "neighborhood": int(r),
+                    "expert": int(r),
+                    "expert_classes": model.expert_classes[int(r)],
+                }
+                for v, r in zip(va, w.argmax(1))
+            ]
         for (f, box), p, e in zip(where, proba, extra):
             top = np.argsort(-p)[:3]
-            rec = {"file": str(f), "box": list(box) if box else None, "emotion": CLASSES[top[0]],
-                   "probability": round(float(p[top[0]]), 4),
-                   "top3": [[CLASSES[i], round(float(p[i]), 4)] for i in top], **e}
+            rec = {
+                "file": str(f),
+                "box": list(box) if box else None,
+                "emotion": CLASSES[top[0]],
+                "probability": round(float(p[top[0]]), 4),
+                "top3": [[CLASSES[i], round(float(p[i]), 4)] for i in top],
+                **e,
+            }
             if as_json:
                 click.echo(json.dumps(rec))
             else:
-                va_txt = (f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
-                          if e else "")
+                va_txt = (
+                    f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
+                    if e
+                    else ""
+                )
                 box_txt = f" [{','.join(map(str, box))}]" if box else ""
-                click.echo(f"{f}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
-                           f"(then {CLASSES[top[1]]} {p[top[1]]:.2f}, {CLASSES[top[2]]} {p[top[2]]:.2f}){va_txt}")
+                click.echo(
+                    f"{f}{box_txt}: {rec['emotion']} {rec['probability']:.2f}  "
+                    f"(then {CLASSES[top[1]]} {p[top[1]]:.2f}, {CLASSES[top[2]]} {p[top[2]]:.2f}){va_txt}"
+                )
         faces.clear()
         where.clear()
 

@@ -67,7 +67,7 @@ class _Base:
 
     def _batches(self, x: np.ndarray, batch_size: int = 64):
         for s in range(0, len(x), batch_size):
-            yield torch.from_numpy(x[s:s + batch_size]).to(self.device).contiguous(memory_format=torch.channels_last)
+            yield torch.from_numpy(x[s : s + batch_size]).to(self.device).contiguous(memory_format=torch.channels_last)
 
 
 def _damaged_run_is_one_line(load):
@@ -80,8 +80,11 @@ def _damaged_run_is_one_line(load):
         try:
             return load(cls, run, *args, **kwargs)
         except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as exc:
-            raise UserError(f"{run}: the run's artifacts are damaged or from an incompatible version "
-                            f"({type(exc).__name__}: {str(exc)[:120]})") from None
+            raise UserError(
+                f"{run}: the run's artifacts are damaged or from an incompatible version "
+                f"({type(exc).__name__}: {str(exc)[:120]})"
+            ) from None
+
     return wrapper
 
 
@@ -123,8 +126,9 @@ class HierarchicalPredictor(_Base):
         self.size, self.mean, self.std = meta["input_size"], tuple(meta["mean"]), tuple(meta["std"])
         self.device = torch.device(device)
         self.net.to(self.device).eval()
-        self.expert_classes = [[CLASSES[j] for j in getattr(net, f"map{i}").argmax(1).tolist()]
-                               for i in range(len(net.expert_heads))]
+        self.expert_classes = [
+            [CLASSES[j] for j in getattr(net, f"map{i}").argmax(1).tolist()] for i in range(len(net.expert_heads))
+        ]
 
     @property
     def mode(self) -> str:
@@ -144,11 +148,15 @@ class HierarchicalPredictor(_Base):
         nbh = load_neighborhoods(run / "neighborhoods")
         index = read_index(run)
         if index["k"] != nbh.k_:
-            raise UserError(f"{run}: experts were trained for {index['k']} neighborhoods, the neighborhoods have {nbh.k_}")
+            raise UserError(
+                f"{run}: experts were trained for {index['k']} neighborhoods, the neighborhoods have {nbh.k_}"
+            )
         nbh_sha = neighborhoods_sha(run / "neighborhoods")
         if index.get("neighborhoods_sha256") != nbh_sha:
-            raise UserError(f"{run}: the experts were trained for other neighborhoods than {run / 'neighborhoods'} "
-                            f"(refit with ensemble fit-experts)")
+            raise UserError(
+                f"{run}: the experts were trained for other neighborhoods than {run / 'neighborhoods'} "
+                f"(refit with ensemble fit-experts)"
+            )
         trunks: dict[str, torch.nn.Module] = {}
 
         def share(net, meta) -> str:
@@ -168,12 +176,16 @@ class HierarchicalPredictor(_Base):
                 net, meta = load_network(folder, run, sources)
                 for key in ("input_size", "mean", "std"):
                     if meta[key] != m1[key]:
-                        raise UserError(f"expert {r} and stage 1 disagree on {key} ({meta[key]} vs {m1[key]}); "
-                                        f"they do not belong to one hierarchy")
+                        raise UserError(
+                            f"expert {r} and stage 1 disagree on {key} ({meta[key]} vs {m1[key]}); "
+                            f"they do not belong to one hierarchy"
+                        )
                 heads.append(net.head)
                 keys.append(share(net, meta))
             if meta["classes"] != info["classes"]:
-                raise UserError(f"expert {r}: classes {meta['classes']} differ from experts/index.json {info['classes']}")
+                raise UserError(
+                    f"expert {r}: classes {meta['classes']} differ from experts/index.json {info['classes']}"
+                )
             classes.append([CLASSES.index(c) for c in meta["classes"]])
         rinfo = None
         if (run / "router" / "meta.json").is_file():
@@ -181,12 +193,16 @@ class HierarchicalPredictor(_Base):
             rinfo = json.loads((run / "router" / "router.json").read_text())
             if rinfo.get("neighborhoods_sha256") != nbh_sha:
                 if router is None:
-                    raise UserError(f"{run / 'router'} was calibrated for other neighborhoods "
-                                    f"(rerun ensemble fit-experts, which calibrates it)")
+                    raise UserError(
+                        f"{run / 'router'} was calibrated for other neighborhoods "
+                        f"(rerun ensemble fit-experts, which calibrates it)"
+                    )
                 rinfo = None
         if rinfo is None:
             if router is None:
-                raise UserError(f"{run} has no router (run ensemble fit-experts, which calibrates it, or pass a router mode)")
+                raise UserError(
+                    f"{run} has no router (run ensemble fit-experts, which calibrates it, or pass a router mode)"
+                )
             rinfo = {"mode": router, "temperature": 0.05}  # calibration itself, or an explicit mode
         mode = router or rinfo["mode"]
         if mode not in ("hard", "soft"):
@@ -208,8 +224,9 @@ class HierarchicalPredictor(_Base):
         return np.concatenate(vas), np.concatenate(eps, axis=1)
 
     @torch.no_grad()
-    def route(self, va: np.ndarray, expert_probs: np.ndarray, mode: str | None = None,
-              true_va: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def route(
+        self, va: np.ndarray, expert_probs: np.ndarray, mode: str | None = None, true_va: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Final (n, 8) probabilities and region weights (n, k) under a router mode."""
         mode = mode or self.mode
         if mode not in MODES:
@@ -217,7 +234,9 @@ class HierarchicalPredictor(_Base):
         if mode == "oracle":
             if true_va is None:
                 raise UserError("oracle routing needs the true valence/arousal")
-            w = torch.nn.functional.one_hot(torch.as_tensor(self.nbh.predict(true_va), dtype=torch.long), self.nbh.k_).float()
+            w = torch.nn.functional.one_hot(
+                torch.as_tensor(self.nbh.predict(true_va), dtype=torch.long), self.nbh.k_
+            ).float()
         else:
             w = self.net.weights(torch.as_tensor(va, dtype=torch.float32, device=self.device), mode).cpu()
         p = HierarchyNet.mix(w, torch.as_tensor(expert_probs, dtype=torch.float32))
@@ -228,9 +247,15 @@ class HierarchicalPredictor(_Base):
         va, ep = self.parts_from_input(self.preprocess(images))
         proba, w = self.route(va, ep, router)
         region = w.argmax(1) if len(w) else np.zeros(0, int)
-        return {"proba": proba, "label": [CLASSES[i] for i in proba.argmax(1)], "valence": va[:, 0],
-                "arousal": va[:, 1], "neighborhood": region, "expert": region,
-                "region_weights": w}
+        return {
+            "proba": proba,
+            "label": [CLASSES[i] for i in proba.argmax(1)],
+            "valence": va[:, 0],
+            "arousal": va[:, 1],
+            "neighborhood": region,
+            "expert": region,
+            "region_weights": w,
+        }
 
     def predict_proba(self, images, router: str | None = None) -> np.ndarray:
         return self.predict(images, router)["proba"]
@@ -246,8 +271,12 @@ def calibrate_router(exp, log=print) -> dict:
     vi = vi[ok]
     from stages.experts import neighborhoods_sha
 
-    result = {"mode": "soft", "temperature": hp.net.posterior.temperature, "val": {},
-              "neighborhoods_sha256": neighborhoods_sha(exp.run / "neighborhoods")}
+    result = {
+        "mode": "soft",
+        "temperature": hp.net.posterior.temperature,
+        "val": {},
+        "neighborhoods_sha256": neighborhoods_sha(exp.run / "neighborhoods"),
+    }
     if len(vi) == 0:
         log("router: no validation faces; soft routing with the default temperature")
     else:
@@ -263,8 +292,10 @@ def calibrate_router(exp, log=print) -> dict:
         if exp.cfg.router.temperature:
             hp.net.posterior.temperature = result["temperature"] = exp.cfg.router.temperature
         result["mode"] = max(("hard", "soft"), key=lambda m: result["val"][m]) if want == "auto" else want
-        log(f"router: validation balanced accuracy hard {result['val']['hard']:.4f}, soft {result['val']['soft']:.4f}"
-            f" (T={result['temperature']:.3g}) -> {result['mode']}")
+        log(
+            f"router: validation balanced accuracy hard {result['val']['hard']:.4f}, soft {result['val']['soft']:.4f}"
+            f" (T={result['temperature']:.3g}) -> {result['mode']}"
+        )
     writer = StageWriter(exp.run / "router")
     writer.json("router.json", result)
     writer.publish({"stage": "router", **result})

@@ -34,8 +34,14 @@ def _decode(job):
 class ImageSource:
     """Faces of a manifest at one size: ``get(i) -> (size, size, 3) uint8 or None``."""
 
-    def __init__(self, manifest: pd.DataFrame, size: int, array: np.ndarray | None = None, ok: np.ndarray | None = None,
-                 digest: str | None = None):
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        size: int,
+        array: np.ndarray | None = None,
+        ok: np.ndarray | None = None,
+        digest: str | None = None,
+    ):
         self.paths = manifest["path"].tolist()
         self.boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
         self.size = size
@@ -53,8 +59,9 @@ class ImageSource:
         return img
 
 
-def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, workers: int = 0,
-                   progress: bool = True) -> tuple[Path, dict]:
+def prepare_images(
+    manifest: pd.DataFrame, size: int, cache_dir: str | Path, workers: int = 0, progress: bool = True
+) -> tuple[Path, dict]:
     """Write (or find) the prepared shard for ``manifest``; returns its folder and stats."""
     folder = Path(cache_dir) / "prepared" / manifest_digest(manifest, size)  # the folder's name is the digest
     info_file = folder / "info.json"
@@ -84,8 +91,13 @@ def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, wor
         # rows arrive in order and are appended to a .npy file: memory stays flat however many rows
         with open(tmp / "images.npy", "wb") as f:
             np.lib.format.write_array_header_1_0(
-                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                    "shape": (n, size, size, 3)})
+                f,
+                {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    "fortran_order": False,
+                    "shape": (n, size, size, 3),
+                },
+            )
             for i, (img, err) in enumerate(results):
                 if img is None:
                     n_bad += 1
@@ -113,8 +125,14 @@ def prepare_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, wor
     return folder, info
 
 
-def load_images(manifest: pd.DataFrame, size: int, cache_dir: str | Path, mode: str = "auto",
-                workers: int = 0, progress: bool = True) -> ImageSource:
+def load_images(
+    manifest: pd.DataFrame,
+    size: int,
+    cache_dir: str | Path,
+    mode: str = "auto",
+    workers: int = 0,
+    progress: bool = True,
+) -> ImageSource:
     """An ImageSource over the manifest; prepares the shard first unless ``mode == "none"``."""
     if mode == "none":
         src = ImageSource(manifest, size)

@@ -31,7 +31,7 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dic
     true_va = exp.manifest[["valence", "arousal"]].to_numpy()[idx]
     fp, vas, eps = [], [], []
     for s in range(0, len(idx), 512):
-        faces = np.stack([exp.images.get(int(i)) for i in idx[s:s + 512]])
+        faces = np.stack([exp.images.get(int(i)) for i in idx[s : s + 512]])
         fp.append(flat.proba_from_input(uint8_to_input(faces, flat.mean, flat.std)))
         va, ep = hier.parts_from_input(uint8_to_input(faces, hier.mean, hier.std))
         vas.append(va)
@@ -45,8 +45,14 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dic
         routing[mode] = float((w.argmax(1) == true_region).mean())
     metrics = {m: classification_metrics(y, probs[m].argmax(1), CLASSES) for m in MODELS}
     stage1 = regression_metrics(true_va, va)
-    result = {"split": split, "n": int(len(idx)), "router_default": hier.mode, "models": metrics,
-              "routing_accuracy": routing, "stage1": stage1}
+    result = {
+        "split": split,
+        "n": int(len(idx)),
+        "router_default": hier.mode,
+        "models": metrics,
+        "routing_accuracy": routing,
+        "stage1": stage1,
+    }
     write_json(out / "metrics.json", result)
     _write_csv(out / "metrics.csv", metrics, routing)
     for m in MODELS:
@@ -60,11 +66,15 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dic
 def _write_csv(path: Path, metrics: dict, routing: dict) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "accuracy", "balanced_accuracy", "macro_f1", "routing_accuracy"]
-                   + [f"recall_{c}" for c in CLASSES])
+        w.writerow(
+            ["model", "accuracy", "balanced_accuracy", "macro_f1", "routing_accuracy"]
+            + [f"recall_{c}" for c in CLASSES]
+        )
         for m, r in metrics.items():
-            w.writerow([m, r["accuracy"], r["balanced_accuracy"], r["macro_f1"], routing.get(m, "")]
-                       + [r["per_class_recall"][c] if r["per_class_recall"][c] is not None else "" for c in CLASSES])
+            w.writerow(
+                [m, r["accuracy"], r["balanced_accuracy"], r["macro_f1"], routing.get(m, "")]
+                + [r["per_class_recall"][c] if r["per_class_recall"][c] is not None else "" for c in CLASSES]
+            )
 
 
 def _pct(v) -> str:
@@ -75,37 +85,60 @@ def summary_table(result: dict) -> str:
     head = f"{'model':<8}{'acc':>7}{'bal.acc':>9}{'F1':>7}{'route':>7}  " + " ".join(f"{c[:7]:>7}" for c in CLASSES)
     lines = [f"comparison on {result['split']} ({result['n']} faces), recall per class in %", head, "-" * len(head)]
     for m, r in result["models"].items():
-        lines.append(f"{m:<8}{_pct(r['accuracy']):>7}{_pct(r['balanced_accuracy']):>9}{_pct(r['macro_f1']):>7}"
-                     f"{_pct(result['routing_accuracy'].get(m)):>7}  "
-                     + " ".join(f"{_pct(r['per_class_recall'][c]):>7}" for c in CLASSES))
+        lines.append(
+            f"{m:<8}{_pct(r['accuracy']):>7}{_pct(r['balanced_accuracy']):>9}{_pct(r['macro_f1']):>7}"
+            f"{_pct(result['routing_accuracy'].get(m)):>7}  "
+            + " ".join(f"{_pct(r['per_class_recall'][c]):>7}" for c in CLASSES)
+        )
     s = result["stage1"]
-    lines.append(f"stage 1: RMSE valence {s['rmse_valence']:.3f} arousal {s['rmse_arousal']:.3f}, "
-                 f"CCC valence {s['ccc_valence']:.3f} arousal {s['ccc_arousal']:.3f}; "
-                 f"default router: {result['router_default']}")
+    lines.append(
+        f"stage 1: RMSE valence {s['rmse_valence']:.3f} arousal {s['rmse_arousal']:.3f}, "
+        f"CCC valence {s['ccc_valence']:.3f} arousal {s['ccc_arousal']:.3f}; "
+        f"default router: {result['router_default']}"
+    )
     return "\n".join(lines)
 
 
 def render_report(result: dict, run: Path) -> str:
     rows = []
     for m, r in result["models"].items():
-        rows.append(f"| {m} | {_pct(r['accuracy'])} | {_pct(r['balanced_accuracy'])} | {_pct(r['macro_f1'])} | "
-                    f"{_pct(result['routing_accuracy'].get(m))} |")
+        rows.append(
+            f"| {m} | {_pct(r['accuracy'])} | {_pct(r['balanced_accuracy'])} | {_pct(r['macro_f1'])} | "
+            f"{_pct(result['routing_accuracy'].get(m))} |"
+        )
     recall = ["| class | " + " | ".join(result["models"]) + " |", "|---|" + "---|" * len(result["models"])]
     for c in CLASSES:
-        recall.append(f"| {c} | " + " | ".join(_pct(r["per_class_recall"][c]) for r in result["models"].values()) + " |")
+        recall.append(
+            f"| {c} | " + " | ".join(_pct(r["per_class_recall"][c]) for r in result["models"].values()) + " |"
+        )
     s = result["stage1"]
-    return "\n".join([
-        f"# Flat vs hierarchical — {run.name}, split `{result['split']}` ({result['n']} faces)", "",
-        "Balanced accuracy is the mean per-class recall (the figure AffectNet results are compared on).",
-        "`oracle` routes by the true valence/arousal: an upper bound, not a deployable model.", "",
-        "| model | accuracy % | balanced accuracy % | macro-F1 % | routing accuracy % |", "|---|---|---|---|---|",
-        *rows, "", "## Recall per class (%)", "", *recall, "",
-        "## Stage 1 (valence/arousal)", "",
-        f"RMSE valence {s['rmse_valence']:.3f}, arousal {s['rmse_arousal']:.3f}; CCC valence {s['ccc_valence']:.3f}, "
-        f"arousal {s['ccc_arousal']:.3f}; PCC {s['pcc_valence']:.3f} / {s['pcc_arousal']:.3f}; "
-        f"SAGR {s['sagr_valence']:.3f} / {s['sagr_arousal']:.3f}.", "",
-        f"Default router (chosen on validation): **{result['router_default']}**.", "",
-        "Confusion matrices: " + ", ".join(f"`confusion_{m}.png`" for m in result["models"]), ""])
+    return "\n".join(
+        [
+            f"# Flat vs hierarchical — {run.name}, split `{result['split']}` ({result['n']} faces)",
+            "",
+            "Balanced accuracy is the mean per-class recall (the figure AffectNet results are compared on).",
+            "`oracle` routes by the true valence/arousal: an upper bound, not a deployable model.",
+            "",
+            "| model | accuracy % | balanced accuracy % | macro-F1 % | routing accuracy % |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            "## Recall per class (%)",
+            "",
+            *recall,
+            "",
+            "## Stage 1 (valence/arousal)",
+            "",
+            f"RMSE valence {s['rmse_valence']:.3f}, arousal {s['rmse_arousal']:.3f}; CCC valence {s['ccc_valence']:.3f}, "
+            f"arousal {s['ccc_arousal']:.3f}; PCC {s['pcc_valence']:.3f} / {s['pcc_arousal']:.3f}; "
+            f"SAGR {s['sagr_valence']:.3f} / {s['sagr_arousal']:.3f}.",
+            "",
+            f"Default router (chosen on validation): **{result['router_default']}**.",
+            "",
+            "Confusion matrices: " + ", ".join(f"`confusion_{m}.png`" for m in result["models"]),
+            "",
+        ]
+    )
 
 
 def _plot_confusion(m: np.ndarray, title: str, path: Path) -> None:
@@ -119,8 +152,9 @@ def _plot_confusion(m: np.ndarray, title: str, path: Path) -> None:
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(CLASSES)):
         for j in range(len(CLASSES)):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j, i, str(m[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black"
+            )
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)

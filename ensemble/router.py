@@ -41,7 +41,7 @@ class RegionPosterior(nn.Module):
             diff = va[:, None, :] - self.centers[None]  # (n, k, 2)
             y = torch.einsum("nki,kij->nkj", diff, self.prec_chol)
             log_det = torch.log(torch.diagonal(self.prec_chol, dim1=1, dim2=2)).sum(-1)
-            return -0.5 * (y ** 2).sum(-1) + log_det + self.log_weights - math.log(2 * math.pi)
+            return -0.5 * (y**2).sum(-1) + log_det + self.log_weights - math.log(2 * math.pi)
         d2 = ((va[:, None, :] - self.centers[None]) ** 2).sum(-1)
         return -d2 / max(self.temperature, 1e-6)
 
@@ -52,8 +52,17 @@ class RegionPosterior(nn.Module):
 class HierarchyNet(nn.Module):
     """Preprocessed faces (n, 3, H, W) -> (probabilities (n, 8), V/A (n, 2), region weights (n, k))."""
 
-    def __init__(self, trunks: dict, stage1_head: nn.Module, stage1_trunk: str, expert_heads: list,
-                 expert_trunks: list, expert_classes: list[list[int]], posterior: RegionPosterior, mode: str = "soft"):
+    def __init__(
+        self,
+        trunks: dict,
+        stage1_head: nn.Module,
+        stage1_trunk: str,
+        expert_heads: list,
+        expert_trunks: list,
+        expert_classes: list[list[int]],
+        posterior: RegionPosterior,
+        mode: str = "soft",
+    ):
         super().__init__()
         self.trunks = nn.ModuleDict(trunks)
         self.stage1_head = stage1_head

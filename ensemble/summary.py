@@ -40,17 +40,30 @@ def summarize(cfg, verify: bool = True) -> dict:
         for ci, c in enumerate(CLASSES):
             sub = g[g["label"] == ci]
             if len(sub):
-                per_class[c] = {"valence_mean": float(sub["valence"].mean()), "valence_std": float(sub["valence"].std(ddof=0)),
-                                "arousal_mean": float(sub["arousal"].mean()), "arousal_std": float(sub["arousal"].std(ddof=0))}
-        splits[split] = {"n": int(len(g)), "counts": {c: int((g["label"] == i).sum()) for i, c in enumerate(CLASSES)},
-                         "va": per_class, "va_source": sorted(g["va_source"].unique().tolist())}
+                per_class[c] = {
+                    "valence_mean": float(sub["valence"].mean()),
+                    "valence_std": float(sub["valence"].std(ddof=0)),
+                    "arousal_mean": float(sub["arousal"].mean()),
+                    "arousal_std": float(sub["arousal"].std(ddof=0)),
+                }
+        splits[split] = {
+            "n": int(len(g)),
+            "counts": {c: int((g["label"] == i).sum()) for i, c in enumerate(CLASSES)},
+            "va": per_class,
+            "va_source": sorted(g["va_source"].unique().tolist()),
+        }
     order = [s for s in ("train", "val", "test") if s in splits]
     for s in order:
         splits[s]["dropped"] = dict(by_split.get(s, {}))
         splits[s]["n_dropped"] = int(sum(by_split.get(s, Counter()).values()))
-    return {"format": cfg.data.format, "root": cfg.data.root, "splits": {s: splits[s] for s in order},
-            "dropped": dict(dropped), "n_dropped": int(sum(dropped.values())),
-            "dropped_by_split": {s: dict(c) for s, c in by_split.items()}}
+    return {
+        "format": cfg.data.format,
+        "root": cfg.data.root,
+        "splits": {s: splits[s] for s in order},
+        "dropped": dict(dropped),
+        "n_dropped": int(sum(dropped.values())),
+        "dropped_by_split": {s: dict(c) for s, c in by_split.items()},
+    }
 
 
 def render_summary(result: dict) -> str:
@@ -63,8 +76,10 @@ def render_summary(result: dict) -> str:
     for s, info in result["splits"].items():
         lines += ["", f"{s}: valence/arousal mean ± std per class ({', '.join(info['va_source'])})"]
         for c, v in info["va"].items():
-            lines.append(f"  {c:<10} V {v['valence_mean']:+.2f} ± {v['valence_std']:.2f}   "
-                         f"A {v['arousal_mean']:+.2f} ± {v['arousal_std']:.2f}")
+            lines.append(
+                f"  {c:<10} V {v['valence_mean']:+.2f} ± {v['valence_std']:.2f}   "
+                f"A {v['arousal_mean']:+.2f} ± {v['arousal_std']:.2f}"
+            )
     per_split = ", ".join(f"{s} {n}" for s, c in result["dropped_by_split"].items() if (n := sum(c.values())))
     lines += ["", f"dropped: {result['n_dropped']}" + (f" ({per_split})" if per_split else "")]
     lines += [f"  {n:>7}  {reason}" for reason, n in sorted(result["dropped"].items(), key=lambda kv: -kv[1])]

@@ -26,8 +26,16 @@ from PIL import Image, ImageDraw, ImageFilter
 from .data import CLASSES, VA_PROTOTYPES
 
 #: share of each class in train/val (AffectNet-like imbalance, about 10:1)
-CLASS_SHARES = {"neutral": 0.22, "happy": 0.32, "sad": 0.09, "surprise": 0.08,
-                "fear": 0.06, "disgust": 0.05, "anger": 0.10, "contempt": 0.035}
+CLASS_SHARES = {
+    "neutral": 0.22,
+    "happy": 0.32,
+    "sad": 0.09,
+    "surprise": 0.08,
+    "fear": 0.06,
+    "disgust": 0.05,
+    "anger": 0.10,
+    "contempt": 0.035,
+}
 TEST_SHARE = 0.12  # of all images, split equally over the classes
 VAL_SHARE = 0.12  # of the rest
 GENERATOR_VERSION = 3  # bump when drawing changes, so cached sets are redrawn
@@ -52,7 +60,13 @@ def draw_face(cls: str, valence: float, arousal: float, rng: np.random.Generator
         return (cx + x * sc, cy + y * sc)
 
     # eyes: arousal widens them, a smile narrows them; fear and surprise widen more
-    open_e = 4 + 3 * arousal - 2 * max(0.0, valence) + (4 * k if cls in ("fear", "surprise") else 0) - (2 * k if cls == "contempt" else 0)
+    open_e = (
+        4
+        + 3 * arousal
+        - 2 * max(0.0, valence)
+        + (4 * k if cls in ("fear", "surprise") else 0)
+        - (2 * k if cls == "contempt" else 0)
+    )
     open_e = max(1.0, open_e)
     for ex in (-15, 15):
         x0, y0 = P(ex - 7, -12 - open_e)
@@ -163,6 +177,18 @@ def synthetic_dataset(cache_dir: Path, n: int = 4000, size: int = 64, seed: int 
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     records = json.loads(index.read_text())
-    return [{"path": str(folder / r["file"]), "x": math.nan, "y": math.nan, "w": math.nan, "h": math.nan,
-             "label": r["label"], "valence": r["valence"], "arousal": r["arousal"], "va_source": "measured",
-             "split": r["split"]} for r in records]
+    return [
+        {
+            "path": str(folder / r["file"]),
+            "x": math.nan,
+            "y": math.nan,
+            "w": math.nan,
+            "h": math.nan,
+            "label": r["label"],
+            "valence": r["valence"],
+            "arousal": r["arousal"],
+            "va_source": "measured",
+            "split": r["split"],
+        }
+        for r in records
+    ]

@@ -32,9 +32,15 @@ class TinyVGG(nn.Module):
         super().__init__()
         layers, c_in = [], 3
         for w in widths:
-            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(w, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c_in = w
         self.features = nn.Sequential(*layers)
 
@@ -47,9 +53,11 @@ def _torchvision_model(name: str, pretrained: str) -> nn.Module:
     except ValueError:
         raise UserError(f"unknown backbone {name!r} (any torchvision classification model, or tinyvgg)") from None
     if name.startswith(("swin", "vit", "maxvit")):
-        raise UserError(f"backbone {name!r} is a vision transformer; supported are convolutional torchvision models "
-                        f"(vgg, alexnet, resnet, resnext, wide_resnet, mobilenet, efficientnet, densenet, convnext, "
-                        f"squeezenet) and tinyvgg")
+        raise UserError(
+            f"backbone {name!r} is a vision transformer; supported are convolutional torchvision models "
+            f"(vgg, alexnet, resnet, resnext, wide_resnet, mobilenet, efficientnet, densenet, convnext, "
+            f"squeezenet) and tinyvgg"
+        )
     if pretrained in ("", "none"):
         return builder(weights=None)
     if pretrained == "imagenet":
@@ -65,7 +73,8 @@ def _torchvision_model(name: str, pretrained: str) -> nn.Module:
             files = " or ".join(Path(w.url).name for w in enum)
             raise UserError(
                 f"ImageNet weights for {name} are not available ({type(exc).__name__}): place {files} "
-                f"in {folder} (or set TORCH_HOME), or set model.pretrained to a state_dict file") from None
+                f"in {folder} (or set TORCH_HOME), or set model.pretrained to a state_dict file"
+            ) from None
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise UserError(f"model.pretrained: no such file {path} (use imagenet, none or a state_dict path)")
@@ -74,8 +83,10 @@ def _torchvision_model(name: str, pretrained: str) -> nn.Module:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickled code, a truncated file, not a torch file at all
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(f"cannot load weights from {path}: not a plain tensor state_dict "
-                        f"(weights load with weights_only=True; pickled objects are refused): {first}") from None
+        raise UserError(
+            f"cannot load weights from {path}: not a plain tensor state_dict "
+            f"(weights load with weights_only=True; pickled objects are refused): {first}"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
@@ -110,7 +121,7 @@ def build_trunk(name: str, pretrained: str = "none") -> tuple[nn.Sequential, int
     """(trunk of blocks, output channels, the model's pretrained VGG-style classifier or None)."""
     if name == "tinyvgg":
         if pretrained not in ("", "none"):
-            raise UserError("tinyvgg has no pretrained weights (set model.pretrained = \"none\")")
+            raise UserError('tinyvgg has no pretrained weights (set model.pretrained = "none")')
         model = TinyVGG()
         layers = list(model.features)
         classifier = None
@@ -147,7 +158,7 @@ class EmotionNet(nn.Module):
         return self.head(self.trunk(x))
 
     def tail(self, z):  # output of the frozen blocks -> (batch, n_outputs)
-        return self.head(self.trunk[self.n_frozen_blocks:](z))
+        return self.head(self.trunk[self.n_frozen_blocks :](z))
 
     def freeze(self, trainable: str) -> None:
         """Make only the named part learn: head | blockN | all."""
@@ -159,7 +170,9 @@ class EmotionNet(nn.Module):
         elif trainable.startswith("block") and trainable[5:].isdigit() and 1 <= int(trainable[5:]) <= n:
             k = int(trainable[5:]) - 1
         else:
-            raise UserError(f"model.trainable must be head, all or block1..block{n} for this backbone, got {trainable!r}")
+            raise UserError(
+                f"model.trainable must be head, all or block1..block{n} for this backbone, got {trainable!r}"
+            )
         self.n_frozen_blocks = k
         for i, block in enumerate(self.trunk):
             for p in block.parameters():
@@ -172,30 +185,50 @@ class EmotionNet(nn.Module):
         return self
 
 
-def build_head(kind: str, in_channels: int, n_out: int, hidden: int, dropout: float,
-               classifier: nn.Module | None = None) -> nn.Module:
+def build_head(
+    kind: str, in_channels: int, n_out: int, hidden: int, dropout: float, classifier: nn.Module | None = None
+) -> nn.Module:
     if kind == "slim":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                             nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                             nn.Linear(hidden, n_out))
+        return nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(in_channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, n_out),
+        )
     if kind == "classic":
-        if classifier is not None and isinstance(classifier, nn.Sequential) and in_channels * 49 == getattr(classifier[0], "in_features", -1):
+        if (
+            classifier is not None
+            and isinstance(classifier, nn.Sequential)
+            and in_channels * 49 == getattr(classifier[0], "in_features", -1)
+        ):
             layers = [m for m in classifier]  # the pretrained 4096-4096 layers (VGG), new output layer
             layers[-1] = nn.Linear(layers[-1].in_features, n_out)
             for i, m in enumerate(layers):
                 if isinstance(m, nn.Dropout):
                     layers[i] = nn.Dropout(dropout)
             return nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Flatten(), *layers)
-        return nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Flatten(),
-                             nn.Linear(in_channels * 49, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                             nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                             nn.Linear(4096, n_out))
+        return nn.Sequential(
+            nn.AdaptiveAvgPool2d(7),
+            nn.Flatten(),
+            nn.Linear(in_channels * 49, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(4096, n_out),
+        )
     raise UserError(f"model.head must be slim or classic, got {kind!r}")
 
 
 def build_model(model_cfg, n_out: int, pretrained: str | None = None) -> EmotionNet:
     """The network a stage trains, frozen as ``model_cfg.trainable`` says."""
-    trunk, channels, classifier = build_trunk(model_cfg.backbone, model_cfg.pretrained if pretrained is None else pretrained)
+    trunk, channels, classifier = build_trunk(
+        model_cfg.backbone, model_cfg.pretrained if pretrained is None else pretrained
+    )
     head = build_head(model_cfg.head, channels, n_out, model_cfg.hidden, model_cfg.dropout, classifier)
     net = EmotionNet(trunk, head)
     net.freeze("head" if model_cfg.trunk_from else model_cfg.trainable)

@@ -37,8 +37,12 @@ def fit_neighborhoods(exp, log=print, staging: Path | None = None) -> tuple[VANe
     write a new fit (under ``staging`` when given, to be swapped in with the experts).
     Returns the neighborhoods and the folder that holds them."""
     nc = exp.cfg.neighborhoods
-    settings = {**nc.__dict__, "min_count": exp.cfg.experts.min_count, "seed": exp.cfg.train.seed,
-                "n_train": int(len(exp.idx("train")))}
+    settings = {
+        **nc.__dict__,
+        "min_count": exp.cfg.experts.min_count,
+        "seed": exp.cfg.train.seed,
+        "n_train": int(len(exp.idx("train"))),
+    }
     folder = (staging or exp.run) / "neighborhoods"
     for existing in dict.fromkeys([exp.run / "neighborhoods", folder]):
         if (existing / "meta.json").is_file() and _recorded_meta(existing).get("settings") == settings:
@@ -57,9 +61,16 @@ def _fit_and_write_neighborhoods(exp, settings: dict, folder: Path, log) -> VANe
     tr = exp.idx("train")
     va = va_targets(exp.manifest)[tr]
     labels = exp.manifest["label"].to_numpy()[tr]
-    nbh = VANeighborhoods(method=nc.method, k=nc.k, k_min=nc.k_min, k_max=nc.k_max, min_share=nc.min_share,
-                          min_count=exp.cfg.experts.min_count, max_fit_samples=nc.max_fit_samples,
-                          random_state=exp.cfg.train.seed).fit(va, labels)
+    nbh = VANeighborhoods(
+        method=nc.method,
+        k=nc.k,
+        k_min=nc.k_min,
+        k_max=nc.k_max,
+        min_share=nc.min_share,
+        min_count=exp.cfg.experts.min_count,
+        max_fit_samples=nc.max_fit_samples,
+        random_state=exp.cfg.train.seed,
+    ).fit(va, labels)
     writer = StageWriter(folder)
     nbh.save_arrays(writer.path("model.npz"))  # what the tool loads: plain arrays, never unpickled
     joblib.dump(nbh, writer.path("model.joblib"))  # the scikit-learn estimator, for users' own analysis
@@ -68,8 +79,10 @@ def _fit_and_write_neighborhoods(exp, settings: dict, folder: Path, log) -> VANe
     plot_va_map(va, labels, nbh, CLASSES, writer.path("va_map.png"))
     writer.publish({"stage": "neighborhoods", "classes": list(CLASSES), "settings": settings, "k": int(nbh.k_)})
     for n in desc["neighborhoods"]:
-        log(f"neighborhood {n['id']}: V {n['center']['valence']:+.2f} A {n['center']['arousal']:+.2f}  "
-            f"{', '.join(n['classes'])}")
+        log(
+            f"neighborhood {n['id']}: V {n['center']['valence']:+.2f} A {n['center']['arousal']:+.2f}  "
+            f"{', '.join(n['classes'])}"
+        )
     return nbh
 
 
@@ -103,8 +116,9 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
     # each fold's predictions are kept as it finishes (keyed by stage 1's weights, the stage-1
     # settings and the faces), and a fold cut short resumes from its checkpoint with --resume
     stage1_sha = read_meta(exp.run / "stage1").get("files", {}).get("weights.pt")
-    key = hashlib.sha256(json.dumps([stage1_sha, folds, resume_fingerprint(cfg, tr, vi)],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([stage1_sha, folds, resume_fingerprint(cfg, tr, vi)], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     folder = exp.run / ".oof" / key
     if exp.rt.is_main:
         for other in (exp.run / ".oof").glob("*"):  # folds of an earlier stage 1 or other settings
@@ -124,9 +138,20 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
 
         mean, std = (src["mean"], src["std"]) if src else normalization(cfg.model.backbone)
         work = folder / f"fold{f}.work"
-        fit(net, "regress", StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]), cfg, mean, std, exp.rt, work,
-            resume=resume, desc=f"stage1 fold {f + 1}/{folds}", log=log,
-            fingerprint_extra={"trunk it builds on": src.get("trunk_sha256", "")})
+        fit(
+            net,
+            "regress",
+            StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]),
+            cfg,
+            mean,
+            std,
+            exp.rt,
+            work,
+            resume=resume,
+            desc=f"stage1 fold {f + 1}/{folds}",
+            log=log,
+            fingerprint_extra={"trunk it builds on": src.get("trunk_sha256", "")},
+        )
         out, _ = predict_outputs(net, exp.images, tr[b], mean, std, exp.rt)
         pred[b] = np.clip(out, -1, 1)
         if exp.rt.is_main:
@@ -165,8 +190,15 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
         cls = members[r]
         t = np.flatnonzero(in_tr[:, r] & np.isin(labels[tr], cls))
         v = np.flatnonzero(in_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
-        regions.append({"id": r, "classes": cls, "train_pos": t, "val_pos": v,
-                        "counts": {CLASSES[c]: int(counts[r, c]) for c in cls}})
+        regions.append(
+            {
+                "id": r,
+                "classes": cls,
+                "train_pos": t,
+                "val_pos": v,
+                "counts": {CLASSES[c]: int(counts[r, c]) for c in cls},
+            }
+        )
     return {"train_on": ec.train_on, "regions": regions}
 
 
@@ -195,17 +227,38 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
     te_idx = te[np.isin(labels[te], cls)]
     if len(t_idx) == 0:
         raise UserError(f"expert {r}: no training faces in its neighborhood")
-    data = StageData(exp.images, t_idx, to_local(labels[t_idx]), v_idx,
-                     to_local(labels[v_idx]) if len(v_idx) else np.zeros(0, int), names)
+    data = StageData(
+        exp.images,
+        t_idx,
+        to_local(labels[t_idx]),
+        v_idx,
+        to_local(labels[v_idx]) if len(v_idx) else np.zeros(0, int),
+        names,
+    )
     log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
-    metrics = train_network(f"expert{r}", "classify", cfg, data, out, exp.run, exp.rt, resume,
-                            {"val": (v_idx, data.val_y),
-                             "test": (te_idx, to_local(labels[te_idx]) if len(te_idx) else np.zeros(0, int))},
-                            extra_meta={"region": r, "train_on": exp.cfg.experts.train_on}, log=log,
-                            fingerprint_extra={"neighborhoods": region["neighborhoods_sha256"],
-                                               "experts.train_on": exp.cfg.experts.train_on})
-    return {"region": r, "classes": names, "constant": False, "val_balanced_accuracy":
-            metrics.get("val", {}).get("balanced_accuracy")}
+    metrics = train_network(
+        f"expert{r}",
+        "classify",
+        cfg,
+        data,
+        out,
+        exp.run,
+        exp.rt,
+        resume,
+        {"val": (v_idx, data.val_y), "test": (te_idx, to_local(labels[te_idx]) if len(te_idx) else np.zeros(0, int))},
+        extra_meta={"region": r, "train_on": exp.cfg.experts.train_on},
+        log=log,
+        fingerprint_extra={
+            "neighborhoods": region["neighborhoods_sha256"],
+            "experts.train_on": exp.cfg.experts.train_on,
+        },
+    )
+    return {
+        "region": r,
+        "classes": names,
+        "constant": False,
+        "val_balanced_accuracy": metrics.get("val", {}).get("balanced_accuracy"),
+    }
 
 
 def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resume: bool) -> list[dict]:
@@ -241,13 +294,15 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
         log(f"experts: training in parallel on {n_gpu} GPUs")
         shares = [plan["regions"][i::n_gpu] for i in range(n_gpu)]
         with ProcessPoolExecutor(n_gpu, mp_context=get_context("spawn")) as pool:
-            jobs = [pool.submit(_expert_job, exp.cfg.to_dict(), str(exp.run), s, f"cuda:{i}", resume)
-                    for i, s in enumerate(shares) if s]
+            jobs = [
+                pool.submit(_expert_job, exp.cfg.to_dict(), str(exp.run), s, f"cuda:{i}", resume)
+                for i, s in enumerate(shares)
+                if s
+            ]
             results = sorted((x for j in jobs for x in j.result()), key=lambda d: d["region"])
     else:
         results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
-    index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results,
-             "neighborhoods_sha256": nbh_sha}
+    index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results, "neighborhoods_sha256": nbh_sha}
     if exp.rt.is_main:
         for stale in list(staging.iterdir()):  # experts of an earlier, larger k; leftovers of interruptions
             if stale.is_dir() and not (stale.name.isdigit() and int(stale.name) < nbh.k_) and stale != nbh_folder:
@@ -256,9 +311,14 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
             _swap_in(nbh_folder, exp.run / "neighborhoods")
             shutil.rmtree(exp.run / "router", ignore_errors=True)  # calibrated for the old ones
         write_json(staging / "index.json", index)
-        write_json(staging / "meta.json", {  # index.json is checked like every artifact file
-            "stage": "experts", "files": {"index.json": sha256_file(staging / "index.json")},
-            "versions": versions()})
+        write_json(
+            staging / "meta.json",
+            {  # index.json is checked like every artifact file
+                "stage": "experts",
+                "files": {"index.json": sha256_file(staging / "index.json")},
+                "versions": versions(),
+            },
+        )
         _swap_in(staging, final)
     return index
 
@@ -294,6 +354,8 @@ def read_index(run: Path) -> dict:
         if len(experts) != k or any(int(e["region"]) != r for r, e in enumerate(experts)):
             raise ValueError("one expert per neighborhood, in order")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{f} is damaged or incomplete ({exc}); rerun ensemble fit-experts to refit the "
-                        f"neighborhoods and experts together") from None
+        raise UserError(
+            f"{f} is damaged or incomplete ({exc}); rerun ensemble fit-experts to refit the "
+            f"neighborhoods and experts together"
+        ) from None
     return index

@@ -24,5 +24,15 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
     y = exp.manifest["label"].to_numpy()
     tr, va, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
     data = StageData(exp.images, tr, y[tr], va, y[va], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
-    return train_network("flat", "classify", cfg, data, exp.run / "flat", exp.run, exp.rt, resume,
-                         {"val": (va, y[va]), "test": (te, y[te])}, log=log)
+    return train_network(
+        "flat",
+        "classify",
+        cfg,
+        data,
+        exp.run / "flat",
+        exp.run,
+        exp.rt,
+        resume,
+        {"val": (va, y[va]), "test": (te, y[te])},
+        log=log,
+    )

@@ -34,8 +34,18 @@ def membership(counts: np.ndarray, min_share: float, min_count: int) -> list[lis
 class VANeighborhoods(BaseEstimator):
     """Cluster (valence, arousal) points into neighborhoods and name their member classes."""
 
-    def __init__(self, method: str = "kmeans", k: int = 0, k_min: int = 2, k_max: int = 6, min_share: float = 0.15,
-                 min_count: int = 20, max_fit_samples: int = 20000, n_classes: int = 8, random_state: int = 0):
+    def __init__(
+        self,
+        method: str = "kmeans",
+        k: int = 0,
+        k_min: int = 2,
+        k_max: int = 6,
+        min_share: float = 0.15,
+        min_count: int = 20,
+        max_fit_samples: int = 20000,
+        n_classes: int = 8,
+        random_state: int = 0,
+    ):
         self.method = method
         self.k = k
         self.k_min = k_min
@@ -50,8 +60,9 @@ class VANeighborhoods(BaseEstimator):
         if self.method == "kmeans":
             return KMeans(n_clusters=k, n_init=10, random_state=self.random_state)
         if self.method == "gmm":
-            return GaussianMixture(n_components=k, covariance_type="full", reg_covar=1e-3, n_init=3,
-                                   random_state=self.random_state)
+            return GaussianMixture(
+                n_components=k, covariance_type="full", reg_covar=1e-3, n_init=3, random_state=self.random_state
+            )
         if self.method == "agglomerative":
             return AgglomerativeClustering(n_clusters=k, linkage="ward")
         raise UserError(f"neighborhoods.method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -123,13 +134,22 @@ class VANeighborhoods(BaseEstimator):
     def save_arrays(self, path) -> None:
         """Everything ``predict``, ``predict_proba`` and ``describe`` need, as a .npz of plain arrays."""
         check_is_fitted(self, "centers_")
-        arrays = {"params": np.array([repr(self.get_params())]), "k_": np.array(self.k_), "centers_": self.centers_,
-                  "counts_": self.counts_, "scores_k": np.array(list(self.scores_), dtype=np.int64),
-                  "scores_v": np.array(list(self.scores_.values()), dtype=np.float64)}
+        arrays = {
+            "params": np.array([repr(self.get_params())]),
+            "k_": np.array(self.k_),
+            "centers_": self.centers_,
+            "counts_": self.counts_,
+            "scores_k": np.array(list(self.scores_), dtype=np.int64),
+            "scores_v": np.array(list(self.scores_.values()), dtype=np.float64),
+        }
         if self.method == "gmm":
             g = self.estimator_
-            arrays.update(gmm_weights=g.weights_, gmm_means=g.means_, gmm_covariances=g.covariances_,
-                          gmm_precisions_cholesky=g.precisions_cholesky_)
+            arrays.update(
+                gmm_weights=g.weights_,
+                gmm_means=g.means_,
+                gmm_covariances=g.covariances_,
+                gmm_precisions_cholesky=g.precisions_cholesky_,
+            )
         with open(path, "wb") as f:
             np.savez(f, **arrays)
 
@@ -165,13 +185,22 @@ class VANeighborhoods(BaseEstimator):
     def describe(self, class_names) -> dict:
         check_is_fitted(self, "centers_")
         return {
-            "method": self.method, "k": int(self.k_), "k_scores": {str(k): v for k, v in self.scores_.items()},
-            "min_share": self.min_share, "min_count": self.min_count,
-            "neighborhoods": [{
-                "id": r, "center": {"valence": float(self.centers_[r, 0]), "arousal": float(self.centers_[r, 1])},
-                "classes": [class_names[c] for c in self.members_[r]],
-                "counts": {class_names[c]: int(self.counts_[r, c]) for c in range(self.n_classes) if self.counts_[r, c]},
-            } for r in range(self.k_)],
+            "method": self.method,
+            "k": int(self.k_),
+            "k_scores": {str(k): v for k, v in self.scores_.items()},
+            "min_share": self.min_share,
+            "min_count": self.min_count,
+            "neighborhoods": [
+                {
+                    "id": r,
+                    "center": {"valence": float(self.centers_[r, 0]), "arousal": float(self.centers_[r, 1])},
+                    "classes": [class_names[c] for c in self.members_[r]],
+                    "counts": {
+                        class_names[c]: int(self.counts_[r, c]) for c in range(self.n_classes) if self.counts_[r, c]
+                    },
+                }
+                for r in range(self.k_)
+            ],
         }
 
 
@@ -190,16 +219,22 @@ def plot_va_map(va: np.ndarray, labels: np.ndarray, nbh: VANeighborhoods, class_
     ax.scatter(va[show, 0] + jit[:, 0], va[show, 1] + jit[:, 1], c=region[show], cmap="tab10", s=4, alpha=0.4)
     for r, c in enumerate(nbh.centers_):
         ax.scatter(*c, marker="X", s=150, c="black")
-        ax.annotate(f"N{r}: " + ",".join(class_names[i] for i in nbh.members_[r]), c, fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            f"N{r}: " + ",".join(class_names[i] for i in nbh.members_[r]),
+            c,
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     for ci, name in enumerate(class_names):
         sel = labels == ci
         if sel.any():
             m = va[sel].mean(axis=0)
             ax.scatter(*m, marker="o", s=40, facecolors="none", edgecolors="red")
             ax.annotate(name, m, fontsize=7, color="red", xytext=(-10, -10), textcoords="offset points")
-    ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel="valence", ylabel="arousal",
-           title=f"{nbh.method}, k={nbh.k_}")
+    ax.set(
+        xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel="valence", ylabel="arousal", title=f"{nbh.method}, k={nbh.k_}"
+    )
     ax.axhline(0, lw=0.5, c="gray")
     ax.axvline(0, lw=0.5, c="gray")
     fig.tight_layout()

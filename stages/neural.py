@@ -27,13 +27,17 @@ from .backbones import EmotionNet, build_model, check_input_size, normalization,
 def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
     folder = run / stage
     if not (folder / "meta.json").is_file():
-        raise UserError(f"this stage builds on the {stage} model's trunk (model.trunk_from = \"{stage}\") and "
-                        f"{folder} has none: run ensemble fit-{stage} first, or set model.trunk_from = \"\"")
+        raise UserError(
+            f'this stage builds on the {stage} model\'s trunk (model.trunk_from = "{stage}") and '
+            f'{folder} has none: run ensemble fit-{stage} first, or set model.trunk_from = ""'
+        )
     meta = read_meta(folder, f"stage {stage!r} (model.trunk_from)")
     state = load_weights(folder)
     if meta.get("trunk_from"):
-        raise UserError(f"model.trunk_from = {stage!r}, but {stage} itself borrows its trunk; name a stage that owns one")
-    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+        raise UserError(
+            f"model.trunk_from = {stage!r}, but {stage} itself borrows its trunk; name a stage that owns one"
+        )
+    trunk = {k[len("trunk.") :]: v for k, v in state.items() if k.startswith("trunk.")}
     return trunk, meta
 
 
@@ -51,9 +55,20 @@ def build_stage_net(cfg, n_out: int, run: Path) -> tuple[EmotionNet, dict]:
     return net, src_meta
 
 
-def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Path, rt, resume: bool,
-                  eval_sets: dict, extra_meta: dict | None = None, log=print,
-                  fingerprint_extra: dict | None = None) -> dict:
+def train_network(
+    name: str,
+    task: str,
+    cfg,
+    data: StageData,
+    out: Path,
+    run: Path,
+    rt,
+    resume: bool,
+    eval_sets: dict,
+    extra_meta: dict | None = None,
+    log=print,
+    fingerprint_extra: dict | None = None,
+) -> dict:
     """Fit a stage, evaluate the best epoch on ``eval_sets`` ({split: (idx, y)}), publish ``out``.
 
     Returns the metrics written to ``metrics.json``.
@@ -61,15 +76,19 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
     n_out = len(data.class_names) if task == "classify" else 2
     torch.manual_seed(cfg.train.seed)  # the initial weights come from train.seed, not from what ran before
     if cfg.model.trunk_from == name:
-        raise UserError(f"{name} cannot build on its own trunk (model.trunk_from = {name!r}); set "
-                        f"{name}.model.trunk_from = \"\" or put trunk_from in the [stage1.model] / [experts.model] tables")
+        raise UserError(
+            f"{name} cannot build on its own trunk (model.trunk_from = {name!r}); set "
+            f'{name}.model.trunk_from = "" or put trunk_from in the [stage1.model] / [experts.model] tables'
+        )
     net, src_meta = build_stage_net(cfg, n_out, run)
     check_input_size(net, cfg.data.image_size, src_meta.get("backbone", cfg.model.backbone))
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
         if src_meta["input_size"] != cfg.data.image_size:
-            raise UserError(f"{name}: data.image_size {cfg.data.image_size} differs from trunk stage "
-                            f"{cfg.model.trunk_from} ({src_meta['input_size']})")
+            raise UserError(
+                f"{name}: data.image_size {cfg.data.image_size} differs from trunk stage "
+                f"{cfg.model.trunk_from} ({src_meta['input_size']})"
+            )
         mean, std = tuple(src_meta["mean"]), tuple(src_meta["std"])
     else:
         mean, std = normalization(backbone)
@@ -82,13 +101,16 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
         if done.get("fingerprint") == fingerprint and done.get("classes") == classes:
             log(f"{name}: already trained with these settings and data, kept ({out})")
             return json.loads((out / "metrics.json").read_text())
-        raise UserError(f"{out} holds a finished {name} trained with other settings or data; "
-                        f"run the command without --resume to retrain it")
+        raise UserError(
+            f"{out} holds a finished {name} trained with other settings or data; "
+            f"run the command without --resume to retrain it"
+        )
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    result: FitResult = fit(net, task, data, cfg, mean, std, rt, work, resume=resume, desc=name, log=log,
-                            fingerprint_extra=extra)
+    result: FitResult = fit(
+        net, task, data, cfg, mean, std, rt, work, resume=resume, desc=name, log=log, fingerprint_extra=extra
+    )
     metrics = {"best_epoch": result.best_epoch, "skipped_unreadable": result.n_skipped}
     if rt.is_main:
         for split, (idx, y) in eval_sets.items():
@@ -103,14 +125,25 @@ def train_network(name: str, task: str, cfg, data: StageData, out: Path, run: Pa
         writer.json("metrics.json", metrics)
         writer.copy(work / "history.csv")
         meta = {
-            "stage": name, "task": task,
-            "classes": classes, "fingerprint": fingerprint,
-            "input_size": cfg.data.image_size, "mean": list(mean), "std": list(std),
-            "backbone": backbone, "head": cfg.model.head, "hidden": cfg.model.hidden, "dropout": cfg.model.dropout,
+            "stage": name,
+            "task": task,
+            "classes": classes,
+            "fingerprint": fingerprint,
+            "input_size": cfg.data.image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "backbone": backbone,
+            "head": cfg.model.head,
+            "hidden": cfg.model.hidden,
+            "dropout": cfg.model.dropout,
             "trainable": "head" if cfg.model.trunk_from else cfg.model.trainable,
-            "pretrained": cfg.model.pretrained, "trunk_from": cfg.model.trunk_from,
-            "trunk_sha256": state_digest(net.trunk), "n_blocks": len(net.trunk),
-            "seed": cfg.train.seed, "best_epoch": result.best_epoch, "n_train": int(len(data.train_idx)),
+            "pretrained": cfg.model.pretrained,
+            "trunk_from": cfg.model.trunk_from,
+            "trunk_sha256": state_digest(net.trunk),
+            "n_blocks": len(net.trunk),
+            "seed": cfg.train.seed,
+            "best_epoch": result.best_epoch,
+            "n_train": int(len(data.train_idx)),
             **(extra_meta or {}),
         }
         writer.publish(meta)
@@ -147,8 +180,14 @@ def load_network(folder: Path, run: Path | None = None, sources: dict | None = N
         state = {**trunk_state, **state}
     from ensemble.config import ModelConfig
 
-    mc = ModelConfig(backbone=meta["backbone"], pretrained="none", head=meta["head"], hidden=meta["hidden"],
-                     dropout=meta["dropout"], trainable="all")
+    mc = ModelConfig(
+        backbone=meta["backbone"],
+        pretrained="none",
+        head=meta["head"],
+        hidden=meta["hidden"],
+        dropout=meta["dropout"],
+        trainable="all",
+    )
     net = build_model(mc, len(meta["classes"]))
     try:
         net.load_state_dict(state, strict=True)

@@ -20,5 +20,15 @@ def fit_stage1(exp, resume: bool = False, log=print) -> dict:
     y = va_targets(exp.manifest)
     tr, va, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
     data = StageData(exp.images, tr, y[tr], va, y[va])
-    return train_network("stage1", "regress", cfg, data, exp.run / "stage1", exp.run, exp.rt, resume,
-                         {"val": (va, y[va]), "test": (te, y[te])}, log=log)
+    return train_network(
+        "stage1",
+        "regress",
+        cfg,
+        data,
+        exp.run / "stage1",
+        exp.run,
+        exp.rt,
+        resume,
+        {"val": (va, y[va]), "test": (te, y[te])},
+        log=log,
+    )

@@ -98,17 +98,20 @@ def folder_tree(tmp_path):
 @pytest.fixture
 def synthetic_cfg(tmp_path):
     """A CPU-sized synthetic-data config: 240 faces at 32 px, tinyvgg, one epoch."""
-    return load_config(None, [
-        "data.format=synthetic",
-        "data.n_synthetic=240",
-        "data.synthetic_size=32",
-        "data.image_size=32",
-        f"data.cache_dir={str(tmp_path / 'cache')!r}",
-        "model.backbone=tinyvgg",
-        "train.epochs=1",
-        "train.batch_size=32",
-        "train.device=cpu",
-    ])
+    return load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.n_synthetic=240",
+            "data.synthetic_size=32",
+            "data.image_size=32",
+            f"data.cache_dir={str(tmp_path / 'cache')!r}",
+            "model.backbone=tinyvgg",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ def _block_flags(net):
 
 # --------------------------------------------------------------------------- blocks
 
+
 def test_tinyvgg_has_four_blocks_named_block1_to_block4(trunks):
     trunk, channels, classifier = trunks("tinyvgg")
     assert len(trunk) == 4
@@ -87,6 +88,7 @@ def test_vgg16_bn_blocks_end_with_max_pooling(trunks):
 
 # --------------------------------------------------------------------------- freezing
 
+
 @pytest.mark.parametrize("name", ["tinyvgg", "vgg16_bn", "resnet18", "mobilenet_v2"])
 @pytest.mark.parametrize("trainable", ["head", "block5", "block4", "block3", "all"])
 def test_freeze_leaves_exactly_the_intended_blocks_trainable(trunks, name, trainable):
@@ -105,7 +107,8 @@ def test_freeze_leaves_exactly_the_intended_blocks_trainable(trunks, name, train
     assert all(p.requires_grad for p in net.head.parameters())
     n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     want = sum(p.numel() for p in net.head.parameters()) + sum(
-        p.numel() for i, b in enumerate(net.trunk) if i >= first_trainable for p in b.parameters())
+        p.numel() for i, b in enumerate(net.trunk) if i >= first_trainable for p in b.parameters()
+    )
     assert n_trainable == want
 
 
@@ -165,6 +168,7 @@ def test_build_model_applies_trainable_and_trunk_from():
 
 # --------------------------------------------------------------------------- heads
 
+
 def test_slim_head_output_shape(trunks):
     trunk, channels, _ = trunks("tinyvgg")
     head = build_head("slim", channels, 8, 32, 0.5)
@@ -205,6 +209,7 @@ def test_unknown_head_and_backbone():
 
 
 # --------------------------------------------------------------------------- pretrained weights
+
 
 def _tensors(state_or_module):
     state = state_or_module.state_dict() if isinstance(state_or_module, nn.Module) else state_or_module
@@ -284,7 +289,9 @@ def test_imagenet_offline_without_file_names_the_file(offline):
     assert calls, "the download should have been attempted (and refused)"
 
 
-@pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason=f"ImageNet MobileNetV2 weights not present at {SHARED_MOBILENET}")
+@pytest.mark.skipif(
+    not SHARED_MOBILENET.is_file(), reason=f"ImageNet MobileNetV2 weights not present at {SHARED_MOBILENET}"
+)
 def test_shared_imagenet_file_loads_as_a_state_dict_path(offline):
     _, calls = offline
     trunk, _, _ = build_trunk("mobilenet_v2", str(SHARED_MOBILENET))
@@ -295,7 +302,9 @@ def test_shared_imagenet_file_loads_as_a_state_dict_path(offline):
     assert not calls
 
 
-@pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason=f"ImageNet MobileNetV2 weights not present at {SHARED_MOBILENET}")
+@pytest.mark.skipif(
+    not SHARED_MOBILENET.is_file(), reason=f"ImageNet MobileNetV2 weights not present at {SHARED_MOBILENET}"
+)
 def test_imagenet_offline_with_file_in_torch_home(offline):
     home, calls = offline
     ckpt = home / "hub" / "checkpoints"

@@ -57,8 +57,9 @@ def _tree(root: Path) -> Path:
 
 def test_data_summary_json(tmp_path, capsys):
     root = _tree(tmp_path / "faces")
-    code = run_main(["data", "summary", "--format", "folder", "--root", str(root), "--json",
-                     "--set", "data.val_fraction=0"])
+    code = run_main(
+        ["data", "summary", "--format", "folder", "--root", str(root), "--json", "--set", "data.val_fraction=0"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
@@ -89,8 +90,20 @@ def test_data_summary_table(tmp_path, capsys):
 
 def test_data_summary_no_verify(tmp_path, capsys):
     root = _tree(tmp_path / "faces")
-    code = run_main(["data", "summary", "--format", "folder", "--root", str(root), "--json", "--no-verify",
-                     "--set", "data.val_fraction=0"])
+    code = run_main(
+        [
+            "data",
+            "summary",
+            "--format",
+            "folder",
+            "--root",
+            str(root),
+            "--json",
+            "--no-verify",
+            "--set",
+            "data.val_fraction=0",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0
     assert result["splits"]["train"]["counts"]["anger"] == 3  # broken files not opened
@@ -147,8 +160,9 @@ def test_usage_error_exit_code(capsys):
 
 
 def test_python_m_ensemble_help():
-    proc = subprocess.run([sys.executable, "-m", "ensemble", "--help"], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ensemble", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     for name in COMMANDS:
         assert name in proc.stdout
@@ -158,8 +172,9 @@ def test_python_m_ensemble_help():
 def test_data_summary_drops_per_split_and_names_each_unreadable_file(tmp_path, capsys):
     root = _tree(tmp_path / "faces")
     write_broken_files(root / "test" / "sad")
-    code = run_main(["data", "summary", "--format", "folder", "--root", str(root), "--json",
-                     "--set", "data.val_fraction=0"])
+    code = run_main(
+        ["data", "summary", "--format", "folder", "--root", str(root), "--json", "--set", "data.val_fraction=0"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)

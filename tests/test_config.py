@@ -54,15 +54,18 @@ def test_toml_file_lists_only_differences(tmp_path):
 def test_set_overrides_each_type(tmp_path):
     p = tmp_path / "exp.toml"
     p.write_text("[train]\nepochs = 3\n")
-    cfg = load_config(p, [
-        "train.epochs=5",  # --set wins over the file
-        "train.lr=0.01",
-        "train.augment=false",
-        "model.backbone=resnet18",  # a bare word is a string
-        'data.root="my faces/set 1"',  # a quoted TOML string
-        "experts.model.trunk_from=flat",  # nested override table
-        "data.prototypes={happy = [0.9, 0.4]}",
-    ])
+    cfg = load_config(
+        p,
+        [
+            "train.epochs=5",  # --set wins over the file
+            "train.lr=0.01",
+            "train.augment=false",
+            "model.backbone=resnet18",  # a bare word is a string
+            'data.root="my faces/set 1"',  # a quoted TOML string
+            "experts.model.trunk_from=flat",  # nested override table
+            "data.prototypes={happy = [0.9, 0.4]}",
+        ],
+    )
     assert cfg.train.epochs == 5 and type(cfg.train.epochs) is int
     assert cfg.train.lr == 0.01
     assert cfg.train.augment is False
@@ -73,13 +76,16 @@ def test_set_overrides_each_type(tmp_path):
     assert cfg.data.prototypes == {"happy": [0.9, 0.4]}
 
 
-@pytest.mark.parametrize("item, key", [
-    ("nosuch.key=1", "nosuch"),
-    ("data.formt=folder", "data.formt"),
-    ("train.epoch=1", "train.epoch"),
-    ("experts.model.trunkfrom=flat", "experts.model.trunkfrom"),
-    ("stage1.train.lrr=0.1", "stage1.train.lrr"),
-])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("nosuch.key=1", "nosuch"),
+        ("data.formt=folder", "data.formt"),
+        ("train.epoch=1", "train.epoch"),
+        ("experts.model.trunkfrom=flat", "experts.model.trunkfrom"),
+        ("stage1.train.lrr=0.1", "stage1.train.lrr"),
+    ],
+)
 def test_unknown_key_names_it(item, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(None, [item])
@@ -95,16 +101,19 @@ def test_unknown_key_in_file_names_it(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("item, key", [
-    ('train.epochs="ten"', "train.epochs"),
-    ("train.epochs=1.5", "train.epochs"),
-    ("train.epochs=true", "train.epochs"),  # a bool is not an int
-    ("train.augment=1", "train.augment"),  # an int is not a bool
-    ("train.lr=true", "train.lr"),
-    ("data.prototypes=3", "data.prototypes"),
-    ('experts.train.epochs="x"', "experts.train.epochs"),
-    ("experts.model=3", "experts.model"),
-])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ('train.epochs="ten"', "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),  # a bool is not an int
+        ("train.augment=1", "train.augment"),  # an int is not a bool
+        ("train.lr=true", "train.lr"),
+        ("data.prototypes=3", "data.prototypes"),
+        ('experts.train.epochs="x"', "experts.train.epochs"),
+        ("experts.model=3", "experts.model"),
+    ],
+)
 def test_wrong_type_names_key(item, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(None, [item])
@@ -160,12 +169,19 @@ def test_set_into_a_value_is_an_error():
 
 
 def test_for_stage_applies_overrides():
-    cfg = load_config(None, [
-        "train.epochs=4", "train.batch_size=16", "model.hidden=32",
-        "experts.train.epochs=7", "experts.train.lr=1", "experts.model.trunk_from=flat",
-        "experts.balance.mode=up",
-        "stage1.train.loss=mse+ccc",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=4",
+            "train.batch_size=16",
+            "model.hidden=32",
+            "experts.train.epochs=7",
+            "experts.train.lr=1",
+            "experts.model.trunk_from=flat",
+            "experts.balance.mode=up",
+            "stage1.train.loss=mse+ccc",
+        ],
+    )
     ex = cfg.for_stage("experts")
     assert ex.train.epochs == 7
     assert ex.train.lr == 1.0 and isinstance(ex.train.lr, float)
@@ -232,25 +248,28 @@ def test_demo_toml_matches_package_copy():
     assert cfg.for_stage("experts").train.epochs == 10
 
 
-@pytest.mark.parametrize("item, key, says", [
-    ("train.device=tpu", "train.device", "cuda:N"),
-    ("data.image_size=0", "data.image_size", ">= 8"),
-    ("train.batch_size=0", "train.batch_size", ">= 1"),
-    ("train.lr=-1", "train.lr", "> 0"),
-    ("train.epochs=0", "train.epochs", ">= 1"),
-    ("model.dropout=2.0", "model.dropout", "< 1"),
-    ("train.schedule=linear", "train.schedule", "'cosine'"),
-    ("data.cache=bogus", "data.cache", "'disk'"),
-    ("data.max_samples=-5", "data.max_samples", ">= 0"),
-    ("balance.cap=0", "balance.cap", ">= 1"),
-    ("router.mode=oracle", "router.mode", "'soft'"),
-    ("experts.train_on=all", "experts.train_on", "'routed'"),
-    ("neighborhoods.method=dbscan", "neighborhoods.method", "'gmm'"),
-    ("experts.train.lr=0", "experts.train.lr", "> 0"),
-    ("balance.class_weights={contemp=3.0}", "balance.class_weights", "unknown class 'contemp'"),
-    ("balance.class_weights.contempt=-1", "balance.class_weights", ">= 0"),
-    ("data.prototypes.contempt=[-0.5]", "data.prototypes", "[valence, arousal]"),
-])
+@pytest.mark.parametrize(
+    "item, key, says",
+    [
+        ("train.device=tpu", "train.device", "cuda:N"),
+        ("data.image_size=0", "data.image_size", ">= 8"),
+        ("train.batch_size=0", "train.batch_size", ">= 1"),
+        ("train.lr=-1", "train.lr", "> 0"),
+        ("train.epochs=0", "train.epochs", ">= 1"),
+        ("model.dropout=2.0", "model.dropout", "< 1"),
+        ("train.schedule=linear", "train.schedule", "'cosine'"),
+        ("data.cache=bogus", "data.cache", "'disk'"),
+        ("data.max_samples=-5", "data.max_samples", ">= 0"),
+        ("balance.cap=0", "balance.cap", ">= 1"),
+        ("router.mode=oracle", "router.mode", "'soft'"),
+        ("experts.train_on=all", "experts.train_on", "'routed'"),
+        ("neighborhoods.method=dbscan", "neighborhoods.method", "'gmm'"),
+        ("experts.train.lr=0", "experts.train.lr", "> 0"),
+        ("balance.class_weights={contemp=3.0}", "balance.class_weights", "unknown class 'contemp'"),
+        ("balance.class_weights.contempt=-1", "balance.class_weights", ">= 0"),
+        ("data.prototypes.contempt=[-0.5]", "data.prototypes", "[valence, arousal]"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_key(item, key, says):
     with pytest.raises(UserError) as exc:
         load_config(None, [item])
@@ -259,8 +278,10 @@ def test_bad_values_are_refused_naming_the_key(item, key, says):
 
 
 def test_set_into_a_table_by_dotted_key():
-    cfg = load_config(None, ["balance.class_weights.contempt=8", "balance.class_weights.angry=2.5",
-                             "data.prototypes.contempt=[-0.5, 0.3]"])
+    cfg = load_config(
+        None,
+        ["balance.class_weights.contempt=8", "balance.class_weights.angry=2.5", "data.prototypes.contempt=[-0.5, 0.3]"],
+    )
     assert cfg.balance.class_weights == {"contempt": 8, "angry": 2.5}
     assert cfg.data.prototypes == {"contempt": [-0.5, 0.3]}
     json.dumps(cfg.to_dict())  # the resolved config is written next to every output

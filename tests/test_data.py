@@ -41,8 +41,9 @@ def counts(df, split=None) -> dict:
 
 # --------------------------------------------------------------------------- AffectNet (official CSVs)
 
-AFFECTNET_HEADER = ("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,"
-                    "expression,valence,arousal")
+AFFECTNET_HEADER = (
+    "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal"
+)
 RED_BOX = (10, 5, 20, 16)  # x, y, w, h of the coloured face region in 1/h0.jpg
 BOX_RGB = (200, 30, 60)
 
@@ -59,7 +60,7 @@ def build_affectnet(root: Path, columns: str = AFFECTNET_HEADER) -> Path:
     arr = np.zeros((30, 40, 3), np.uint8)
     arr[:] = (0, 0, 255)
     x, y, w, h = RED_BOX
-    arr[y:y + h, x:x + w] = BOX_RGB
+    arr[y : y + h, x : x + w] = BOX_RGB
     (images / "1").mkdir(parents=True)
     Image.fromarray(arr).save(images / "1" / "h0.jpg", quality=95, subsampling=0)
     train.append(_affectnet_line("1/h0.jpg", 1, 0.5, 0.25, RED_BOX))
@@ -142,7 +143,8 @@ def test_affectnet_landmarks_column_optional(tmp_path):
     write_image(root / "Manually_Annotated_Images" / "1" / "a.jpg")
     (root / "training.csv").write_text(
         "subDirectory_filePath,face_x,face_y,face_width,face_height,expression,valence,arousal\n"
-        "1/a.jpg,0,0,16,16,7,-0.4,0.2\n")
+        "1/a.jpg,0,0,16,16,7,-0.4,0.2\n"
+    )
     df = load_dataset(dcfg("affectnet", root, val_fraction=0)).manifest
     assert df["label"].tolist() == [C["contempt"]] and df["split"].tolist() == ["train"]
 
@@ -154,6 +156,7 @@ def test_affectnet_no_csv(tmp_path):
 
 
 # --------------------------------------------------------------------------- AffectNet (folder layout)
+
 
 def _ann(folder: Path, stem: str, exp=None, val=None, aro=None, as_str=False):
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,8 +238,12 @@ def test_ferplus(tmp_path):
     r0 = by.loc["fer0000000.png"]
     assert Path(r0["path"]) == root / "FER2013Train" / "fer0000000.png"
     assert r0["label"] == C["neutral"]
-    expect = dict.fromkeys(VOTE_COLUMNS, 0.0) | {"vote_neutral": 0.6, "vote_happy": 0.2,
-                                                   "vote_surprise": 0.1, "vote_sad": 0.1}
+    expect = dict.fromkeys(VOTE_COLUMNS, 0.0) | {
+        "vote_neutral": 0.6,
+        "vote_happy": 0.2,
+        "vote_surprise": 0.1,
+        "vote_sad": 0.1,
+    }
     assert r0[VOTE_COLUMNS].astype(float).to_dict() == pytest.approx(expect)
     # derived V/A = votes @ prototypes: .2*(.8,.35) + .1*(.25,.8) + .1*(-.7,-.35)
     assert (r0["valence"], r0["arousal"]) == pytest.approx((0.115, 0.115))
@@ -259,7 +266,8 @@ def test_ferplus_malformed_rows_counted(tmp_path):
     (root / "FER2013Test" / "label.csv").write_text(
         'f0.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0\n'
         'f1.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0,7\n'  # one field too many
-        'f2.png,"(0, 0, 48, 48)",1,1,1,1,1,1,1,8,0,0\n')
+        'f2.png,"(0, 0, 48, 48)",1,1,1,1,1,1,1,8,0,0\n'
+    )
     ds = load_dataset(dcfg("ferplus", root))
     assert ds.manifest["split"].tolist() == ["test", "test"]
     assert counts(ds.manifest) == {"neutral": 1, "contempt": 1}
@@ -289,8 +297,10 @@ def test_ferplus_no_split(tmp_path):
         load_dataset(dcfg("ferplus", tmp_path / "empty"))
 
 
-@pytest.mark.skipif(not (SHARED_FERPLUS / "FER2013Valid" / "label.csv").is_file(),
-                    reason=f"the FER+ data set is not at {SHARED_FERPLUS}")
+@pytest.mark.skipif(
+    not (SHARED_FERPLUS / "FER2013Valid" / "label.csv").is_file(),
+    reason=f"the FER+ data set is not at {SHARED_FERPLUS}",
+)
 def test_real_ferplus_valid_counts(tmp_path):
     root = tmp_path / "ferplus"
     root.mkdir()
@@ -299,12 +309,21 @@ def test_real_ferplus_valid_counts(tmp_path):
     ds = load_dataset(cfg.data)
     df = ds.manifest[ds.manifest["split"] == "val"]
     assert len(df) == len(ds.manifest)
-    assert counts(df) == {"neutral": 1241, "happy": 877, "surprise": 441, "sad": 396,
-                          "anger": 314, "fear": 70, "disgust": 31, "contempt": 26}
+    assert counts(df) == {
+        "neutral": 1241,
+        "happy": 877,
+        "surprise": 441,
+        "sad": 396,
+        "anger": 314,
+        "fear": 70,
+        "disgust": 31,
+        "contempt": 26,
+    }
     assert sum(ds.dropped.values()) == 183
 
 
 # --------------------------------------------------------------------------- folder
+
 
 def test_folder_flat_layout(folder_tree):
     ds = load_dataset(dcfg("folder", folder_tree, val_fraction=0))
@@ -350,6 +369,7 @@ def test_folder_empty(tmp_path):
 
 # --------------------------------------------------------------------------- csv
 
+
 def test_csv_manifest(tmp_path):
     root = tmp_path / "set"
     for n in "abcdefghi":
@@ -365,12 +385,15 @@ def test_csv_manifest(tmp_path):
         "imgs/f.png,sad,abc,0.1,train\n"
         "imgs/g.png,sad,1.5,0,train\n"
         "imgs/h.png,fear,0,0,holdout\n"
-        f"{absolute},neutral,0.1,-0.1,train\n")
+        f"{absolute},neutral,0.1,-0.1,train\n"
+    )
     ds = load_dataset(dcfg("csv", root / "labels.csv"))
     df = ds.manifest
-    assert dict(ds.dropped) == {"label outside the classes": 1,
-                                "valence/arousal not a number in [-1, 1]": 3,
-                                "unknown split": 1}
+    assert dict(ds.dropped) == {
+        "label outside the classes": 1,
+        "valence/arousal not a number in [-1, 1]": 3,
+        "unknown split": 1,
+    }
     assert counts(df, "train") == {"happy": 1, "neutral": 1}
     assert counts(df, "val") == {"anger": 1}
     assert counts(df, "test") == {"surprise": 1}
@@ -401,6 +424,7 @@ def test_csv_needs_path_and_label(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 def test_missing_image_file_counted(tmp_path):
     write_image(tmp_path / "ok.png")
@@ -461,6 +485,7 @@ def test_max_samples_stratified(tmp_path):
 
 
 # --------------------------------------------------------------------------- images
+
 
 def _check_good(arr, size=16):
     assert isinstance(arr, np.ndarray)
@@ -594,6 +619,7 @@ def test_image_decompression_bomb(tmp_path, side):
 
 # --------------------------------------------------------------------------- synthetic
 
+
 def test_synthetic_deterministic(tmp_path):
     a = synthetic_dataset(tmp_path / "a", n=96, size=16, seed=3)
     b = synthetic_dataset(tmp_path / "b", n=96, size=16, seed=3)
@@ -621,8 +647,16 @@ def test_synthetic_balance_and_va(synthetic_cfg):
     # n = 240: 3 test faces per class, the rest shared like AffectNet (see synthetic.CLASS_SHARES)
     assert counts(df, "test") == dict.fromkeys(CLASSES, 3)
     train = counts(df, "train")
-    assert train == {"neutral": 44, "happy": 63, "sad": 18, "surprise": 16, "fear": 12,
-                     "disgust": 10, "anger": 20, "contempt": 7}
+    assert train == {
+        "neutral": 44,
+        "happy": 63,
+        "sad": 18,
+        "surprise": 16,
+        "fear": 12,
+        "disgust": 10,
+        "anger": 20,
+        "contempt": 7,
+    }
     assert train["happy"] > 5 * train["contempt"]
     assert counts(df, "val")["happy"] == 9
     assert len(df) == 240 and sum(ds.dropped.values()) == 0

@@ -12,12 +12,36 @@ pytestmark = pytest.mark.slow
 
 def test_fit_flat_under_torchrun(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ensemble", "fit-flat", "--out", str(run),
-           "--set", "data.format=synthetic", "--set", "data.n_synthetic=240", "--set", "data.synthetic_size=32",
-           "--set", "data.image_size=32", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-           "--set", "model.backbone=tinyvgg", "--set", "train.epochs=1", "--set", "train.batch_size=32",
-           "--set", "train.device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ensemble",
+        "fit-flat",
+        "--out",
+        str(run),
+        "--set",
+        "data.format=synthetic",
+        "--set",
+        "data.n_synthetic=240",
+        "--set",
+        "data.synthetic_size=32",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "model.backbone=tinyvgg",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        "train.device=cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr

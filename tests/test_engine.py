@@ -27,6 +27,7 @@ def _bal(**kw):
 
 # --------------------------------------------------------------------------- epoch plans
 
+
 def test_plan_none_is_every_face_once():
     plan, copy = epoch_plan(LABELS, _bal(mode="none"), seed=0, epoch=0)
     assert plan.tolist() == list(range(15))
@@ -83,6 +84,7 @@ def test_plan_unknown_mode():
 
 # --------------------------------------------------------------------------- class weights
 
+
 def test_weights_none():
     assert class_weights(np.array([10, 4, 1]), _bal(weights="none"), ["a", "b", "c"]) is None
 
@@ -119,6 +121,7 @@ def test_weights_unknown_mode():
 
 
 # --------------------------------------------------------------------------- metrics
+
 
 def test_classification_metrics_by_hand():
     y_true = [0, 0, 0, 1, 1, 2]
@@ -183,6 +186,7 @@ def test_ccc_loss_matches_metric():
 
 # --------------------------------------------------------------------------- augmentation
 
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -196,8 +200,9 @@ def test_augment_off_without_copies_is_identity():
 
 def test_augment_keeps_shape_and_changes_images():
     x = torch.rand(6, 3, 20, 20, generator=_gen(1))
-    out = augment(x, torch.zeros(6, dtype=torch.bool), TrainConfig(augment=True, crop_scale=0.2), BalanceConfig(),
-                  _gen())
+    out = augment(
+        x, torch.zeros(6, dtype=torch.bool), TrainConfig(augment=True, crop_scale=0.2), BalanceConfig(), _gen()
+    )
     assert out.shape == x.shape and out.dtype == x.dtype
     assert not torch.allclose(out, x, atol=1e-3)
     assert out.min() >= 0 and out.max() <= 1  # reflection padding stays within the input's range
@@ -221,9 +226,18 @@ def test_augment_is_seeded():
 
 # --------------------------------------------------------------------------- fit on synthetic faces
 
-BASE = ["data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", "data.image_size=32",
-        "model.backbone=tinyvgg", "model.hidden=32", "train.epochs=1", "train.batch_size=32", "train.device=cpu",
-        "train.precision=fp32"]
+BASE = [
+    "data.format=synthetic",
+    "data.n_synthetic=240",
+    "data.synthetic_size=32",
+    "data.image_size=32",
+    "model.backbone=tinyvgg",
+    "model.hidden=32",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.device=cpu",
+    "train.precision=fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -400,14 +414,23 @@ def test_feature_cache_off_trains_through_images(synth, tmp_path):
 
 def test_regression_fit_with_ccc_loss(synth, tmp_path):
     make_cfg, exp = synth
-    cfg = make_cfg("train.loss=\"mse+ccc\"")
+    cfg = make_cfg('train.loss="mse+ccc"')
     va = exp.manifest[["valence", "arousal"]].to_numpy(np.float32)
     tr, vi = exp.idx("train"), exp.idx("val")
     torch.manual_seed(0)
     net = build_model(cfg.model, 2)
     mean, std = normalization("tinyvgg")
-    res = fit(net, "regress", StageData(exp.images, tr, va[tr], vi, va[vi]), cfg, mean, std, runtime(cfg.train),
-              tmp_path, log=lambda m: None)
+    res = fit(
+        net,
+        "regress",
+        StageData(exp.images, tr, va[tr], vi, va[vi]),
+        cfg,
+        mean,
+        std,
+        runtime(cfg.train),
+        tmp_path,
+        log=lambda m: None,
+    )
     row = res.history[0]
     assert {"val_rmse_valence", "val_ccc_arousal", "val_sagr_valence"} <= set(row)
     assert res.best_metric == pytest.approx((row["val_ccc_valence"] + row["val_ccc_arousal"]) / 2)

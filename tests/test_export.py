@@ -1,6 +1,5 @@
 """Export of the whole hierarchy (ONNX, TorchScript) and the shared trunk."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -22,13 +21,27 @@ def shared_run(request, tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp(f"export-{request.param}")
-    cfg = load_config(None, [
-        "data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", "data.image_size=32",
-        f"data.cache_dir={root / 'cache'}", "model.backbone=tinyvgg", "model.hidden=32", "train.epochs=1",
-        "train.batch_size=32", "train.device=cpu", "train.precision=fp32", "experts.min_count=5",
-        f"neighborhoods.method={request.param}", "neighborhoods.k=3",
-        "stage1.model.trunk_from=flat", "experts.model.trunk_from=flat",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.n_synthetic=240",
+            "data.synthetic_size=32",
+            "data.image_size=32",
+            f"data.cache_dir={root / 'cache'}",
+            "model.backbone=tinyvgg",
+            "model.hidden=32",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "experts.min_count=5",
+            f"neighborhoods.method={request.param}",
+            "neighborhoods.k=3",
+            "stage1.model.trunk_from=flat",
+            "experts.model.trunk_from=flat",
+        ],
+    )
     exp = open_experiment(cfg, root / "run", log=lambda m: None, progress=False)
     fit_flat(exp, log=lambda m: None)
     fit_stage1(exp, log=lambda m: None)

@@ -31,6 +31,7 @@ def _same_partition(a, b):
 
 # --------------------------------------------------------------------------- neighborhoods
 
+
 @pytest.mark.parametrize("method", ["kmeans", "gmm", "agglomerative"])
 def test_automatic_k_finds_three_blobs(method):
     va, blob = blobs()
@@ -57,8 +58,12 @@ def _split_class_data(share_a=0.6, n=100, seed=1):
     """Class 0 split share_a / (1 - share_a) between blobs 0 and 1; class 1 on blob 1; class 2 on blob 2."""
     rng = np.random.default_rng(seed)
     n_a = int(round(share_a * n))
-    pts = [CENTERS[0] + rng.normal(0, 0.05, (n_a, 2)), CENTERS[1] + rng.normal(0, 0.05, (n - n_a, 2)),
-           CENTERS[1] + rng.normal(0, 0.05, (n, 2)), CENTERS[2] + rng.normal(0, 0.05, (n, 2))]
+    pts = [
+        CENTERS[0] + rng.normal(0, 0.05, (n_a, 2)),
+        CENTERS[1] + rng.normal(0, 0.05, (n - n_a, 2)),
+        CENTERS[1] + rng.normal(0, 0.05, (n, 2)),
+        CENTERS[2] + rng.normal(0, 0.05, (n, 2)),
+    ]
     labels = np.concatenate([np.zeros(n, int), np.ones(n, int), np.full(n, 2)])
     return np.concatenate(pts), labels
 
@@ -100,9 +105,7 @@ def test_every_present_class_belongs_somewhere():
 
 
 def test_membership_table_by_hand():
-    counts = np.array([[60, 0, 1, 0],
-                       [40, 50, 2, 0],
-                       [0, 50, 3, 0]])
+    counts = np.array([[60, 0, 1, 0], [40, 50, 2, 0], [0, 50, 3, 0]])
     assert membership(counts, 0.3, 1) == [[0], [0, 1, 2], [1, 2]]
     assert membership(counts, 0.5, 1) == [[0], [1], [1, 2]]
     # min_count 45: class 0 keeps only its 60; class 2 (at most 3) falls back to its largest region
@@ -148,6 +151,7 @@ def test_describe_names_classes():
 
 
 # --------------------------------------------------------------------------- router
+
 
 @pytest.fixture(scope="module")
 def fitted():
@@ -229,8 +233,7 @@ def test_mix_rows_sum_to_one_and_respect_experts(fitted):
     e[0, 0, :3] = torch.tensor([0.2, 0.3, 0.5])
     e[1, 0, 3:5] = torch.tensor([0.6, 0.4])
     e[2, 0, 5] = 1.0
-    torch.testing.assert_close(HierarchyNet.mix(w, e)[0],
-                               torch.tensor([0.1, 0.15, 0.25, 0.15, 0.1, 0.25, 0.0, 0.0]))
+    torch.testing.assert_close(HierarchyNet.mix(w, e)[0], torch.tensor([0.1, 0.15, 0.25, 0.15, 0.1, 0.25, 0.0, 0.0]))
     # hard routing: the classes of the other experts get exactly zero
     p = HierarchyNet.mix(torch.tensor([[0.0, 1.0, 0.0]]), e)[0]
     torch.testing.assert_close(p, torch.tensor([0, 0, 0, 0.6, 0.4, 0, 0, 0]))
@@ -289,8 +292,9 @@ def test_fit_temperature_lowers_the_nll(fitted):
     def nll(t):
         post.temperature = t
         with torch.no_grad():
-            return torch.nn.functional.cross_entropy(post.logits(torch.tensor(va_pred, dtype=torch.float32)),
-                                                     torch.tensor(region, dtype=torch.long)).item()
+            return torch.nn.functional.cross_entropy(
+                post.logits(torch.tensor(va_pred, dtype=torch.float32)), torch.tensor(region, dtype=torch.long)
+            ).item()
 
     bad = {t: nll(t) for t in (10.0, 1e-3)}
     post.temperature = 10.0

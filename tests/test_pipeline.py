@@ -37,19 +37,34 @@ def trained(tmp_path_factory, one_thread):
     from stages.stage1 import fit_stage1
 
     root = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(None, [
-        "data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", f"data.image_size={SIZE}",
-        f"data.cache_dir={root / 'cache'}", "model.backbone=tinyvgg", "model.hidden=32",
-        "train.epochs=1", "train.batch_size=32", "train.device=cpu", "train.precision=fp32",
-        "experts.min_count=5",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.n_synthetic=240",
+            "data.synthetic_size=32",
+            f"data.image_size={SIZE}",
+            f"data.cache_dir={root / 'cache'}",
+            "model.backbone=tinyvgg",
+            "model.hidden=32",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "experts.min_count=5",
+        ],
+    )
     assert Path(cfg.data.cache_dir) == root / "cache"
     run = root / "run"
     logs = []
     exp = open_experiment(cfg, run, log=logs.append, progress=False)
-    out = {"flat": fit_flat(exp, log=logs.append), "stage1": fit_stage1(exp, log=logs.append),
-           "experts": fit_experts(exp, log=logs.append), "router": calibrate_router(exp, logs.append),
-           "compare": compare(exp, "test", log=logs.append)}
+    out = {
+        "flat": fit_flat(exp, log=logs.append),
+        "stage1": fit_stage1(exp, log=logs.append),
+        "experts": fit_experts(exp, log=logs.append),
+        "router": calibrate_router(exp, logs.append),
+        "compare": compare(exp, "test", log=logs.append),
+    }
     return {"exp": exp, "run": run, "root": root, "logs": logs, **out}
 
 
@@ -64,6 +79,7 @@ def _test_faces(trained, n=4):
 
 
 # --------------------------------------------------------------------------- artifacts
+
 
 @pytest.mark.parametrize("stage", ["flat", "stage1"])
 def test_stage_artifacts(trained, stage):
@@ -132,12 +148,16 @@ def test_neighborhoods_experts_router_artifacts(trained):
 
 
 def test_no_temporary_folders_left(trained):
-    leftovers = [p for p in trained["run"].rglob("*") if ".tmp" in p.name or ".work" in p.name
-                 or ".old" in p.name or p.name.startswith(".write-test")]
+    leftovers = [
+        p
+        for p in trained["run"].rglob("*")
+        if ".tmp" in p.name or ".work" in p.name or ".old" in p.name or p.name.startswith(".write-test")
+    ]
     assert leftovers == []
 
 
 # --------------------------------------------------------------------------- predictors
+
 
 def test_flat_predictor_on_paths_and_pil_images(trained):
     fp = FlatPredictor.load(trained["run"])
@@ -158,7 +178,9 @@ def test_preprocess_is_float32_nchw(trained):
     assert x.dtype == np.float32 and x.shape == (3, 3, SIZE, SIZE)
     # normalised with the run's own mean/std
     raw = np.asarray(Image.open(paths[0]).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float32) / 255
-    want = (raw.transpose(2, 0, 1) - np.array(hp.mean, np.float32)[:, None, None]) / np.array(hp.std, np.float32)[:, None, None]
+    want = (raw.transpose(2, 0, 1) - np.array(hp.mean, np.float32)[:, None, None]) / np.array(hp.std, np.float32)[
+        :, None, None
+    ]
     np.testing.assert_allclose(x[0], want, atol=1e-5)
     # a larger image is resized to the network's input
     big = Image.open(paths[0]).convert("RGB").resize((100, 80))
@@ -200,6 +222,7 @@ def test_hierarchical_predictor_bad_inputs(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------- tampering
+
 
 @pytest.fixture
 def run_copy(trained, tmp_path):
@@ -247,6 +270,7 @@ def test_missing_expert_file_is_refused(run_copy):
 
 # --------------------------------------------------------------------------- compare
 
+
 def test_compare_report(trained):
     rep = trained["run"] / "reports"
     assert (rep / "report.md").is_file()
@@ -270,6 +294,7 @@ def test_compare_report(trained):
 
 
 # --------------------------------------------------------------------------- ensemble predict
+
 
 def _cli(argv, capsys):
     code = 0
@@ -332,8 +357,17 @@ def test_cli_predict_on_every_hostile_file_of_issue_6(trained, tmp_path, capsys)
     code, out, err = _cli(["predict", str(d), "--run", str(trained["run"]), "--no-detect", "--json"], capsys)
     assert code == 1 and "Traceback" not in out + err
     predicted = sorted(Path(json.loads(line)["file"]).name for line in out.splitlines())
-    assert predicted == sorted(["good face.png", "rgba.png", "gray16.png", "cmyk.jpg", "palette.png",
-                                "exif-rotated.jpg", "ñame with spaces é.png"])
+    assert predicted == sorted(
+        [
+            "good face.png",
+            "rgba.png",
+            "gray16.png",
+            "cmyk.jpg",
+            "palette.png",
+            "exif-rotated.jpg",
+            "ñame with spaces é.png",
+        ]
+    )
     named = sorted(Path(line.split(": ")[1]).name for line in err.splitlines() if line.startswith("error:"))
     assert named == ["bomb.png", "empty.jpg", "one-pixel.png", "text.jpg", "truncated.png"]
 
@@ -356,8 +390,9 @@ def test_cli_predict_text_output_and_flat(trained, tmp_path, capsys):
     code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect"], capsys)
     assert code == 0 and err == ""
     assert out.startswith(str(paths[0])) and "neighborhood" in out
-    code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect", "--flat",
-                           "--json"], capsys)
+    code, out, err = _cli(
+        ["predict", str(paths[0]), "--run", str(trained["run"]), "--no-detect", "--flat", "--json"], capsys
+    )
     assert code == 0
     rec = json.loads(out)
     assert rec["emotion"] in CLASSES and "valence" not in rec
@@ -409,6 +444,7 @@ def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, caps
     """scikit-image ships NASA's portrait of astronaut Eileen Collins (public domain): a real
     512x512 colour photograph with one face, whose box is known."""
     from skimage import data  # in the test extra; bundled with the wheel, no download
+
     photo = tmp_path / "astronaut portrait.jpg"
     Image.fromarray(data.astronaut()).save(photo, quality=90)
     code, out, err = _cli(["predict", str(photo), "--run", str(trained["run"]), "--json"], capsys)
@@ -420,14 +456,20 @@ def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, caps
     assert -1 <= rec["valence"] <= 1 and -1 <= rec["arousal"] <= 1 and rec["expert_classes"]
 
 
-
 def _reopen(trained, run, *extra):
     from ensemble.pipeline import open_experiment
 
     exp = trained["exp"]
-    cfg = load_config(None, [f"{sec}.{k}={json.dumps(v)}" for sec in ("data", "model", "train")
-                             for k, v in dataclasses.asdict(getattr(exp.cfg, sec)).items()
-                             if not isinstance(v, dict)] + ["experts.min_count=5", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"{sec}.{k}={json.dumps(v)}"
+            for sec in ("data", "model", "train")
+            for k, v in dataclasses.asdict(getattr(exp.cfg, sec)).items()
+            if not isinstance(v, dict)
+        ]
+        + ["experts.min_count=5", *extra],
+    )
     return open_experiment(cfg, run, log=lambda m: None, progress=False)
 
 
@@ -454,8 +496,9 @@ def test_a_stage_cannot_build_on_its_own_trunk(trained, run_copy):
 
 
 def test_compare_refuses_a_config_of_another_input_size(trained, run_copy, capsys):
-    code, out, err = _cli(["compare", "--run", str(run_copy), "--set", "data.format=synthetic",
-                           "--set", "data.image_size=48"], capsys)
+    code, out, err = _cli(
+        ["compare", "--run", str(run_copy), "--set", "data.format=synthetic", "--set", "data.image_size=48"], capsys
+    )
     assert code == 2 and "data.image_size = 48" in err and "Traceback" not in err
 
 
@@ -528,7 +571,9 @@ def test_predictors_take_one_image_or_arrays(trained):
 
 def test_cli_predict_flat_with_a_router_is_refused(trained, tmp_path, capsys):
     paths, _ = _test_faces(trained, 1)
-    code, out, err = _cli(["predict", str(paths[0]), "--run", str(trained["run"]), "--flat", "--router", "soft"], capsys)
+    code, out, err = _cli(
+        ["predict", str(paths[0]), "--run", str(trained["run"]), "--flat", "--router", "soft"], capsys
+    )
     assert code == 2 and "--flat" in err and "Traceback" not in err
 
 

@@ -44,12 +44,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------- helpers
 
+
 def tiny(cache: Path, *extra: str, epochs: int = 2, seed: int = 0) -> list[str]:
     """--set overrides of a CPU-sized synthetic experiment."""
-    return ["data.format=synthetic", "data.n_synthetic=240", "data.synthetic_size=32", f"data.image_size={SIZE}",
-            f"data.cache_dir={json.dumps(str(cache))}", "model.backbone=tinyvgg", "model.hidden=32",
-            "train.device=cpu", "train.threads=1", "train.batch_size=32", f"train.epochs={epochs}",
-            f"train.seed={seed}", "experts.min_count=5", *extra]
+    return [
+        "data.format=synthetic",
+        "data.n_synthetic=240",
+        "data.synthetic_size=32",
+        f"data.image_size={SIZE}",
+        f"data.cache_dir={json.dumps(str(cache))}",
+        "model.backbone=tinyvgg",
+        "model.hidden=32",
+        "train.device=cpu",
+        "train.threads=1",
+        "train.batch_size=32",
+        f"train.epochs={epochs}",
+        f"train.seed={seed}",
+        "experts.min_count=5",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +118,7 @@ def _face(tmp: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- trained runs (in-process)
+
 
 def _fit_flat_run(cache: Path, run: Path, seed: int, epochs: int = 2, global_seed: int | None = 1234):
     """fit-flat in this process. ``global_seed`` puts torch's global RNG where a fresh process
@@ -173,8 +187,10 @@ def _edit_index(run: Path, change) -> None:
     from ensemble.artifacts import sha256_file
 
     _edit_json(run / "experts" / "index.json", change)
-    _edit_json(run / "experts" / "meta.json",
-               lambda m: m["files"].update({"index.json": sha256_file(run / "experts" / "index.json")}))
+    _edit_json(
+        run / "experts" / "meta.json",
+        lambda m: m["files"].update({"index.json": sha256_file(run / "experts" / "index.json")}),
+    )
 
 
 # --------------------------------------------------------------------------- 1. interruption (subprocesses)
@@ -185,8 +201,11 @@ SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHON
 # ``python -m ensemble`` with torch's global RNG pinned first. The network's initial weights
 # come from the global RNG, not from train.seed (see test_seed_alone_fixes_the_run), and a
 # fresh process here starts it at a random seed; pinning isolates what resume must restore.
-PINNED = [sys.executable, "-c", "import sys, torch; torch.manual_seed(1234); from ensemble.cli import main; "
-          "main(sys.argv[1:])"]
+PINNED = [
+    sys.executable,
+    "-c",
+    "import sys, torch; torch.manual_seed(1234); from ensemble.cli import main; main(sys.argv[1:])",
+]
 
 
 def _fit_cmd(run: Path, cache: Path, epochs: int, *extra: str, pinned: bool = False) -> list[str]:
@@ -196,8 +215,9 @@ def _fit_cmd(run: Path, cache: Path, epochs: int, *extra: str, pinned: bool = Fa
     return cmd + list(extra)
 
 
-def _interrupt(run: Path, cache: Path, epochs: int, sig: int, attempts: int = 3, timeout: float = 180,
-               pinned: bool = False):
+def _interrupt(
+    run: Path, cache: Path, epochs: int, sig: int, attempts: int = 3, timeout: float = 180, pinned: bool = False
+):
     """Start fit-flat, send ``sig`` as soon as the first epoch's checkpoint exists.
 
     Retries (from scratch) when the signal landed after the last epoch, so the run really was
@@ -206,8 +226,14 @@ def _interrupt(run: Path, cache: Path, epochs: int, sig: int, attempts: int = 3,
     ckpt = run / ".flat.work" / "checkpoint.pt"
     for _ in range(attempts):
         shutil.rmtree(run, ignore_errors=True)
-        proc = subprocess.Popen(_fit_cmd(run, cache, epochs, pinned=pinned), cwd=run.parent, env=SUB_ENV, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _fit_cmd(run, cache, epochs, pinned=pinned),
+            cwd=run.parent,
+            env=SUB_ENV,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + timeout
         try:
             while not ckpt.exists() and proc.poll() is None:
@@ -229,8 +255,14 @@ def _interrupt(run: Path, cache: Path, epochs: int, sig: int, attempts: int = 3,
 
 
 def _resume(run: Path, cache: Path, epochs: int, pinned: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(_fit_cmd(run, cache, epochs, "--resume", pinned=pinned), cwd=run.parent, env=SUB_ENV,
-                          text=True, capture_output=True, timeout=300)
+    return subprocess.run(
+        _fit_cmd(run, cache, epochs, "--resume", pinned=pinned),
+        cwd=run.parent,
+        env=SUB_ENV,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def _check_finished(run: Path, epochs: int) -> None:
@@ -276,8 +308,14 @@ def test_sigterm_stops_cleanly_then_resume(tmp_path, cache):
 def test_resumed_run_matches_uninterrupted_run(tmp_path, cache):
     epochs = 4
     straight = tmp_path / "straight"
-    res = subprocess.run(_fit_cmd(straight, cache, epochs, pinned=True), cwd=tmp_path, env=SUB_ENV, text=True,
-                         capture_output=True, timeout=300)
+    res = subprocess.run(
+        _fit_cmd(straight, cache, epochs, pinned=True),
+        cwd=tmp_path,
+        env=SUB_ENV,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     run = tmp_path / "resumed"
     rc, _, _, ck_epoch = _interrupt(run, cache, epochs, signal.SIGKILL, pinned=True)
@@ -297,14 +335,16 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, cache):
 @pytest.mark.slow
 def test_two_cli_runs_of_one_config_are_identical(tmp_path, cache):
     for name in ("one", "two"):
-        res = subprocess.run(_fit_cmd(tmp_path / name, cache, 1), cwd=tmp_path, env=SUB_ENV, text=True,
-                             capture_output=True, timeout=300)
+        res = subprocess.run(
+            _fit_cmd(tmp_path / name, cache, 1), cwd=tmp_path, env=SUB_ENV, text=True, capture_output=True, timeout=300
+        )
         assert res.returncode == 0, res.stdout + res.stderr
     one, two = (_state(tmp_path / name / "flat" / "weights.pt") for name in ("one", "two"))
     assert _same_state(one, two)
 
 
 # --------------------------------------------------------------------------- 2. impossible --out
+
 
 @pytest.mark.parametrize("kind", ["parent_is_file", "name_too_long"])
 def test_impossible_out_fails_before_training(tmp_path, capsys, kind):
@@ -313,8 +353,9 @@ def test_impossible_out_fails_before_training(tmp_path, capsys, kind):
     out_dir = blocker / "run" if kind == "parent_is_file" else tmp_path / ("x" * 300)
     fresh_cache = tmp_path / "cache"
     t0 = time.monotonic()
-    code, out, err = _cli(["fit-flat", "--out", str(out_dir)] + sum((["--set", s] for s in tiny(fresh_cache)), []),
-                          capsys)
+    code, out, err = _cli(
+        ["fit-flat", "--out", str(out_dir)] + sum((["--set", s] for s in tiny(fresh_cache)), []), capsys
+    )
     assert code == 2, out + err
     line = _one_error_line(err)
     assert str(out_dir) in line
@@ -327,14 +368,16 @@ def test_impossible_out_fails_before_training(tmp_path, capsys, kind):
 def test_out_is_an_existing_file(tmp_path, capsys):
     blocker = tmp_path / "run"
     blocker.write_text("x")
-    code, out, err = _cli(["fit-flat", "--out", str(blocker)] + sum((["--set", s] for s in tiny(tmp_path / "c")), []),
-                          capsys)
+    code, out, err = _cli(
+        ["fit-flat", "--out", str(blocker)] + sum((["--set", s] for s in tiny(tmp_path / "c")), []), capsys
+    )
     assert code == 2
     assert "Traceback" not in err and str(blocker) in err
     assert not (tmp_path / "c").exists()
 
 
 # --------------------------------------------------------------------------- 3. determinism
+
 
 def _assert_same_run(a: Path, b: Path) -> None:
     assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
@@ -369,6 +412,7 @@ def test_different_seed_different_weights(flat_runs):
 
 
 # --------------------------------------------------------------------------- 4. runs that do not fit together
+
 
 def test_predict_with_an_empty_run_folder(tmp_path, capsys):
     empty = tmp_path / "empty_run"
@@ -424,7 +468,7 @@ def test_expert_classes_disagree_with_index(run_copy, hier):
     def change(ix):
         mine = ix["experts"][r]["classes"]
         others = [c for c in CLASSES if c not in mine]
-        ix["experts"][r]["classes"] = others[:len(mine)]
+        ix["experts"][r]["classes"] = others[: len(mine)]
 
     _edit_index(run_copy, change)
     with pytest.raises(UserError, match=f"expert {r}: classes"):
@@ -470,6 +514,7 @@ def test_truncated_index_json_is_one_error_line(run_copy, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- 5. tampering
+
 
 def test_flipped_byte_in_neighborhoods_is_refused(run_copy, tmp_path, capsys):
     f = run_copy / "neighborhoods" / "model.joblib"
@@ -563,8 +608,10 @@ def test_router_from_another_run_is_refused(run_copy, hier, tmp_path):
     from ensemble.artifacts import sha256_file
 
     _edit_json(run_copy / "router" / "router.json", lambda r: r.update(neighborhoods_sha256="0" * 64))
-    _edit_json(run_copy / "router" / "meta.json",
-               lambda m: m["files"].update({"router.json": sha256_file(run_copy / "router" / "router.json")}))
+    _edit_json(
+        run_copy / "router" / "meta.json",
+        lambda m: m["files"].update({"router.json": sha256_file(run_copy / "router" / "router.json")}),
+    )
     with pytest.raises(UserError, match="other neighborhoods"):
         HierarchicalPredictor.load(run_copy)
 
@@ -577,6 +624,7 @@ def test_meta_without_a_field_is_one_line(run_copy, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- 6. version drift
+
 
 def _other_major(version: str) -> str:
     major = int(version.split(".")[0])
@@ -613,6 +661,7 @@ def test_same_major_other_minor_does_not_warn(run_copy):
 
 # --------------------------------------------------------------------------- 7. malformed label files (property-based)
 
+
 @pytest.fixture(scope="module")
 def tiny_pngs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pngs")
@@ -638,7 +687,9 @@ def _load(fmt: str, root: Path):
 # CSV structure (comma, quote, line breaks) and at least one visible character
 JUNK = st.text(
     alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters=',"\r\n'),
-    min_size=1, max_size=12).filter(lambda s: s.strip() != "")
+    min_size=1,
+    max_size=12,
+).filter(lambda s: s.strip() != "")
 
 
 def _is_class_label(s: str) -> bool:
@@ -655,12 +706,15 @@ def _not_a_number(s: str) -> bool:
 
 
 GOOD_LABELS = st.sampled_from(sorted(CLASS_ALIASES) + [str(i) for i in range(len(CLASSES))]).flatmap(
-    lambda s: st.sampled_from([s, s.upper(), f" {s} ", s.title()]))
+    lambda s: st.sampled_from([s, s.upper(), f" {s} ", s.title()])
+)
 # labels that look like digits in other scripts (a superscript two) are drops, not crashes
 BAD_LABELS = st.one_of(st.sampled_from(["8", "-1", "99", "boredom", "", "happy sad", "NaN"]), JUNK).filter(
-    lambda s: not _is_class_label(s))
-VA = st.one_of(st.just(("", "")),
-               st.tuples(st.floats(-1, 1), st.floats(-1, 1)).map(lambda t: (f"{t[0]:.3f}", f"{t[1]:.3f}")))
+    lambda s: not _is_class_label(s)
+)
+VA = st.one_of(
+    st.just(("", "")), st.tuples(st.floats(-1, 1), st.floats(-1, 1)).map(lambda t: (f"{t[0]:.3f}", f"{t[1]:.3f}"))
+)
 BAD_VA = st.one_of(st.sampled_from(["abc", "1.5", "-1.01", "nan", "inf", "-2"]), JUNK.filter(_not_a_number))
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -682,8 +736,11 @@ def csv_rows(draw, n_images: int, kinds=("good", "good", *CSV_BAD)):
     if kind == "bad_label":
         return f"{path},{draw(BAD_LABELS)},{v},{a},{split}", ("bad", kind)
     if kind == "bad_split":
-        bad = draw(st.one_of(st.sampled_from(["holdout", "", "TRAIN2", "dev"]), JUNK).filter(
-            lambda s: s.strip().lower() not in SPLIT_NAMES))
+        bad = draw(
+            st.one_of(st.sampled_from(["holdout", "", "TRAIN2", "dev"]), JUNK).filter(
+                lambda s: s.strip().lower() not in SPLIT_NAMES
+            )
+        )
         return f"{path},{label},{v},{a},{bad}", ("bad", kind)
     if kind == "bad_va":
         return f"{path},{label},{draw(BAD_VA)},0.1,{split}", ("bad", kind)
@@ -706,22 +763,27 @@ def _fill(row: str, images: list[Path], folder: str) -> str:
 
 
 def _check_manifest(ds, expected_good: list[tuple], n_bad: int, image_names: list[str]) -> None:
-    got = Counter((image_names.index(Path(p).name), int(lab), sp)
-                  for p, lab, sp in zip(ds.manifest["path"], ds.manifest["label"], ds.manifest["split"]))
+    got = Counter(
+        (image_names.index(Path(p).name), int(lab), sp)
+        for p, lab, sp in zip(ds.manifest["path"], ds.manifest["label"], ds.manifest["split"])
+    )
     assert got == Counter(expected_good)
     assert sum(ds.dropped.values()) == n_bad, dict(ds.dropped)
 
 
-@settings(max_examples=25, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=csv_rows(4), rest=st.lists(csv_rows(4), max_size=12))
-@example(first=("<IMG0>,happy,,,train", ("good", 0, 1, "train")),
-         rest=[("<IMG1>, Anger ,0.5,-0.5,valid", ("good", 1, 6, "val")),
-               ("<IMG2>,😀,,,train", ("bad", "bad_label")),
-               ("<IMG3>,sad,0.1,0.1,train,{extra}", ("bad", "extra_fields")),
-               ("", ("blank",)),
-               ("<IMG3>,7,-2,0,test", ("bad", "bad_va")),
-               ("<DIR>/gone.png,happy,,,train", ("bad", "missing_file"))])
+@example(
+    first=("<IMG0>,happy,,,train", ("good", 0, 1, "train")),
+    rest=[
+        ("<IMG1>, Anger ,0.5,-0.5,valid", ("good", 1, 6, "val")),
+        ("<IMG2>,😀,,,train", ("bad", "bad_label")),
+        ("<IMG3>,sad,0.1,0.1,train,{extra}", ("bad", "extra_fields")),
+        ("", ("blank",)),
+        ("<IMG3>,7,-2,0,test", ("bad", "bad_va")),
+        ("<DIR>/gone.png,happy,,,train", ("bad", "missing_file")),
+    ],
+)
 def test_csv_adapter_keeps_good_rows_and_counts_bad_ones(tiny_pngs, first, rest):
     # the first row may be of any kind: the readers check every row on its own
     rows = [first] + rest
@@ -739,8 +801,19 @@ def test_csv_adapter_keeps_good_rows_and_counts_bad_ones(tiny_pngs, first, rest)
     _check_manifest(ds, good, n_bad, [p.name for p in tiny_pngs])
 
 
-FER_BAD = ["text_vote", "negative", "zero", "tie", "unknown_top", "missing_file", "short", "long", "junk",
-           "no_name", "blank"]
+FER_BAD = [
+    "text_vote",
+    "negative",
+    "zero",
+    "tie",
+    "unknown_top",
+    "missing_file",
+    "short",
+    "long",
+    "junk",
+    "no_name",
+    "blank",
+]
 
 
 @st.composite
@@ -770,7 +843,7 @@ def ferplus_rows(draw, n_images: int, kinds=("good", "good", *FER_BAD)):
     elif kind == "missing_file":
         name = f"no_such_{draw(st.integers(0, 999))}.png"
     elif kind == "short":
-        votes = votes[:draw(st.integers(0, 9))]
+        votes = votes[: draw(st.integers(0, 9))]
     elif kind == "long":
         votes = votes + [draw(st.integers(0, 9))]
     elif kind == "junk":
@@ -782,17 +855,20 @@ def ferplus_rows(draw, n_images: int, kinds=("good", "good", *FER_BAD)):
     return ",".join([name, box] + [str(v) for v in votes]), ("bad", kind)
 
 
-@settings(max_examples=25, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=ferplus_rows(4), rest=st.lists(ferplus_rows(4), max_size=12))
-@example(first=('img0.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0', ("good", 0, 0, "train")),
-         rest=[('img1.png,"(0, 0, 48, 48)",0,0,0,5,3,2,0,0,0,0', ("good", 1, 2, "train")),
-               ('img2.png,"(0, 0, 48, 48)",x,0,0,0,0,0,0,0,0,0', ("bad", "text_vote")),
-               ('img2.png,"(0, 0, 48, 48)",4,4,0,0,0,0,0,0,2,0', ("bad", "tie")),
-               ('img3.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0,7', ("bad", "long")),
-               ('img3.png,"(0, 0, 48, 48)",6,2', ("bad", "short")),
-               ("", ("blank",)),
-               ("ünïcödé ☃ junk", ("bad", "junk"))])
+@example(
+    first=('img0.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0', ("good", 0, 0, "train")),
+    rest=[
+        ('img1.png,"(0, 0, 48, 48)",0,0,0,5,3,2,0,0,0,0', ("good", 1, 2, "train")),
+        ('img2.png,"(0, 0, 48, 48)",x,0,0,0,0,0,0,0,0,0', ("bad", "text_vote")),
+        ('img2.png,"(0, 0, 48, 48)",4,4,0,0,0,0,0,0,2,0', ("bad", "tie")),
+        ('img3.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0,7', ("bad", "long")),
+        ('img3.png,"(0, 0, 48, 48)",6,2', ("bad", "short")),
+        ("", ("blank",)),
+        ("ünïcödé ☃ junk", ("bad", "junk")),
+    ],
+)
 def test_ferplus_adapter_keeps_good_rows_and_counts_bad_ones(tiny_pngs, first, rest):
     # the first row may be of any kind: the readers check every row on its own
     rows = [first] + rest
@@ -812,19 +888,21 @@ def test_ferplus_adapter_keeps_good_rows_and_counts_bad_ones(tiny_pngs, first, r
     _check_manifest(ds, good, n_bad, [p.name for p in tiny_pngs])
 
 
-@settings(max_examples=25, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(csv_rows(4, kinds=CSV_BAD), max_size=6))
 def test_csv_adapter_with_only_bad_rows_raises_user_error(tiny_pngs, rows):
     with tempfile.TemporaryDirectory() as d:
         manifest = Path(d) / "labels.csv"
-        manifest.write_text("path,label,valence,arousal,split\n" + "\n".join(_fill(r, tiny_pngs, d) for r, _ in rows)
-                            + "\n", encoding="utf-8")
+        manifest.write_text(
+            "path,label,valence,arousal,split\n" + "\n".join(_fill(r, tiny_pngs, d) for r, _ in rows) + "\n",
+            encoding="utf-8",
+        )
         with pytest.raises(UserError):
             _load("csv", manifest)
 
 
 # Regressions: each of these once lost good rows or crashed a reader.
+
 
 def test_csv_superscript_digit_label_is_a_counted_drop(tiny_pngs, tmp_path):
     m = tmp_path / "labels.csv"
@@ -841,10 +919,13 @@ def test_csv_first_row_with_extra_fields_keeps_the_good_rows(tiny_pngs, tmp_path
     assert sum(ds.dropped.values()) == 1
 
 
-@pytest.mark.parametrize("first_row, kept", [
-    ("junk,1,2", 2),          # too short: dropped, the two good rows kept
-    ("{good},7", 1),          # one column too many: dropped
-])
+@pytest.mark.parametrize(
+    "first_row, kept",
+    [
+        ("junk,1,2", 2),  # too short: dropped, the two good rows kept
+        ("{good},7", 1),  # one column too many: dropped
+    ],
+)
 def test_ferplus_malformed_first_row_is_dropped_and_counted(tiny_pngs, tmp_path, first_row, kept):
     folder = tmp_path / "fp" / "FER2013Train"
     folder.mkdir(parents=True)
@@ -857,6 +938,7 @@ def test_ferplus_malformed_first_row_is_dropped_and_counted(tiny_pngs, tmp_path,
 
 
 # --------------------------------------------------------------------------- 8. broken images in a training set
+
 
 def test_training_skips_broken_images(tmp_path, one_thread):
     from ensemble.pipeline import open_experiment
@@ -878,10 +960,22 @@ def test_training_skips_broken_images(tmp_path, one_thread):
     (root / "train" / "sad" / "notes.png").write_text("this is text, not a PNG\n")
     (root / "train" / "angry" / "cut.png").write_bytes(good_png[: len(good_png) // 2])
     (root / "val" / "sad" / "empty.jpg").write_bytes(b"")
-    cfg = load_config(None, ["data.format=folder", f"data.root={json.dumps(str(root))}", f"data.image_size={SIZE}",
-                             f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "model.backbone=tinyvgg",
-                             "model.hidden=16", "train.epochs=1", "train.batch_size=8", "train.device=cpu",
-                             "train.threads=1", "train.precision=fp32"])
+    cfg = load_config(
+        None,
+        [
+            "data.format=folder",
+            f"data.root={json.dumps(str(root))}",
+            f"data.image_size={SIZE}",
+            f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+            "model.backbone=tinyvgg",
+            "model.hidden=16",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.device=cpu",
+            "train.threads=1",
+            "train.precision=fp32",
+        ],
+    )
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"skipped 4 unreadable image\(s\)"):
         exp = open_experiment(cfg, run, log=lambda m: None, progress=False)
