@@ -27,10 +27,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from ensemble.config import load_config
-    from ensemble.pipeline import open_experiment
-    from ensemble.predictors import calibrate_router
+    from ensemble.experiment import open_experiment
     from ensemble.reports import compare
-    from stages.experts import fit_experts
+    from ensemble.routing import fit_experts_and_router
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
 
@@ -42,7 +41,7 @@ def main() -> None:
     for name, step in (
         ("fit-flat", lambda: fit_flat(exp)),
         ("fit-stage1", lambda: fit_stage1(exp)),
-        ("fit-experts", lambda: (fit_experts(exp), calibrate_router(exp))),
+        ("fit-experts", lambda: fit_experts_and_router(exp)),
     ):
         t = time.time()
         step()

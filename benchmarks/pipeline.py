@@ -58,9 +58,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    from ensemble.batches import epoch_plan, image_batches
     from ensemble.config import load_config
-    from ensemble.engine import _image_batches, epoch_plan, make_optimizer
-    from ensemble.pipeline import open_experiment
+    from ensemble.engine import make_optimizer
+    from ensemble.experiment import open_experiment
     from ensemble.prepare import load_images
     from stages.backbones import build_model, normalization
 
@@ -75,12 +76,12 @@ def main() -> None:
     gen = torch.Generator(device=rt.device).manual_seed(0)
     figures = {"config": args.config, "device": str(rt.device), "batch_size": fc.train.batch_size}
     figures["loader_prepared_img_s"] = _loader_rate(
-        _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0), args.batches
+        image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0), args.batches
     )
     files = load_images(exp.manifest, cfg.data.image_size, cfg.data.cache_dir, "none")
     for w in (0, 2):
         figures[f"loader_decode_workers{w}_img_s"] = _loader_rate(
-            _image_batches(files, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, w), args.batches // 2
+            image_batches(files, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, w), args.batches // 2
         )
     net = build_model(fc.model, 8).to(rt.device)
     if rt.channels_last:
@@ -89,7 +90,7 @@ def main() -> None:
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], fc.train, rt.device)
     seen, t = 0, None
     for i, (x, pos) in enumerate(
-        _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0)
+        image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0)
     ):
         if i == 2:
             t, seen = time.perf_counter(), 0

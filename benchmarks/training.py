@@ -51,16 +51,11 @@ def main() -> None:
     ap.add_argument("--name", default="training")
     args = ap.parse_args()
 
+    from ensemble.batches import epoch_plan, image_batches
     from ensemble.config import load_config
-    from ensemble.engine import (
-        _feature_batches,
-        _feature_cache,
-        _image_batches,
-        epoch_plan,
-        feature_views,
-        make_optimizer,
-    )
-    from ensemble.pipeline import open_experiment
+    from ensemble.engine import make_optimizer
+    from ensemble.experiment import open_experiment
+    from ensemble.feature_cache import feature_batches, feature_cache, feature_views
     from stages.backbones import build_model, normalization
 
     cfg = load_config(args.config, args.overrides)
@@ -91,7 +86,7 @@ def main() -> None:
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], fc.train, rt.device)
     figures["flat_step_img_s"] = _rate(
         net,
-        _image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0),
+        image_batches(exp.images, tr, plan, copy, fc.train, fc.balance, rt, gen, mean, std, 0, 0),
         opt,
         loss_fn,
         args.steps,
@@ -108,7 +103,7 @@ def main() -> None:
     plan, copy = epoch_plan(y, ec.balance, 0, 0)
     figures["head_no_cache_img_s"] = _rate(
         net,
-        _image_batches(exp.images, tr, plan, copy, ec.train, ec.balance, rt, gen, mean, std, 0, 0),
+        image_batches(exp.images, tr, plan, copy, ec.train, ec.balance, rt, gen, mean, std, 0, 0),
         opt,
         loss_fn,
         args.steps,
@@ -117,7 +112,7 @@ def main() -> None:
     )
     t = time.perf_counter()
     n_views = len(feature_views(len(exp.images), ec.train, ec.balance))
-    feats = _feature_cache(
+    feats = feature_cache(
         net, exp.images, tr, np.array([], dtype=int), mean, std, rt, ec.train, ec.balance, "benchmark", print
     )
     build_s = time.perf_counter() - t
@@ -126,7 +121,7 @@ def main() -> None:
     figures["cache_build_img_s"] = len(exp.images) * n_views / build_s
     figures["head_cached_img_s"] = _rate(
         net,
-        _feature_batches(feats, plan, copy, ec.train.batch_size, 0, 0, rt.device),
+        feature_batches(feats, plan, copy, ec.train.batch_size, 0, 0, rt.device),
         opt,
         loss_fn,
         max(args.steps, 200),
@@ -170,6 +165,7 @@ def main() -> None:
 
     if args.run and args.check_epochs:
         from ensemble.engine import StageData, fit
+        from ensemble.tasks import VA_REGRESSION
         from stages.neural import build_stage_net
         from stages.stage1 import va_targets
 
@@ -183,7 +179,7 @@ def main() -> None:
             t = time.perf_counter()
             r = fit(
                 n,
-                "regress",
+                VA_REGRESSION,
                 StageData(exp.images, tr, va[tr], vi, va[vi]),
                 c,
                 src["mean"],

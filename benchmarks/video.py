@@ -7,8 +7,8 @@ Clips are generated (scikit-image's astronaut, twice, moving) into --workdir (de
 throughput, 1 and 10 minutes at 640x360 for peak memory. Every figure that is compared is
 measured in this one run, alternately, because the machine may be shared: read the ratios
 (the headline one is the median over repeats of the ratio within a repeat), not the
-absolute times. Detection (OpenCV Haar, as ``ensemble predict``) runs on every
-analysed frame. Peak memory (VmHWM) is measured per clip in a fresh process running
+absolute times. Detection (``--detector``, default haar, the detector of the recorded
+figures; ``ensemble predict`` defaults to mtcnn) runs on every analysed frame. Peak memory (VmHWM) is measured per clip in a fresh process running
 ``ensemble predict CLIP --no-detect --csv``: every frame is decoded and analysed (the whole
 frame as one face, so the table has one row per frame), because Haar detection on every
 frame of a 10-minute clip takes too long on a small CPU; ``--memory-detect-every N`` runs
@@ -77,23 +77,25 @@ def frames_to_folder(clip: Path, folder: Path) -> int:
     return n
 
 
-def time_video(clip: Path, run: str, every: int | None = None) -> tuple[float, int, int]:
+def time_video(clip: Path, run: str, every: int | None = None, detector: str = "haar") -> tuple[float, int, int]:
     """(seconds, frames decoded, faces) of load + analysis, as ``ensemble predict CLIP`` does it."""
-    from ensemble.video import FrameSelection, RunAnalyser, analyse_video
+    from ensemble import load
+    from ensemble.video import FrameSelection, ModelAnalyser, analyse_video
 
     t = time.perf_counter()
-    res = analyse_video(clip, RunAnalyser(run), FrameSelection(every=every), batch_size=32, progress=False)
+    analyser = ModelAnalyser(load(run, detector=detector))
+    res = analyse_video(clip, analyser, FrameSelection(every=every), batch_size=32, progress=False)
     return time.perf_counter() - t, res.n_decoded, len(res.table)
 
 
-def time_folder(folder: Path, run: str) -> tuple[float, int]:
+def time_folder(folder: Path, run: str, detector: str = "haar") -> tuple[float, int]:
     """(seconds, faces) of ``ensemble predict FOLDER`` (the image path: load, decode, detect, classify)."""
-    from ensemble.predict import run_predict
+    from ensemble.commands import run_predict
 
     buf = io.StringIO()
     t = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        run_predict([folder], Path(run), False, True, None, False, 32)
+        run_predict([folder], run, False, detector, None, False, 32)
     seconds = time.perf_counter() - t
     return seconds, sum(1 for line in buf.getvalue().splitlines() if "no face found" not in line)
 
@@ -101,7 +103,7 @@ def time_folder(folder: Path, run: str) -> tuple[float, int]:
 def peak_memory(clip: Path, run: str, every: int | None, csv: Path, threads: int) -> tuple[float, float]:
     """(peak RSS MB, seconds) of ``ensemble predict CLIP --csv CSV`` (``--no-detect`` when ``every``
     is None, else ``--every N`` with detection) in a fresh process."""
-    opts = ["--no-detect"] if every is None else ["--every", str(every)]
+    opts = ["--no-detect"] if every is None else ["--every", str(every), "--detector", "haar"]
     code = f"""
 import sys; sys.path.insert(0, "benchmarks")
 import torch
@@ -127,6 +129,7 @@ print("PEAK", peak_rss_mb())
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="artifacts/demo")
+    ap.add_argument("--detector", default="haar", choices=["mtcnn", "haar"])
     ap.add_argument("--seconds", type=float, default=4.0, help="Length of the 640x360 clip (1280x720: half).")
     ap.add_argument(
         "--memory-detect-every",
@@ -150,7 +153,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {
         "run": args.run,
-        "detector": "haar (ensemble.faces.detect_faces)",
+        "detector": args.detector,
         "fps": 30,
         "threads": args.threads or "default",
         "load_average_at_start": _load(),
@@ -163,9 +166,9 @@ def main() -> None:
         n_images = frames_to_folder(clip, folder)
         video_t, folder_t, every5_t = [], [], []
         for _ in range(args.repeats):  # alternate, so drift in machine load hits all three
-            sv, n, faces_v = time_video(clip, args.run)
-            sf, faces_f = time_folder(folder, args.run)
-            s5, _, faces_5 = time_video(clip, args.run, every=5)
+            sv, n, faces_v = time_video(clip, args.run, detector=args.detector)
+            sf, faces_f = time_folder(folder, args.run, args.detector)
+            s5, _, faces_5 = time_video(clip, args.run, every=5, detector=args.detector)
             video_t.append(sv)
             folder_t.append(sf)
             every5_t.append(s5)

@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import swap_into_place, write_json  # noqa: F401  (write_json re-exported)
+from .meta_schema import check_meta
 
 META = "meta.json"
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -35,6 +38,7 @@ def sha256_file(path: Path) -> str:
 
 
 def versions() -> dict:
+    """Library versions recorded beside every artifact (pickles and weights carry what made them)."""
     import numpy
     import sklearn
     import torchvision
@@ -49,6 +53,7 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """This checkout's commit, or None outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
@@ -56,28 +61,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    _fsync_write(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
 
 
 def check_output_dir(run: Path, need_mb: int = 200) -> None:
@@ -124,12 +107,7 @@ class StageWriter:
         files = {p.name: sha256_file(p) for p in sorted(self.tmp.iterdir()) if p.is_file() and p.name != META}
         meta = {**meta, "versions": versions(), "git_commit": git_commit(), "files": files}
         write_json(self.tmp / META, meta)
-        old = self.final.with_name(f".{self.final.name}.old{os.getpid()}")
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        return swap_into_place(self.tmp, self.final)
 
 
 def read_meta(folder: Path, what: str = "stage") -> dict:
@@ -141,8 +119,7 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{meta_file} is not valid JSON; the artifact is damaged") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
-        raise UserError(f"{meta_file} is not an artifact description; the artifact is damaged")
+    check_meta(meta, meta_file)  # before any listed file is touched
     listed = meta.get("files", {})
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.name != META and not f.name.startswith(".") and f.name not in listed:
@@ -175,6 +152,21 @@ def _warn_versions(meta: dict, folder: Path) -> None:
 def load_weights(folder: Path, name: str = "weights.pt") -> dict:
     """A verified state_dict (call :func:`read_meta` first); never executes code."""
     try:
-        return torch.load(folder / name, map_location="cpu", weights_only=True)
+        state = torch.load(folder / name, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot load {folder / name}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict):  # bundled runs store float16; inference on the CPU runs in float32
+        state = {
+            k: v.float() if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
+            for k, v in state.items()
+        }
+    return state
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's tensors: two stages with the same digest share that module."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

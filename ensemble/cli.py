@@ -39,7 +39,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def _experiment(config_file, overrides, run):
     from .config import load_config
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
 
     return open_experiment(load_config(config_file, overrides), Path(run), _log)
 
@@ -94,7 +94,9 @@ def summary_cmd(config_file, overrides, fmt, root, as_json, no_verify, strict):
 @cli.command("prepare", short_help="Decode, crop and resize every image once into shards.")
 @CONFIG
 @SET
-@click.option("--workers", type=int, default=None, help="Decoder processes (default: data.num_workers).")
+@click.option(
+    "--workers", type=click.IntRange(0, 256), default=None, help="Decoder processes, 0-256 (default: data.num_workers)."
+)
 def prepare_cmd(config_file, overrides, workers):
     """Write the uint8 shard that training and evaluation read (it is also built on first use)."""
     from .config import load_config
@@ -131,7 +133,12 @@ def fit_flat_cmd(config_file, overrides, run, resume):
     """Train the flat 8-class classifier; writes RUN/flat."""
     from stages.flat import fit_flat
 
-    metrics = fit_flat(_experiment(config_file, overrides, run), resume, _log)
+    from .calibration import calibrate
+
+    exp = _experiment(config_file, overrides, run)
+    metrics = fit_flat(exp, resume, _log)
+    if exp.rt.is_main:
+        calibrate(exp, _log)
     _print_metrics("flat", metrics)
 
 
@@ -143,18 +150,9 @@ def fit_flat_cmd(config_file, overrides, run, resume):
 def fit_experts_cmd(config_file, overrides, run, resume):
     """Cluster the training V/A labels into neighborhoods, train one expert per neighborhood,
     then fit the router on validation; writes RUN/neighborhoods, RUN/experts, RUN/router."""
-    from stages.experts import fit_experts
+    from .routing import fit_experts_and_router
 
-    from .predictors import calibrate_router
-
-    exp = _experiment(config_file, overrides, run)
-    fit_experts(exp, resume, _log)
-    if exp.rt.is_main:
-        if not (exp.run / "stage1" / "meta.json").is_file():
-            raise UserError(
-                "experts trained; the router needs stage 1: run ensemble fit-stage1, then fit-experts again"
-            )
-        calibrate_router(exp, _log)
+    fit_experts_and_router(_experiment(config_file, overrides, run), resume, _log)
 
 
 def _print_metrics(stage: str, metrics: dict) -> None:
@@ -174,41 +172,143 @@ def _print_metrics(stage: str, metrics: dict) -> None:
             )
 
 
-@cli.command("predict", short_help="Emotion, valence and arousal of every face in images.")
+@cli.command("predict", short_help="Emotion, valence and arousal of every face in images and videos.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--run", type=click.Path(file_okay=False), default="artifacts/demo", show_default=True)
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (default: the bundled model; see ensemble models).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per face.")
-@click.option("--no-detect", is_flag=True, help="The images are face crops: skip face detection.")
+@click.option(
+    "--detector",
+    type=click.Choice(["mtcnn", "haar", "none"]),
+    default="mtcnn",
+    show_default=True,
+    help="Face detector; none: the images are face crops.",
+)
+@click.option("--no-detect", is_flag=True, help="Same as --detector none.")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Below this calibrated probability a face is marked uncertain instead of labelled.",
+)
+@click.option(
+    "--annotate",
+    type=click.Path(),
+    default=None,
+    help="Draw the faces: images go into this folder (one JPEG each); one video into this .mp4/.avi/.mkv/"
+    ".mov/.webm file, or into this folder as <video>.annotated.mp4 (several videos: a folder).",
+)
+@click.option(
+    "--csv",
+    "csv_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the table here: one row per face (images), or per face per analysed frame with a track id "
+    "(videos; all videos in one file). With --csv, give images and videos in separate commands.",
+)
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 @click.option("--flat", "use_flat", is_flag=True, help="Use the run's flat model instead of the hierarchy.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @video_options
-def predict_cmd(paths, run, as_json, no_detect, router, use_flat, batch_size, **video):
-    """Detect every face (OpenCV Haar cascade), then predict emotion, top 3, valence, arousal,
-    neighborhood and expert. Directories are walked. Unreadable files are named on stderr and
+def predict_cmd(
+    paths, run, as_json, detector, no_detect, min_confidence, annotate, csv_file, router, use_flat, batch_size, **video
+):
+    """Detect every face (MTCNN with landmarks by default), turn it upright by its eyes, crop it
+    as the model's training faces were cropped, then predict emotion, probabilities, valence,
+    arousal and neighborhood. Directories are walked. Unreadable files are named on stderr and
     the exit code is non-zero; the other files are still predicted.
 
     Videos (mp4, avi, mov, mkv, webm): one row per face per analysed frame with a track id
     (--csv, --json), one summary line per track, --annotate, --summary; see the video options."""
-    from .predict import run_predict
+    from .commands import run_predict
     from .video_cli import predict_videos
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
-    paths, n_failed = predict_videos(
+    detector = "none" if no_detect else detector
+    annotate = Path(annotate) if annotate else None
+    csv_file = Path(csv_file) if csv_file else None
+    paths, n_failed, model = predict_videos(
         paths,
         video,
-        run=Path(run),
+        run=run,
         as_json=as_json,
-        detect=not no_detect,
+        detector=detector,
         router=router,
         use_flat=use_flat,
         batch_size=batch_size,
+        min_confidence=min_confidence,
+        annotate=annotate,
+        csv_file=csv_file,
     )
     if paths:
-        n_failed += run_predict(paths, Path(run), as_json, not no_detect, router, use_flat, batch_size)
+        n_failed += run_predict(
+            paths,
+            run,
+            as_json,
+            detector,
+            router,
+            use_flat,
+            batch_size,
+            min_confidence,
+            annotate,
+            csv_file,
+            model=model,
+        )
     if n_failed:
         sys.exit(1)
+
+
+@cli.command("models", short_help="Bundled models and runs under artifacts/, with their model cards.")
+@click.option("--artifacts", type=click.Path(file_okay=False), default="artifacts", show_default=True)
+def models_cmd(artifacts):
+    """Each model's card: data and licence, classes, input size, the command and commit that
+    trained it, its figures (flat vs hierarchy, calibration) and what it is not for."""
+    from .bundle import list_models, render_models
+
+    click.echo(render_models(list_models(Path(artifacts))))
+
+
+@cli.command("bundle", short_help="Store a finished run inside the package (float16) as a bundled model.")
+@click.option("--run", type=click.Path(file_okay=False), required=True)
+@click.option("--name", default="ferplus", show_default=True, help="Folder name under ensemble/models/.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Elsewhere than ensemble/models/NAME.")
+@click.option("--command", "train_command", default=None, help="The exact command that trained the run (model card).")
+def bundle_cmd(run, name, out, train_command):
+    """Copy the run's stages with float16 weights and their sha256 checks rewritten, plus a model card."""
+    from .bundle import bundle
+
+    bundle(Path(run), name, Path(out) if out else None, train_command, _log)
+
+
+@cli.command("calibrate", short_help="Fit temperature scaling on the selection split (val).")
+@CONFIG
+@SET
+@click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
+def calibrate_cmd(config_file, overrides, run):
+    """Fit the flat model's and the hierarchy's temperatures on val; writes RUN/calibration with
+    the expected calibration error before and after (val, and test where there is one)."""
+    from .calibration import calibrate
+
+    calibrate(_experiment_for_run(config_file, overrides, run), _log)
+
+
+def _experiment_for_run(config_file, overrides, run):
+    """An experiment on a trained run's own config (config.json) unless a config is given."""
+    from .config import config_from_dict, load_config
+    from .experiment import open_experiment
+
+    run_p = Path(run)
+    if config_file or overrides or not (run_p / "config.json").is_file():
+        cfg = load_config(config_file, overrides)
+    else:
+        cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
+    return open_experiment(cfg, run_p, _log, save=False)
 
 
 @cli.command("compare", short_help="Flat vs hierarchical (hard, soft, oracle) on the same faces.")
@@ -222,7 +322,7 @@ def compare_cmd(config_file, overrides, run, split, out):
     accuracy and stage-1 RMSE/CCC; writes report.md, metrics.csv and plots."""
     from .artifacts import read_meta
     from .config import config_from_dict, load_config
-    from .pipeline import open_experiment
+    from .experiment import open_experiment
     from .reports import compare
 
     run_p = Path(run)
@@ -243,20 +343,28 @@ def compare_cmd(config_file, overrides, run, split, out):
 
 
 @cli.command("export", short_help="Export the whole hierarchy as one ONNX or TorchScript graph.")
-@click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder (default: the bundled model; see ensemble models).",
+)
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 def export_cmd(run, fmt, out, router):
     """Trunk(s), stage 1, router, experts and the mixture as one graph with a dynamic batch:
     input HierarchicalPredictor.preprocess(images), output (n, 8) probabilities."""
+    from .bundle import resolve_run
     from .export import export
 
+    run = resolve_run(run, lambda m: click.echo(m, err=True), "export")
     path = export(Path(run), fmt, Path(out), router)
     click.echo(f"wrote {path}")
 
 
 def main(argv=None) -> None:
+    """The ``ensemble`` command: a user error is one ``error:`` line and exit 2, never a traceback."""
     warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="ensemble", standalone_mode=False)
@@ -279,3 +387,8 @@ def main(argv=None) -> None:
             click.echo(f"stopped: {exc}", err=True)
             sys.exit(130)
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # (a command that never imported torch has no group)
+            from .runtime import shutdown
+
+            shutdown()

@@ -18,19 +18,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .data import CLASSES, FORMATS, canonical_class
+from .classes import CLASSES, canonical_class
 from .errors import UserError
+
+#: The data-set formats ``data.format`` accepts (one adapter each in :mod:`ensemble.data`).
+DataFormat = Literal["affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic"]
+FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
+#: How prepared images are read: see ``DataConfig.cache``.
+CacheMode = Literal["auto", "memory", "disk", "none"]
+#: Soft routing's temperature when none is fitted or set (squared V/A distance units).
+DEFAULT_TEMPERATURE = 0.05
+#: Old values still accepted, with a deprecation line: (key, old) -> new.
+_DEPRECATED = {("experts.train_on", "true"): "true_va"}
 
 
 @dataclass
 class DataConfig:
-    format: str = "synthetic"  # affectnet | affectnet-folder | ferplus | folder | csv | synthetic
+    format: DataFormat = "synthetic"  # affectnet | affectnet-folder | ferplus | folder | csv | synthetic
     root: str = ""  # data-set root (for csv: the manifest file); unused by synthetic
     image_size: int = 48  # network input side in pixels (the report's recipe: 224)
     max_samples: int = 0  # cap per split (stratified, seeded; at least one face per class kept) for smoke runs; 0 = all
@@ -39,7 +51,7 @@ class DataConfig:
     n_synthetic: int = 4000  # synthetic: images over all splits
     synthetic_size: int = 64  # synthetic: image side in pixels
     cache_dir: str = "artifacts/cache"  # decoded, resized uint8 images are kept here (ensemble prepare)
-    cache: str = "auto"  # auto | disk | none: read prepared shards (disk) or decode every epoch (none)
+    cache: CacheMode = "auto"  # auto (memory when the prepared shard fits easily in RAM, else disk) | memory | disk | none (decode every epoch)
     strict: bool = False  # a bad row or image is an error instead of a counted skip
     num_workers: int = 0  # DataLoader workers when decoding from files
 
@@ -49,33 +61,41 @@ class ModelConfig:
     backbone: str = "vgg16"  # any torchvision classification model name, or "tinyvgg" (tests, demo)
     pretrained: str = "none"  # imagenet | none | path to a state_dict of the torchvision model
     trainable: str = "all"  # head | blockN (blocks N..last plus head) | all
-    head: str = "slim"  # classic (VGG 4096-4096 classifier) | slim (global pool -> hidden -> out)
+    head: Literal["slim", "classic"] = (
+        "slim"  # classic (VGG 4096-4096 classifier) | slim (global pool -> hidden -> out)
+    )
     hidden: int = 256  # slim head's hidden width
     dropout: float = 0.5  # dropout inside the head
-    trunk_from: str = ""  # "" | flat | stage1: build on that stage's trunk, frozen (shared at inference)
+    trunk_from: Literal["", "flat", "stage1"] = (
+        ""  # "" | flat | stage1: build on that stage's trunk, frozen (shared at inference)
+    )
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10  # maximum epochs
     batch_size: int = 64  # per process
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # adam | adamw | sgd
     lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # sgd momentum
     nesterov: bool = False  # sgd Nesterov momentum
     weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw)
-    schedule: str = "cosine"  # cosine | step | none
+    schedule: Literal["cosine", "step", "none"] = "cosine"  # cosine | step | none
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step schedule: decay factor
     warmup_epochs: float = 0.0  # linear warm-up, in epochs (fractions allowed)
     patience: int = 0  # early stopping: epochs without improvement on the validation metric; 0 = off
-    loss: str = "mse"  # regression loss: mse | mse+ccc  (classification always uses cross-entropy)
+    loss: Literal["mse", "mse+ccc"] = (
+        "mse"  # regression loss: mse | mse+ccc  (classification always uses cross-entropy)
+    )
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     soft_targets: bool = False  # classification: train on vote distributions where the data has them
     augment: bool = True  # random crop (scale/shift) and horizontal flip on every training image
     crop_scale: float = 0.1  # augmentation: +- relative scale/shift of the random crop
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 elsewhere) | bf16 | fp16 | fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = (
+        "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 elsewhere) | bf16 | fp16 | fp32
+    )
     channels_last: bool = True  # NHWC memory layout (faster convolutions)
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch CPU threads; 0 = library default
@@ -87,18 +107,22 @@ class TrainConfig:
 
 @dataclass
 class BalanceConfig:
-    mode: str = "none"  # none | down | up | transform  (the report's sampling remedies)
+    mode: Literal["none", "down", "up", "transform"] = (
+        "none"  # none | down | up | transform  (the report's sampling remedies)
+    )
     cap: int = 20000  # per-class ceiling for up / transform up-sampling (the report: 20k)
     floor: int = 0  # down-sampling: per-class target; 0 = size of the rarest class
     rotation: float = 45.0  # transform copies: random rotation within +- degrees
     flip: bool = True  # transform copies: random horizontal flip
-    weights: str = "none"  # loss weights: none | inverse | sqrt_inverse | explicit
+    weights: Literal["none", "inverse", "sqrt_inverse", "explicit"] = (
+        "none"  # loss weights: none | inverse | sqrt_inverse | explicit
+    )
     class_weights: dict = field(default_factory=dict)  # explicit: class -> weight (missing = 1)
 
 
 @dataclass
 class NeighborhoodsConfig:
-    method: str = "kmeans"  # kmeans | gmm | agglomerative
+    method: Literal["kmeans", "gmm", "agglomerative"] = "kmeans"  # kmeans | gmm | agglomerative
     k: int = 0  # number of neighborhoods; 0 = choose within k_min..k_max
     k_min: int = 2  # automatic k: smallest tried
     k_max: int = 6  # automatic k: largest tried
@@ -115,14 +139,16 @@ class StageOverrides:
 
 @dataclass
 class ExpertsConfig(StageOverrides):
-    train_on: str = "true"  # true | routed | both: which region's samples train an expert
+    train_on: Literal["true_va", "routed", "both"] = (
+        "true_va"  # which region's faces train an expert: by their true V/A, as stage 1 routes them, or both ("true" = true_va, deprecated)
+    )
     oof_folds: int = 3  # routed: stage-1 V/A on training data predicted out-of-fold by this many refits
     min_count: int = 20  # a class needs this many samples in a region to be part of its expert
 
 
 @dataclass
 class RouterConfig:
-    mode: str = "auto"  # auto (best on validation) | hard | soft
+    mode: Literal["auto", "hard", "soft"] = "auto"  # auto (best on validation) | hard | soft
     temperature: float = 0.0  # soft routing temperature; 0 = fitted on validation
 
 
@@ -156,6 +182,9 @@ class Config:
         return cfg
 
 
+#: more decoder processes than this is a typo, not a machine (``prepare --workers``, ``data.num_workers``)
+MAX_WORKERS = 256
+
 _SECTION_TYPES = {f.name: f.type for f in fields(Config)}
 
 
@@ -169,15 +198,22 @@ class _SetValue:
     def __init__(self, parsed: Any, raw: str):
         self.parsed, self.raw = parsed, raw
 
+    def __repr__(self) -> str:  # error messages show what the user typed
+        return self.raw.strip()
+
 
 def _check_value(value: Any, expected: Any, where: str) -> Any:
+    if typing.get_origin(expected) is Literal:  # its choices are a rule (_RULES); the type is text
+        expected = str
     if isinstance(value, _SetValue):
         if expected is str:
             value = value.parsed if isinstance(value.parsed, str) else value.raw.strip()
         else:
             value = value.parsed
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key {where} = {value!r} must be a finite number")
     if expected is dict:
         if not isinstance(value, dict):
             raise UserError(f"config key {where}: expected a table, got {value!r}")
@@ -229,7 +265,7 @@ def _weights_table(v):
     for k, w in v.items():
         if problem := _unknown_class(k):
             return problem
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             return f"gives {k} the weight {w!r}; weights are numbers >= 0"
     return None
 
@@ -247,65 +283,78 @@ def _prototypes_table(v):
     return None
 
 
-# value checks per field, so that a bad value is refused when the config is read, naming the key
+def _trainable(v):
+    import re
+
+    ok = v in ("head", "all") or re.fullmatch(r"block[1-9]\d*", v)
+    return None if ok else "must be head, all or blockN (N >= 1: blocks N..last and the head learn)"
+
+
+def _backbone(v):
+    if v == "tinyvgg":
+        return None
+    import torchvision  # only when a config names a torchvision backbone
+
+    if v in torchvision.models.list_models(module=torchvision.models):
+        return None
+    return "is not a torchvision classification model (see torchvision.models.list_models()) nor tinyvgg"
+
+
+# value checks per field, so that a bad value is refused when the config is read, naming the key;
+# a field typed Literal[...] gets its choices checked here too (added below), nowhere else
 _RULES: dict[type, dict[str, Any]] = {
     DataConfig: {
-        "format": _one_of(*FORMATS),
         "image_size": _range(8, 4096),
         "max_samples": _range(0),
         "val_fraction": _range(0, 1, hi_open=True),
         "prototypes": _prototypes_table,
         "n_synthetic": _range(80),
         "synthetic_size": _range(16, 1024),
-        "cache": _one_of("auto", "disk", "none"),
-        "num_workers": _range(0),
+        "num_workers": _range(0, MAX_WORKERS),
     },
     ModelConfig: {
-        "head": _one_of("slim", "classic"),
+        "backbone": _backbone,
+        "trainable": _trainable,
         "hidden": _range(1),
         "dropout": _range(0, 1, hi_open=True),
-        "trunk_from": _one_of("", "flat", "stage1"),
     },
     TrainConfig: {
         "epochs": _range(1),
         "batch_size": _range(1),
-        "optimizer": _one_of("adam", "adamw", "sgd"),
         "lr": _range(0, lo_open=True),
         "momentum": _range(0, 1, hi_open=True),
         "weight_decay": _range(0),
-        "schedule": _one_of("cosine", "step", "none"),
         "step_size": _range(1),
         "gamma": _range(0, lo_open=True),
-        "warmup_epochs": _range(0),
+        "warmup_epochs": _range(0, 1000),
         "patience": _range(0),
-        "loss": _one_of("mse", "mse+ccc"),
         "label_smoothing": _range(0, 1, hi_open=True),
         "crop_scale": _range(0, 0.5),
         "device": _device,
-        "precision": _one_of("auto", "bf16", "fp16", "fp32"),
-        "threads": _range(0),
+        "threads": _range(0, 4096),
         "max_minutes": _range(0),
         "transform_views": _range(1, 64),
     },
     BalanceConfig: {
-        "mode": _one_of("none", "down", "up", "transform"),
         "cap": _range(1),
         "floor": _range(0),
         "rotation": _range(0, 180),
-        "weights": _one_of("none", "inverse", "sqrt_inverse", "explicit"),
         "class_weights": _weights_table,
     },
     NeighborhoodsConfig: {
-        "method": _one_of("kmeans", "gmm", "agglomerative"),
         "k": _range(0, 64),
         "k_min": _range(2, 64),
         "k_max": _range(2, 64),
         "min_share": _range(0, 1, lo_open=True),
         "max_fit_samples": _range(10),
     },
-    ExpertsConfig: {"train_on": _one_of("true", "routed", "both"), "oof_folds": _range(2, 20), "min_count": _range(1)},
-    RouterConfig: {"mode": _one_of("auto", "hard", "soft"), "temperature": _range(0)},
+    ExpertsConfig: {"oof_folds": _range(2, 20), "min_count": _range(1)},
+    RouterConfig: {"temperature": _range(0)},
 }
+for _cls in _RULES:
+    for _name, _hint in typing.get_type_hints(_cls).items():
+        if typing.get_origin(_hint) is Literal:
+            _RULES[_cls].setdefault(_name, _one_of(*typing.get_args(_hint)))
 
 
 def _apply(cls, values: dict, where: str):
@@ -315,6 +364,10 @@ def _apply(cls, values: dict, where: str):
         if key not in hints:
             raise UserError(f"unknown config key: {where}.{key}")
         kwargs[key] = _check_value(value, hints[key], f"{where}.{key}")
+        new = _DEPRECATED.get((f"{where}.{key}", kwargs[key])) if isinstance(kwargs[key], str) else None
+        if new is not None:
+            warnings.warn(f"{where}.{key} = {kwargs[key]!r} is deprecated; write {new!r}", stacklevel=2)
+            kwargs[key] = new
         rule = _RULES.get(cls, {}).get(key)
         problem = rule(kwargs[key]) if rule else None
         if problem:
@@ -376,6 +429,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
 
 
 def config_from_dict(raw: dict) -> Config:
+    """A Config from a dict of sections (a TOML file, a saved config.json), every key and value checked."""
     sections = {}
     for name, value in raw.items():
         if name not in _SECTION_TYPES:
@@ -388,6 +442,7 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .artifacts import write_json
+    """The resolved config as sorted JSON at ``path``, atomically."""
+    from .files import write_json
 
     write_json(path, json.loads(json.dumps(cfg.to_dict(), sort_keys=True)))  # atomically

@@ -31,59 +31,31 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from .classes import (  # noqa: F401  (re-exported: the manifest speaks in these)
+    CLASS_ALIASES,
+    CLASS_INDEX,
+    CLASSES,
+    VA_PROTOTYPES,
+    VOTE_COLUMNS,
+    canonical_class,
+    prototype_table,
+)
+from .config import FORMATS
 from .errors import UserError
 
-#: The canonical class order (AffectNet's expression codes 0-7), used for every logit.
-CLASSES: tuple[str, ...] = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
-CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
-VOTE_COLUMNS = [f"vote_{c}" for c in CLASSES]
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-FORMATS = ("affectnet", "affectnet-folder", "ferplus", "folder", "csv", "synthetic")
-
-#: Names other data sets use for our classes.
-CLASS_ALIASES = {
-    "neutral": "neutral",
-    "neutrality": "neutral",
-    "calm": "neutral",
-    "happy": "happy",
-    "happiness": "happy",
-    "joy": "happy",
-    "sad": "sad",
-    "sadness": "sad",
-    "surprise": "surprise",
-    "surprised": "surprise",
-    "fear": "fear",
-    "fearful": "fear",
-    "afraid": "fear",
-    "scared": "fear",
-    "disgust": "disgust",
-    "disgusted": "disgust",
-    "anger": "anger",
-    "angry": "anger",
-    "contempt": "contempt",
-    "contemptuous": "contempt",
-}
-
-#: Prototype (valence, arousal) per class, used to derive V/A where a data set has none.
-#: Positions approximated from Russell's circumplex of affect (J. A. Russell, "A circumplex
-#: model of affect", J. Pers. Soc. Psychol. 39(6):1161-1178, 1980, Fig. 2), the reference
-#: AffectNet's annotators were shown (Mollahosseini et al., IEEE T-AFFC 10(1), 2019, §3.2),
-#: scaled to [-1, 1]. Override per class with ``data.prototypes``.
-VA_PROTOTYPES: dict[str, tuple[float, float]] = {
-    "neutral": (0.0, 0.0),
-    "happy": (0.8, 0.35),
-    "sad": (-0.7, -0.35),
-    "surprise": (0.25, 0.8),
-    "fear": (-0.55, 0.75),
-    "disgust": (-0.7, 0.3),
-    "anger": (-0.6, 0.65),
-    "contempt": (-0.5, 0.2),
-}
 
 # FER+ label.csv vote order (after file and box)
 FERPLUS_VOTES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt", "unknown", "NF")
 FERPLUS_SPLITS = {"FER2013Train": "train", "FER2013Valid": "val", "FER2013Test": "test"}
+#: Drop reasons shared by the adapters: one name per cause, so that ``data summary`` tables compare.
+DROP_EXPRESSION_8_10 = "expression 8-10 (none, uncertain, no face)"
+DROP_LABEL = "label outside the classes"
+DROP_VA = "valence/arousal missing (-2) or out of range"
+DROP_NOT_REGULAR = "not a regular file (FIFO, device, broken link)"
+DROP_DUPLICATE = "duplicate row (same image and box)"
+
 AFFECTNET_COLUMNS = [
     "subDirectory_filePath",
     "face_x",
@@ -104,23 +76,7 @@ class Dataset:
     manifest: pd.DataFrame
     dropped: Counter
     dropped_by_split: dict = field(default_factory=dict)  # split -> Counter of reasons ("unassigned": no split known)
-
-
-def canonical_class(name: str) -> str | None:
-    return CLASS_ALIASES.get(str(name).strip().lower())
-
-
-def prototype_table(overrides: dict | None = None) -> np.ndarray:
-    """(8, 2) prototype V/A per class in canonical order."""
-    table = dict(VA_PROTOTYPES)
-    for name, va in (overrides or {}).items():
-        c = canonical_class(name)
-        if c is None:
-            raise UserError(f"data.prototypes: unknown class {name!r}")
-        if not (isinstance(va, (list, tuple)) and len(va) == 2):
-            raise UserError(f"data.prototypes.{name}: expected [valence, arousal]")
-        table[c] = (float(va[0]), float(va[1]))
-    return np.array([table[c] for c in CLASSES], dtype=np.float64)
+    notes: list = field(default_factory=list)  # how the data were read where a user may wonder (a header-less CSV, …)
 
 
 def _warn_dropped(reason: str, examples: list[str], n: int) -> None:
@@ -138,6 +94,7 @@ class _Drops:
         self.by_split: dict[str, Counter] = {}
         self.split: str | None = None  # the split an adapter is reading, where it knows it
         self.examples: dict[str, list[str]] = {}
+        self.notes: list[str] = []
 
     def add(self, reason: str, example: str, split: str | None = None) -> None:
         if self.strict:
@@ -179,6 +136,20 @@ def _read_table(
         else:
             rows.append(row)
     return header, rows
+
+
+def _first_row(path: Path) -> list[str]:
+    """The first non-blank row of a CSV file (stripped cells), without reading the rest."""
+    import csv as csvlib
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for row in csvlib.reader(f):
+                if any(cell.strip() for cell in row):
+                    return [cell.strip() for cell in row]
+    except (UnicodeDecodeError, csvlib.Error) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    return []
 
 
 def _empty_row(path: str, label: int, split: str) -> dict:
@@ -242,8 +213,33 @@ def _read_ferplus(root: Path, drops: _Drops) -> list[dict]:
     return rows
 
 
+def _affectnet_data_row(cells: list[str]) -> bool:
+    """Whether a CSV row is an AffectNet data row of the documented 9 columns (not a header)."""
+    if len(cells) != len(AFFECTNET_COLUMNS):
+        return False
+    rec = dict(zip(AFFECTNET_COLUMNS, cells))
+    try:
+        float(rec["expression"]), float(rec["valence"]), float(rec["arousal"])
+        [float(rec[k]) for k in ("face_x", "face_y", "face_width", "face_height")]
+    except ValueError:
+        return False
+    return True
+
+
 def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> list[dict]:
-    header, rows_raw = _read_table(csv, drops, "malformed AffectNet row")
+    first = _first_row(csv)
+    if "subDirectory_filePath" not in first and _affectnet_data_row(first):
+        # copies of the release ship validation.csv without training.csv's header line
+        header, rows_raw = (
+            list(AFFECTNET_COLUMNS),
+            _read_table(csv, drops, "malformed AffectNet row", n_fields=len(AFFECTNET_COLUMNS))[1],
+        )
+        drops.notes.append(
+            f"{csv.name} has no header line: read as the documented {len(AFFECTNET_COLUMNS)} "
+            f"columns ({', '.join(AFFECTNET_COLUMNS)})"
+        )
+    else:
+        header, rows_raw = _read_table(csv, drops, "malformed AffectNet row")
     table = pd.DataFrame(rows_raw, columns=header, dtype=str)
     missing = [c for c in AFFECTNET_COLUMNS if c not in table.columns and c != "facial_landmarks"]
     if missing:
@@ -258,14 +254,8 @@ def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> l
         except (TypeError, ValueError, OverflowError):  # e.g. "inf" or "1e400" as an expression code
             drops.add("malformed AffectNet row", rel or "?")
             continue
-        if expr in (8, 9, 10):
-            drops.add("expression 8-10 (none, uncertain, no face)", rel)
-            continue
-        if not 0 <= expr <= 7:
-            drops.add("label outside the classes", rel)
-            continue
-        if val == -2 or aro == -2 or not (-1 <= val <= 1 and -1 <= aro <= 1):
-            drops.add("valence/arousal missing (-2) or out of range", rel)
+        if reason := _affectnet_drop(expr, val, aro):
+            drops.add(reason, rel)
             continue
         row = _empty_row(str(images / rel), expr, split)
         if all(np.isfinite(box)) and box[2] > 0 and box[3] > 0:
@@ -273,6 +263,17 @@ def _read_affectnet_csv(csv: Path, images: Path, split: str, drops: _Drops) -> l
         row.update(valence=val, arousal=aro, va_source="measured")
         rows.append(row)
     return rows
+
+
+def _affectnet_drop(expr: int, val: float, aro: float) -> str | None:
+    """Why an AffectNet annotation cannot be used (the same reasons for both layouts), or None."""
+    if expr in (8, 9, 10):
+        return DROP_EXPRESSION_8_10
+    if not 0 <= expr <= 7:
+        return DROP_LABEL
+    if val == -2 or aro == -2 or not (-1 <= val <= 1 and -1 <= aro <= 1):  # NaN fails the range too
+        return DROP_VA
+    return None
 
 
 def _read_affectnet(root: Path, drops: _Drops) -> list[dict]:
@@ -315,17 +316,14 @@ def _read_affectnet_folder(root: Path, drops: _Drops) -> list[dict]:
                 expr = int(np.load(ann / f"{img.stem}_exp.npy", allow_pickle=False).item())
                 val = float(np.load(ann / f"{img.stem}_val.npy", allow_pickle=False).item())
                 aro = float(np.load(ann / f"{img.stem}_aro.npy", allow_pickle=False).item())
-            except (OSError, ValueError, TypeError):
+            except (OSError, ValueError, TypeError, OverflowError):
                 drops.add("missing or unreadable annotation", f"{sub.name}/{img.name}")
                 continue
-            if not 0 <= expr <= 7:
-                drops.add("label outside the classes", f"{sub.name}/{img.name}")
-                continue
-            if not (np.isfinite(val) and np.isfinite(aro)) or val == -2 or aro == -2:
-                drops.add("valence/arousal missing (-2) or out of range", f"{sub.name}/{img.name}")
+            if reason := _affectnet_drop(expr, val, aro):
+                drops.add(reason, f"{sub.name}/{img.name}")
                 continue
             row = _empty_row(str(img), expr, split)
-            row.update(valence=float(np.clip(val, -1, 1)), arousal=float(np.clip(aro, -1, 1)), va_source="measured")
+            row.update(valence=val, arousal=aro, va_source="measured")
             rows.append(row)
     if not rows and not drops.counts:
         raise UserError(f"no AffectNet folder layout under {root} (expected <split>/images and <split>/annotations)")
@@ -341,12 +339,14 @@ def _read_folder(root: Path, drops: _Drops) -> list[dict]:
         c = canonical_class(class_dir.name)
         for f in sorted(class_dir.rglob("*")):
             if not f.is_file():
+                if not f.is_dir():  # a FIFO, a device, a broken link: named, never opened
+                    drops.add(DROP_NOT_REGULAR, str(f), split)
                 continue
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
                 drops.add("not an image file name", str(f), split)
                 continue
             if c is None:
-                drops.add("label outside the classes", str(f), split)
+                drops.add(DROP_LABEL, str(f), split)
                 continue
             out.append(_empty_row(str(f), CLASS_INDEX[c], split))
         return out
@@ -373,8 +373,10 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
     if not path.is_file():
         raise UserError(f"CSV manifest not found: {path}")
     header, rows_raw = _read_table(path, drops, "malformed CSV row")
-    if len(set(header)) != len(header):
-        raise UserError(f"{path}: repeated column names in the header ({', '.join(header)})")
+    folded = [h.strip().lower() for h in header]
+    if len(set(folded)) != len(folded):  # "path" and "Path" would silently pick one
+        repeated = sorted({h for h in header if folded.count(h.strip().lower()) > 1})
+        raise UserError(f"{path}: column names repeat in the header when case is ignored ({', '.join(repeated)})")
     table = pd.DataFrame(rows_raw, columns=header, dtype=str)
     cols = {c.strip().lower(): c for c in table.columns}
     path_col = cols.get("path") or cols.get("image") or cols.get("file")
@@ -392,7 +394,7 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
         split = {"valid": "val", "validation": "val"}.get(split, split)
         drops.split = split if split in SPLITS else None
         if c is None:
-            drops.add("label outside the classes", f"{rec[path_col]} ({raw_label})")
+            drops.add(DROP_LABEL, f"{rec[path_col]} ({raw_label})")
             continue
         if split not in SPLITS:
             drops.add("unknown split", f"{rec[path_col]} ({split})")
@@ -438,13 +440,47 @@ def _hold_out_val(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed + 1)
     val_idx = []
     for _, grp in train.groupby("label"):
-        n = int(round(len(grp) * fraction))
-        if n and len(grp) > 1:
+        n = max(1, int(round(len(grp) * fraction)))  # every class with two faces or more is seen in validation
+        if len(grp) > 1:
             val_idx.append(rng.choice(grp.index.to_numpy(), size=min(n, len(grp) - 1), replace=False))
     df = df.copy()
     if val_idx:
         df.loc[np.concatenate(val_idx), "split"] = "val"
     return df
+
+
+def _warn_classes_without_val(df: pd.DataFrame) -> None:
+    if not (df["split"] == "val").any():
+        return
+    have = set(df.loc[df["split"] == "val", "label"])
+    train = df.loc[df["split"] == "train", "label"].value_counts()
+    missing = [
+        f"{CLASSES[c]} ({n} training face{'s' if n > 1 else ''})" for c, n in sorted(train.items()) if c not in have
+    ]
+    if missing:
+        warnings.warn(
+            f"no validation face of {', '.join(missing)}: model selection cannot see "
+            f"{'this class' if len(missing) == 1 else 'these classes'}",
+            stacklevel=3,
+        )
+
+
+def _drop_duplicates(df: pd.DataFrame, drops: _Drops) -> pd.DataFrame:
+    """A row repeated (same image file and box) is dropped and counted; one image in two splits is an error."""
+    norm = df["path"].map(lambda p: os.path.normcase(os.path.abspath(p)))
+    splits = df.groupby(norm)["split"].nunique()
+    if (splits > 1).any():
+        leaked = splits[splits > 1].index[0]
+        where = sorted(df.loc[norm == leaked, "split"].unique())
+        raise UserError(
+            f"{leaked} is in two splits ({' and '.join(where)}): a face must not be both trained "
+            f"and tested on; fix the data set ({int((splits > 1).sum())} such file(s))"
+        )
+    key = pd.DataFrame({"p": norm, **{k: df[k].astype(str) for k in ("x", "y", "w", "h")}})
+    dup = key.duplicated().to_numpy()
+    for p, split in zip(df.loc[dup, "path"], df.loc[dup, "split"]):
+        drops.add(DROP_DUPLICATE, p, split)
+    return df[~dup]
 
 
 def derive_va(df: pd.DataFrame, prototypes: np.ndarray) -> pd.DataFrame:
@@ -504,12 +540,14 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
     if check_files:
         exists = np.array([os.path.isfile(p) for p in df["path"]])
         for p, split in zip(df.loc[~exists, "path"], df.loc[~exists, "split"]):
-            drops.add("image file missing", p, split)
+            drops.add(DROP_NOT_REGULAR if os.path.lexists(p) else "image file missing", p, split)
         df = df[exists]
         if df.empty:
+            first = (drops.examples.get("image file missing") or drops.examples.get(DROP_NOT_REGULAR))[0]
             raise UserError(
-                f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {drops.examples['image file missing'][0]})"
+                f"no usable rows in the {fmt} data set at {data_cfg.root}: no image file exists (e.g. {first})"
             )
+    df = _drop_duplicates(df, drops)  # after the file check: a missing file is only missing
     df = derive_va(df, prototype_table(data_cfg.prototypes))
     df = _hold_out_val(df, data_cfg.val_fraction, seed)
     if data_cfg.max_samples:
@@ -517,7 +555,8 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
     df = df.reset_index(drop=True)
     df["label"] = df["label"].astype(int)
     drops.warn()
-    return Dataset(df, drops.counts, drops.by_split)
+    _warn_classes_without_val(df)
+    return Dataset(df, drops.counts, drops.by_split, drops.notes)
 
 
 def manifest_digest(df: pd.DataFrame, image_size: int) -> str:
@@ -554,9 +593,11 @@ def open_image(source) -> Image.Image:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(source) as f:
                     f.load()
-                    im = f.copy() if f.mode not in ("I;16", "I;16B", "I;16L", "I", "F") else f.convert("I")
+                    im = f.copy() if f.mode not in ("I;16", "I;16B", "I;16L", "I") else f.convert("I")
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "F", "I;16", "I;16B", "I;16L"):
+        if im.mode == "F":
+            im = _float_to_gray(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L"):
             arr = np.asarray(im, dtype=np.float64)
             hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
             im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
@@ -576,6 +617,20 @@ def open_image(source) -> Image.Image:
     return im
 
 
+def _float_to_gray(im: Image.Image) -> Image.Image:
+    """A 32-bit float image scaled to 8 bits: [0, 1] (the usual convention) or [0, 255];
+    any other range is refused rather than guessed."""
+    arr = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ImageError("float image with NaN or infinite values")
+    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+    if lo >= 0 and hi <= 1:
+        arr = arr * 255.0
+    elif not (lo >= 0 and hi <= 255):
+        raise ImageError(f"float image with values in [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]")
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+
+
 def face_array(source, box, size: int) -> np.ndarray:
     """(size, size, 3) uint8: the image (or its face box) resized. Raises ImageError."""
     im = open_image(source)
@@ -591,5 +646,6 @@ def face_array(source, box, size: int) -> np.ndarray:
 
 
 def row_box(row) -> tuple | None:
+    """A manifest row's face box (x, y, w, h), or None when the face is the whole image."""
     box = (row.x, row.y, row.w, row.h)
     return box if all(np.isfinite(box)) else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .classes import CLASSES
 from .config import load_config
-from .data import CLASSES
 
 #: configs/demo.toml, kept in the package so the demo runs from any folder (a test checks they agree)
 DEMO_TOML = """\
@@ -55,13 +55,13 @@ QUICK = ["data.n_synthetic=1600", "train.epochs=3", "stage1.train.epochs=4", "ex
 
 def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -> dict:
     """Synthetic faces -> fit-flat, fit-stage1, fit-experts, compare, and one predict."""
-    from stages.experts import fit_experts
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
 
-    from .pipeline import open_experiment
-    from .predictors import HierarchicalPredictor, calibrate_router
+    from .experiment import open_experiment
+    from .predictors import HierarchicalPredictor
     from .reports import compare
+    from .routing import fit_experts_and_router
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def run_demo(out: Path, quick: bool = False, overrides: tuple = (), log=print) -
     steps = [
         ("[2/6] fit-flat", lambda: fit_flat(exp, log=log)),
         ("[3/6] fit-stage1", lambda: fit_stage1(exp, log=log)),
-        ("[4/6] fit-experts", lambda: (fit_experts(exp, log=log), calibrate_router(exp, log))),
+        ("[4/6] fit-experts", lambda: fit_experts_and_router(exp, log=log)),
         ("[5/6] compare", lambda: compare(exp, "test", log=log)),
     ]
     results = {}

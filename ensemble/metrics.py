@@ -48,6 +48,7 @@ def ccc(x, y) -> float:
 
 
 def pcc(x, y) -> float:
+    """Pearson's correlation; NaN with fewer than two points or a constant input."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return float("nan")

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import StageWriter, read_meta
+from .artifacts import read_meta
+from .config import DEFAULT_TEMPERATURE
 from .data import CLASSES, ImageError, face_array
 from .errors import UserError
-from .router import MODES, HierarchyNet, RegionPosterior, fit_temperature
+from .router import MODES, HierarchyNet, RegionPosterior
 
 
 def _as_image_list(images) -> list:
@@ -203,11 +204,11 @@ class HierarchicalPredictor(_Base):
                 raise UserError(
                     f"{run} has no router (run ensemble fit-experts, which calibrates it, or pass a router mode)"
                 )
-            rinfo = {"mode": router, "temperature": 0.05}  # calibration itself, or an explicit mode
+            rinfo = {"mode": router, "temperature": DEFAULT_TEMPERATURE}  # calibration itself, or an explicit mode
         mode = router or rinfo["mode"]
         if mode not in ("hard", "soft"):
             raise UserError(f"router must be hard or soft, got {mode!r}")
-        post = RegionPosterior(nbh, rinfo.get("temperature", 0.05))
+        post = RegionPosterior(nbh, rinfo.get("temperature", DEFAULT_TEMPERATURE))
         net = HierarchyNet(trunks, stage1.head, s1_key, heads, keys, classes, post, mode)
         return cls(net, nbh, m1, rinfo, device)
 
@@ -243,7 +244,8 @@ class HierarchicalPredictor(_Base):
         return p.numpy(), w.numpy()
 
     def predict(self, images, router: str | None = None) -> dict:
-        """Per image: probabilities (n, 8), label, valence, arousal, neighborhood, expert."""
+        """Per image: probabilities (n, 8), label, valence, arousal, neighborhood (whose expert weighed most;
+        one expert per neighborhood, its classes in ``expert_classes``) and the region weights (n, k)."""
         va, ep = self.parts_from_input(self.preprocess(images))
         proba, w = self.route(va, ep, router)
         region = w.argmax(1) if len(w) else np.zeros(0, int)
@@ -253,50 +255,8 @@ class HierarchicalPredictor(_Base):
             "valence": va[:, 0],
             "arousal": va[:, 1],
             "neighborhood": region,
-            "expert": region,
             "region_weights": w,
         }
 
     def predict_proba(self, images, router: str | None = None) -> np.ndarray:
         return self.predict(images, router)["proba"]
-
-
-def calibrate_router(exp, log=print) -> dict:
-    """Fit the soft router's temperature and pick the router mode on validation; write ``RUN/router``."""
-    from .metrics import classification_metrics
-
-    hp = HierarchicalPredictor.load(exp.run, router="soft", device=str(exp.rt.device))
-    vi = exp.idx("val")
-    ok = exp.images.ok[vi]
-    vi = vi[ok]
-    from stages.experts import neighborhoods_sha
-
-    result = {
-        "mode": "soft",
-        "temperature": hp.net.posterior.temperature,
-        "val": {},
-        "neighborhoods_sha256": neighborhoods_sha(exp.run / "neighborhoods"),
-    }
-    if len(vi) == 0:
-        log("router: no validation faces; soft routing with the default temperature")
-    else:
-        x = uint8_to_input(np.stack([exp.images.get(int(i)) for i in vi]), hp.mean, hp.std)
-        va, ep = hp.parts_from_input(x)
-        true_va = exp.manifest[["valence", "arousal"]].to_numpy()[vi]
-        result["temperature"] = fit_temperature(hp.net.posterior, va, hp.nbh.predict(true_va))
-        y = exp.manifest["label"].to_numpy()[vi]
-        for mode in ("hard", "soft"):
-            p, _ = hp.route(va, ep, mode)
-            result["val"][mode] = classification_metrics(y, p.argmax(1), CLASSES)["balanced_accuracy"]
-        want = exp.cfg.router.mode
-        if exp.cfg.router.temperature:
-            hp.net.posterior.temperature = result["temperature"] = exp.cfg.router.temperature
-        result["mode"] = max(("hard", "soft"), key=lambda m: result["val"][m]) if want == "auto" else want
-        log(
-            f"router: validation balanced accuracy hard {result['val']['hard']:.4f}, soft {result['val']['soft']:.4f}"
-            f" (T={result['temperature']:.3g}) -> {result['mode']}"
-        )
-    writer = StageWriter(exp.run / "router")
-    writer.json("router.json", result)
-    writer.publish({"stage": "router", **result})
-    return result

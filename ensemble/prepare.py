@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .data import ImageError, face_array, manifest_digest, row_box
+from .paths import make_dir
 
 
 def _decode(job):
@@ -38,6 +39,7 @@ class ImageSource:
         self,
         manifest: pd.DataFrame,
         size: int,
+        cache_dir: str | Path,
         array: np.ndarray | None = None,
         ok: np.ndarray | None = None,
         digest: str | None = None,
@@ -45,9 +47,11 @@ class ImageSource:
         self.paths = manifest["path"].tolist()
         self.boxes = [row_box(r) for r in manifest[["x", "y", "w", "h"]].itertuples(index=False)]
         self.size = size
+        self.cache_dir = Path(cache_dir)  # where caches derived from these faces live (e.g. features/)
         self.digest = digest or manifest_digest(manifest, size)  # names caches derived from these faces
-        self.array = array  # prepared (n, size, size, 3) memmap, or None (decode on demand)
+        self.array = array  # prepared (n, size, size, 3) array (in memory or memory-mapped), or None (decode on demand)
         self.ok = ok if ok is not None else np.ones(len(self.paths), dtype=bool)
+        self.mode = "none" if array is None else ("disk" if isinstance(array, np.memmap) else "memory")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,7 +71,8 @@ def prepare_images(
     info_file = folder / "info.json"
     if info_file.is_file():
         return folder, json.loads(info_file.read_text())
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(Path(cache_dir), "data.cache_dir")
+    make_dir(folder.parent, "data.cache_dir")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -133,17 +138,30 @@ def load_images(
     workers: int = 0,
     progress: bool = True,
 ) -> ImageSource:
-    """An ImageSource over the manifest; prepares the shard first unless ``mode == "none"``."""
+    """An ImageSource over the manifest (``data.cache``): ``none`` decodes every image when it is
+    read; otherwise the prepared shard is written (once) and read from ``disk`` (memory-mapped),
+    or held in ``memory``; ``auto`` holds it in memory when it takes under a quarter of the
+    memory available now, else reads it from disk."""
     if mode == "none":
-        src = ImageSource(manifest, size)
-        src.cache_dir = Path(cache_dir)
-        return src
+        return ImageSource(manifest, size, cache_dir)
     folder, info = prepare_images(manifest, size, cache_dir, workers, progress)
     if info["n_bad"]:
         shown = "; ".join(info["bad_examples"][:3])
         warnings.warn(f"skipped {info['n_bad']} unreadable image(s): {shown}", stacklevel=2)
-    array = np.load(folder / "images.npy", mmap_mode="r")
-    ok = np.load(folder / "ok.npy")
-    src = ImageSource(manifest, size, array, ok, digest=folder.name)
-    src.cache_dir = Path(cache_dir)
-    return src
+    shard = folder / "images.npy"
+    if mode == "auto":
+        available = available_memory()
+        mode = "memory" if available is not None and shard.stat().st_size < available / 4 else "disk"
+    array = np.load(shard, mmap_mode="r" if mode == "disk" else None)
+    return ImageSource(manifest, size, cache_dir, array, np.load(folder / "ok.npy"), digest=folder.name)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

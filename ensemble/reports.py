@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import write_json
-from .data import CLASSES
+from .classes import CLASSES
+from .files import write_json
 from .metrics import classification_metrics, regression_metrics
 from .predictors import FlatPredictor, HierarchicalPredictor, uint8_to_input
 
@@ -19,9 +19,20 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print) -> dic
     """Score every model on one split; write report.md, metrics.csv, confusion PNGs."""
     idx = exp.idx(split)
     if len(idx) == 0:
-        fallback = "val"
+        fallback = "val" if split == "test" else "test"
+        if len(exp.idx(fallback)) == 0:
+            from .errors import UserError
+
+            raise UserError(
+                f"compare: the data set has neither a {split} nor a {fallback} split to score on "
+                f"(set data.val_fraction, or add a {split} split)"
+            )
         log(f"compare: no {split} split in this data set; using {fallback}")
         split, idx = fallback, exp.idx(fallback)
+    if not exp.images.ok[idx].any():
+        from .errors import UserError
+
+        raise UserError(f"compare: none of the {len(idx)} {split} image(s) could be read")
     idx = idx[exp.images.ok[idx]]
     out = Path(out) if out else exp.run / "reports"
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +93,7 @@ def _pct(v) -> str:
 
 
 def summary_table(result: dict) -> str:
+    """The comparison as the plain-text table the CLI and the demo print."""
     head = f"{'model':<8}{'acc':>7}{'bal.acc':>9}{'F1':>7}{'route':>7}  " + " ".join(f"{c[:7]:>7}" for c in CLASSES)
     lines = [f"comparison on {result['split']} ({result['n']} faces), recall per class in %", head, "-" * len(head)]
     for m, r in result["models"].items():
@@ -100,6 +112,7 @@ def summary_table(result: dict) -> str:
 
 
 def render_report(result: dict, run: Path) -> str:
+    """The comparison as report.md (tables; it names the confusion plots written beside it)."""
     rows = []
     for m, r in result["models"].items():
         rows.append(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import CLASSES
+from .classes import CLASSES
 
 MODES = ("hard", "soft", "oracle")
 

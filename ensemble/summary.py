@@ -59,6 +59,7 @@ def summarize(cfg, verify: bool = True) -> dict:
     return {
         "format": cfg.data.format,
         "root": cfg.data.root,
+        "notes": list(ds.notes),
         "splits": {s: splits[s] for s in order},
         "dropped": dict(dropped),
         "n_dropped": int(sum(dropped.values())),
@@ -67,7 +68,9 @@ def summarize(cfg, verify: bool = True) -> dict:
 
 
 def render_summary(result: dict) -> str:
+    """A data-set summary as plain text: faces per class and split, V/A mean ± std per class, dropped rows by reason."""
     lines = [f"data set: {result['format']} {result['root']}".rstrip()]
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     head = f"{'class':<10}" + "".join(f"{s:>9}" for s in result["splits"])
     lines += ["", head, "-" * len(head)]
     for c in CLASSES:

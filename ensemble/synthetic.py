@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .data import CLASSES, VA_PROTOTYPES
+from .classes import CLASSES, VA_PROTOTYPES
+from .paths import make_dir
 
 #: share of each class in train/val (AffectNet-like imbalance, about 10:1)
 CLASS_SHARES = {
@@ -161,7 +162,7 @@ def synthetic_dataset(cache_dir: Path, n: int = 4000, size: int = 64, seed: int 
     folder = Path(cache_dir) / f"synthetic-v{GENERATOR_VERSION}-s{seed}-n{n}-{size}px"
     index = folder / "index.json"
     if not index.is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(folder.parent, "data.cache_dir")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -1,12 +1,13 @@
 """Video in, one row per face per analysed frame out, with track ids and optional smoothing.
 
-    from ensemble.video import predict_video
-    table = predict_video("clip.mp4", "artifacts/demo", every=5, smooth=1.0)
+    import ensemble
+    table = ensemble.load("artifacts/demo").predict_video("clip.mp4", every=5, smooth=1.0)
 
 Frames are decoded with OpenCV (FFmpeg) in one thread and handed through a bounded queue to
 the analyser, which detects and classifies them in batches while the next frames decode: a
 long video runs in constant memory. The analyser is any callable with the ``Analyser``
-signature (RGB frames in, ``FaceResult`` lists out); ``RunAnalyser`` adapts a trained run.
+signature (RGB frames in, ``FaceResult`` lists out); ``ModelAnalyser`` adapts
+:class:`ensemble.api.Model`.
 
 Columns: file, frame, time_s, track, box_x, box_y, box_w, box_h, emotion, p_<class> (8),
 valence, arousal, neighborhood; with ``smooth``: emotion_smooth, p_<class>_smooth,
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CLASSES
+from .classes import CLASSES
 from .errors import UserError
 
 # FFmpeg's own messages ("moov atom not found") would be printed beside ours; we say it in one line
@@ -395,13 +396,20 @@ def predict_video(
     smooth_method: str = "centred",
     batch_size: int = 16,
     progress: bool | None = None,
+    detector: str | None = None,
 ):
     """One row per face per analysed frame of the video at ``path`` (pandas DataFrame; columns
-    in the module docstring). ``model``: an ``Analyser`` or a run folder. ``table.attrs``
-    holds the video's fps, size, frame counts and, if it ended early, why."""
+    in the module docstring). ``model``: an :class:`ensemble.api.Model` (``detector``: one of
+    its detectors, default its own) or any ``Analyser``. ``table.attrs``
+    holds the video's fps, size, frame counts and, if it ended early, why. Usually called as
+    ``ensemble.load().predict_video(path)``."""
     import warnings
 
-    analyser = RunAnalyser(model) if isinstance(model, (str, Path)) else model
+    analyser = ModelAnalyser(model, detector, batch_size) if hasattr(model, "predict_many") else model
+    if isinstance(model, (str, Path)) or not callable(analyser):
+        raise UserError(
+            "predict_video needs a model (ensemble.load(run)) or an analyser; use ensemble.load(run).predict_video(path)"
+        )
     try:
         res = analyse_video(path, analyser, FrameSelection(every, fps, start, end), batch_size, progress=progress)
     except VideoError as exc:
@@ -420,47 +428,46 @@ def predict_video(
     return table
 
 
-# --------------------------------------------------------------------------- today's run as an analyser
+# --------------------------------------------------------------------------- a model as an analyser
 
 
-class RunAnalyser:
-    """Adapter from the run predictors of ``ensemble.predictors`` (with the Haar detector of
-    ``ensemble.faces``) to the ``Analyser`` interface: a whole batch of frames is classified
-    in one call. ``detect=False``: each frame is one face crop.
+class ModelAnalyser:
+    """Adapter from :class:`ensemble.api.Model` (its detector, alignment, crop, networks and
+    calibration, exactly as for photos) to the ``Analyser`` interface: a batch of frames goes
+    through ``Model.predict_many``. ``detector``: the model's own unless given ("none": each
+    frame is one face crop).
 
     This is the only place the video code meets a model: any object that turns a list of RGB
-    frames into ``FaceResult`` lists can take its place (a detector with landmarks fills
-    ``landmarks``, and the tracker then matches on them too)."""
+    frames into ``FaceResult`` lists can take its place (a detector with landmarks, MTCNN by
+    default, fills ``landmarks``, and the tracker then matches on them too)."""
 
-    def __init__(self, run, router: str | None = None, use_flat: bool = False, detect: bool = True):
-        from .predictors import FlatPredictor, HierarchicalPredictor
-
-        self.use_flat, self.detect = use_flat, detect
-        self.model = FlatPredictor.load(run) if use_flat else HierarchicalPredictor.load(run, router=router)
+    def __init__(self, model, detector: str | None = None, batch_size: int = 32):
+        self.model, self.detector, self.batch_size = model, detector, batch_size
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[list[FaceResult]]:
         from PIL import Image
 
-        from .data import face_array
-        from .faces import detect_faces
-        from .predictors import uint8_to_input
-
-        crops, where = [], []
-        for k, frame in enumerate(frames):
-            im = Image.fromarray(frame)
-            for box in detect_faces(im) if self.detect else [(0, 0, im.width, im.height)]:
-                crops.append(face_array(im, box, self.model.size))
-                where.append((k, box))
-        out: list[list[FaceResult]] = [[] for _ in frames]
-        if not crops:
-            return out
-        x = uint8_to_input(np.stack(crops), self.model.mean, self.model.std)
-        if self.use_flat:
-            proba, va, region = self.model.proba_from_input(x), np.full((len(x), 2), np.nan), np.full(len(x), -1)
-        else:
-            va, ep = self.model.parts_from_input(x)
-            proba, w = self.model.route(va, ep)
-            region = w.argmax(1)
-        for (k, box), p, v, r in zip(where, proba, va, region):
-            out[k].append(FaceResult(tuple(int(b) for b in box), p, float(v[0]), float(v[1]), int(r)))
+        images = [Image.fromarray(f) for f in frames]
+        out: list[list[FaceResult]] = []
+        for im, (_, records, err) in zip(
+            images, self.model.predict_many(images, detector=self.detector, batch_size=self.batch_size)
+        ):
+            if err is not None:
+                raise VideoError(err)
+            out.append([face_result(r, im.size) for r in records])
+        if len(out) != len(frames):
+            raise RuntimeError(f"the model returned {len(out)} results for {len(frames)} frames")
         return out
+
+
+def face_result(record: dict, size: tuple[int, int]) -> FaceResult:
+    """A ``FaceResult`` from one record of ``ensemble.api.Model`` (``box`` None: the whole frame)."""
+    box = record["box"] or (0, 0, *size)
+    return FaceResult(
+        tuple(int(v) for v in box),
+        np.array([record["probabilities"][c] for c in CLASSES], np.float64),
+        float(record.get("valence", math.nan)),
+        float(record.get("arousal", math.nan)),
+        int(record.get("neighborhood", -1)),
+        np.array(record["landmarks"], np.float64) if record.get("landmarks") else None,
+    )

@@ -14,12 +14,14 @@ from pathlib import Path
 import click
 
 from .errors import UserError
+from .paths import check_target, make_dir, shown, write_user_file
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # = video.VIDEO_EXTENSIONS, without importing it
 
 
 def video_options(f):
-    """The predict command's options for videos (they are errors when no video is given)."""
+    """The predict command's options for videos only (they are errors when no video is given);
+    ``--csv`` and ``--annotate`` are the predict command's own and serve images and videos."""
     options = [
         click.option("--every", type=int, default=None, help="Videos: analyse every N-th frame."),
         click.option("--fps", "target_fps", type=float, default=None, help="Videos: analyse about F frames a second."),
@@ -40,25 +42,11 @@ def video_options(f):
             help="Videos: centred window, or exponential with this time constant.",
         ),
         click.option(
-            "--annotate",
-            type=click.Path(),
-            default=None,
-            help="Videos: write the annotated video here (a .mp4/.avi/.mkv/.mov/.webm file for one video, "
-            "else a folder).",
-        ),
-        click.option(
             "--summary",
             "summary_dir",
             type=click.Path(file_okay=False),
             default=None,
             help="Videos: write per-track summary CSV and V/A + probability plots here.",
-        ),
-        click.option(
-            "--csv",
-            "csv_file",
-            type=click.Path(dir_okay=False),
-            default=None,
-            help="Videos: write the per-frame table (one row per face per analysed frame).",
         ),
     ]
     for option in reversed(options):
@@ -99,9 +87,21 @@ def split_paths(paths) -> tuple[list[Path], list]:
 
 
 def predict_videos(
-    paths, options: dict, *, run, as_json: bool, detect: bool, router, use_flat: bool, batch_size: int
-) -> tuple[list, int]:
-    """Predict the videos among ``paths``; returns (the other paths, the number of files that failed)."""
+    paths,
+    options: dict,
+    *,
+    run,
+    as_json: bool,
+    detector: str,
+    router,
+    use_flat: bool,
+    batch_size: int,
+    min_confidence: float = 0.0,
+    annotate: Path | None = None,
+    csv_file: Path | None = None,
+) -> tuple[list, int, object]:
+    """Predict the videos among ``paths``; returns (the other paths, the number of videos that
+    failed, the loaded model or None) so that the images of the same command reuse the model."""
     videos, rest = split_paths(paths)
     given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None and k != "smooth_method"]
     if not videos:
@@ -110,20 +110,34 @@ def predict_videos(
                 f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to videos "
                 f"({', '.join(VIDEO_SUFFIXES)}); none among the inputs"
             )
-        return rest, 0
-    return rest, run_videos(
-        videos,
-        options,
-        run=run,
-        as_json=as_json,
-        detect=detect,
+        return rest, 0, None
+    if rest and csv_file is not None:
+        raise UserError(
+            "--csv with both images and videos: their tables differ (videos have frame, time and track); "
+            "predict the images and the videos in separate commands"
+        )
+    if rest and annotate is not None and annotate.suffix.lower() in VIDEO_SUFFIXES:
+        raise UserError(f"--annotate {annotate} names one video file, but images are given too: pass a folder")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_video_outputs(videos, options, annotate, csv_file)  # before the model loads
+    from .api import load
+
+    model = load(
+        run,
+        flat=use_flat,
         router=router,
-        use_flat=use_flat,
-        batch_size=batch_size,
+        detector=detector,
+        min_confidence=min_confidence,
+        log=lambda m: click.echo(m, err=True),
     )
+    failed = run_videos(
+        videos, options, model=model, as_json=as_json, batch_size=batch_size, annotate=annotate, csv_file=csv_file
+    )
+    return rest, failed, model
 
 
-def _annotate_targets(videos: list[Path], annotate: str | None) -> list[Path | None]:
+def _annotate_targets(videos: list[Path], annotate: Path | None) -> list[Path | None]:
     if annotate is None:
         return [None] * len(videos)
     out = Path(annotate)
@@ -144,11 +158,81 @@ def _annotate_targets(videos: list[Path], annotate: str | None) -> list[Path | N
 
 
 def run_videos(
-    videos: list[Path], options: dict, *, run, as_json: bool, detect: bool, router, use_flat: bool, batch_size: int
+    videos: list[Path],
+    options: dict,
+    *,
+    model,
+    as_json: bool,
+    batch_size: int,
+    annotate: Path | None = None,
+    csv_file: Path | None = None,
 ) -> int:
-    """Analyse each video, print its summary lines (and JSON rows), write the outputs; returns failures."""
-    from .video import FrameSelection, RunAnalyser, VideoError, add_smoothing, analyse_video
+    """Analyse each video with ``model`` (an :class:`ensemble.api.Model`), print its summary lines
+    (and JSON rows), write the outputs; returns the number of videos that failed."""
+    from .video import ModelAnalyser, VideoError, add_smoothing, analyse_video
     from .video_report import annotate_video, plot_tracks, summary_line, track_summary
+
+    selection, smooth, method, targets, summary_dir = check_video_outputs(videos, options, annotate, csv_file)
+    analyser = ModelAnalyser(model, batch_size=batch_size)
+    say = click.echo if not as_json else (lambda m: click.echo(m, err=True))  # stdout holds the JSON rows
+    failed, tables, summaries, stems = 0, [], [], {}
+    for video, target in zip(videos, targets):
+        try:
+            res = analyse_video(video, analyser, selection, batch_size)
+        except VideoError as exc:
+            click.echo(f"error: {shown(video)}: {exc}", err=True)
+            failed += 1
+            continue
+        table = add_smoothing(res.table, smooth, method) if smooth else res.table
+        info = res.info
+        rate = res.n_decoded / res.seconds if res.seconds > 0 else float("nan")
+        head = (
+            f"{shown(video)}: {res.n_decoded} frames ({info.width}x{info.height}, {info.fps:g} fps), "
+            f"{res.n_analysed} analysed in {res.seconds:.1f} s ({rate:.1f} frames/s)"
+        )
+        if res.truncated:
+            click.echo(f"error: {shown(video)}: {res.truncated} (the frames before it are reported)", err=True)
+            failed += 1
+        if as_json:
+            for rec in _json_rows(table):
+                click.echo(json.dumps(rec))
+        if table.empty:
+            say(f"{head}; no face found (use --detector none if the frames are face crops)")
+        else:
+            summary = track_summary(table)
+            say(f"{head}; {len(summary)} track(s)")
+            for _, row in summary.iterrows():
+                say(summary_line(row))
+            summaries.append(summary)
+        tables.append(table)
+        if summary_dir is not None and not table.empty:
+            k = stems[video.stem] = stems.get(video.stem, 0) + 1
+            stem = video.stem if k == 1 else f"{video.stem}-{k}"
+            for p in plot_tracks(table, summary_dir, stem):
+                say(f"wrote {shown(p)}")
+        if target is not None:
+            n = annotate_video(video, table, target, selection)
+            say(f"wrote {shown(target)} ({n} frames)")
+    import pandas as pd
+
+    if summary_dir is not None and summaries:
+        path = summary_dir / "summary.csv"
+        table = pd.concat(summaries)
+        write_user_file(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"), "--summary table")
+        say(f"wrote {shown(path)}")
+    if csv_file is not None and tables:
+        table = pd.concat(tables)
+        write_user_file(csv_file, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"), "--csv table")
+        say(f"wrote {shown(csv_file)}")
+    if failed:
+        click.echo(f"{failed} of {len(videos)} video(s) could not be (fully) read", err=True)
+    return failed
+
+
+def check_video_outputs(videos: list[Path], options: dict, annotate: Path | None, csv_file: Path | None):
+    """The frame selection, smoothing and output places, checked before any model is loaded or
+    frame decoded (each a one-line error): (selection, smooth, method, annotate targets, summary folder)."""
+    from .video import FrameSelection
 
     selection = FrameSelection(
         options.get("every"), options.get("target_fps"), options.get("start"), options.get("end")
@@ -156,78 +240,16 @@ def run_videos(
     smooth, method = options.get("smooth"), options.get("smooth_method") or "centred"
     if smooth is not None and not (math.isfinite(smooth) and smooth > 0):
         raise UserError(f"--smooth must be > 0 seconds, got {smooth}")
-    targets = _annotate_targets(videos, options.get("annotate"))
-    csv_file = Path(options["csv_file"]) if options.get("csv_file") else None
+    targets = _annotate_targets(videos, annotate)
     summary_dir = Path(options["summary_dir"]) if options.get("summary_dir") else None
-    _check_writable(csv_file, summary_dir, *(t.parent for t in targets if t is not None))
-    analyser = RunAnalyser(run, router=router, use_flat=use_flat, detect=detect)
-    say = click.echo if not as_json else (lambda m: click.echo(m, err=True))  # stdout holds the JSON rows
-    failed, wrote_csv, summaries, stems = 0, False, [], {}
-    for video, target in zip(videos, targets):
-        try:
-            res = analyse_video(video, analyser, selection, batch_size)
-        except VideoError as exc:
-            click.echo(f"error: {video}: {exc}", err=True)
-            failed += 1
-            continue
-        table = add_smoothing(res.table, smooth, method) if smooth else res.table
-        info = res.info
-        rate = res.n_decoded / res.seconds if res.seconds > 0 else float("nan")
-        head = (
-            f"{video}: {res.n_decoded} frames ({info.width}x{info.height}, {info.fps:g} fps), "
-            f"{res.n_analysed} analysed in {res.seconds:.1f} s ({rate:.1f} frames/s)"
-        )
-        if res.truncated:
-            click.echo(f"error: {video}: {res.truncated} (the frames before it are reported)", err=True)
-            failed += 1
-        if as_json:
-            for rec in _json_rows(table):
-                click.echo(json.dumps(rec))
-        if table.empty:
-            say(f"{head}; no face found (use --no-detect if the frames are face crops)")
-        else:
-            summary = track_summary(table)
-            say(f"{head}; {len(summary)} track(s)")
-            for _, row in summary.iterrows():
-                say(summary_line(row))
-            summaries.append(summary)
-        if csv_file is not None:
-            table.to_csv(
-                csv_file, mode="a" if wrote_csv else "w", header=not wrote_csv, index=False, float_format="%.4f"
-            )
-            wrote_csv = True
-        if summary_dir is not None and not table.empty:
-            k = stems[video.stem] = stems.get(video.stem, 0) + 1
-            stem = video.stem if k == 1 else f"{video.stem}-{k}"
-            for p in plot_tracks(table, summary_dir, stem):
-                say(f"wrote {p}")
-        if target is not None:
-            n = annotate_video(video, table, target, selection)
-            say(f"wrote {target} ({n} frames)")
-    if summary_dir is not None and summaries:
-        import pandas as pd
-
-        path = summary_dir / "summary.csv"
-        pd.concat(summaries).to_csv(path, index=False, float_format="%.4f")
-        say(f"wrote {path}")
-    if csv_file is not None and wrote_csv:
-        say(f"wrote {csv_file}")
-    if failed:
-        click.echo(f"{failed} of {len(videos)} video(s) could not be (fully) read", err=True)
-    return failed
-
-
-def _check_writable(csv_file: Path | None, *folders: Path | None) -> None:
-    """Output places that cannot be written are one line now, not a traceback after the analysis."""
-    try:
-        for folder in folders:
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-        if csv_file is not None:
-            csv_file.parent.mkdir(parents=True, exist_ok=True)
-            csv_file.open("a").close()
-    except OSError as exc:
-        raise UserError(f"cannot write {exc.filename or csv_file}: {exc.strerror or exc}") from None
+    if summary_dir is not None:
+        make_dir(summary_dir, "the --summary folder")
+    for t in targets:
+        if t is not None:
+            check_target(make_dir(t.parent, "the --annotate folder") / t.name, "--annotate video")
+    if csv_file is not None:
+        check_target(make_dir(csv_file.parent, "the --csv folder") / csv_file.name, "--csv table")
+    return selection, smooth, method, targets, summary_dir
 
 
 def _json_rows(table):

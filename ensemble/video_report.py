@@ -6,12 +6,14 @@ The smoothed columns are used where the table has them (``--smooth``), the raw o
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from .data import CLASSES
+from .classes import CLASSES
 from .errors import UserError
+from .paths import check_target, make_dir, write_user_file
 from .video import PROBA_COLUMNS, FrameSelection, VideoError, iter_frames, open_video
 
 # BGR colours for track ids (id 1 gets the first)
@@ -121,8 +123,9 @@ def plot_tracks(table, out_dir, stem: str) -> list[Path]:
         ax2.set_ylabel("probability" + (" (smoothed)" if smoothed else ""))
         ax2.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"{stem}.track{track}.png"
-        fig.savefig(path, dpi=90)
+        path = write_user_file(
+            out_dir / f"{stem}.track{track}.png", partial(fig.savefig, dpi=90, format="png"), "--summary plot"
+        )
         plt.close(fig)
         paths.append(path)
     return paths
@@ -177,7 +180,8 @@ def annotate_video(path, table, out, selection: FrameSelection | None = None) ->
     codec = WRITER_CODECS.get(out.suffix.lower())
     if codec is None:
         raise UserError(f"--annotate {out}: the annotated video must end in {', '.join(sorted(WRITER_CODECS))}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, "the --annotate folder")
+    check_target(out, "--annotate video")  # a folder, FIFO or device is refused
     selection = selection or FrameSelection()
     cap, info = open_video(path)
     part = out.with_name(f".{out.stem}.part{out.suffix}")  # FFmpeg picks the container by the suffix
@@ -198,9 +202,14 @@ def annotate_video(path, table, out, selection: FrameSelection | None = None) ->
             n += 1
     except VideoError as exc:
         raise UserError(f"{path}: {exc}") from None
+    except BaseException:
+        writer.release()
+        part.unlink(missing_ok=True)  # no half-written video is left beside the target
+        raise
     finally:
         writer.release()
         cap.release()
+    check_target(out, "--annotate video")  # nothing was put in its place meanwhile
     os.replace(part, out)
     return n
 

@@ -13,12 +13,12 @@ blocks + head, about half of VGG16's layers), ``all``.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ensemble.artifacts import state_digest  # noqa: F401  (re-exported)
 from ensemble.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,9 +185,37 @@ class EmotionNet(nn.Module):
         return self
 
 
+def trainable_counts(net: nn.Module) -> dict:
+    """Weight layers (convolutions and linear layers; batch norms not counted) and parameters,
+    in all and trainable: what ``model.trainable`` leaves to learn."""
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    params = list(net.parameters())
+    return {
+        "n_weight_layers": len(layers),
+        "n_trainable_layers": sum(m.weight.requires_grad for m in layers),
+        "n_params": sum(p.numel() for p in params),
+        "n_trainable_params": sum(p.numel() for p in params if p.requires_grad),
+    }
+
+
+def describe_trainable(counts: dict) -> str:
+    """One line: '12 of 16 weight layers, 134.0M of 134.3M parameters (99.8%) trainable'."""
+    share = counts["n_trainable_params"] / max(1, counts["n_params"])
+    return (
+        f"{counts['n_trainable_layers']} of {counts['n_weight_layers']} weight layers, "
+        f"{_millions(counts['n_trainable_params'])} of {_millions(counts['n_params'])} parameters "
+        f"({share:.1%}) trainable"
+    )
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
 def build_head(
     kind: str, in_channels: int, n_out: int, hidden: int, dropout: float, classifier: nn.Module | None = None
 ) -> nn.Module:
+    """The head: ``slim`` (global pool -> hidden -> n_out) or ``classic`` (VGG's 4096-4096 classifier, its pretrained layers kept)."""
     if kind == "slim":
         return nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
@@ -224,11 +252,9 @@ def build_head(
     raise UserError(f"model.head must be slim or classic, got {kind!r}")
 
 
-def build_model(model_cfg, n_out: int, pretrained: str | None = None) -> EmotionNet:
+def build_model(model_cfg, n_out: int) -> EmotionNet:
     """The network a stage trains, frozen as ``model_cfg.trainable`` says."""
-    trunk, channels, classifier = build_trunk(
-        model_cfg.backbone, model_cfg.pretrained if pretrained is None else pretrained
-    )
+    trunk, channels, classifier = build_trunk(model_cfg.backbone, model_cfg.pretrained)
     head = build_head(model_cfg.head, channels, n_out, model_cfg.hidden, model_cfg.dropout, classifier)
     net = EmotionNet(trunk, head)
     net.freeze("head" if model_cfg.trunk_from else model_cfg.trainable)
@@ -259,12 +285,3 @@ def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
         except (ValueError, AttributeError):
             pass
     return IMAGENET_MEAN, IMAGENET_STD
-
-
-def state_digest(module: nn.Module) -> str:
-    """sha256 of a module's tensors: two stages with the same digest share that module."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

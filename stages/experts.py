@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -22,12 +21,15 @@ import numpy as np
 import torch
 from sklearn.model_selection import KFold
 
-from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions, write_json
-from ensemble.data import CLASSES
-from ensemble.engine import StageData, fit, predict_outputs, resume_fingerprint
+from ensemble.artifacts import StageWriter, read_meta, sha256_file, versions
+from ensemble.checkpoints import resume_fingerprint
+from ensemble.classes import CLASSES
+from ensemble.engine import StageData, fit, predict_outputs
 from ensemble.errors import UserError
+from ensemble.files import atomic_write, swap_into_place, write_json
+from ensemble.tasks import CLASSIFY, VA_REGRESSION
 
-from .neighborhoods import VANeighborhoods, membership, plot_va_map
+from .neighborhoods import VANeighborhoods, complete_membership, membership, plot_va_map
 from .neural import build_stage_net, load_network, train_network
 from .stage1 import va_targets
 
@@ -109,8 +111,6 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
     """Stage 1's V/A on the training faces, each predicted by a refit that did not see it."""
     cfg = exp.cfg.for_stage("stage1")
     folds = exp.cfg.experts.oof_folds
-    if folds < 2:
-        raise UserError("experts.oof_folds must be >= 2 for train_on = routed or both")
     tr, vi = exp.idx("train"), exp.idx("val")
     y = va_targets(exp.manifest)
     # each fold's predictions are kept as it finishes (keyed by stage 1's weights, the stage-1
@@ -140,7 +140,7 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
         work = folder / f"fold{f}.work"
         fit(
             net,
-            "regress",
+            VA_REGRESSION,
             StageData(exp.images, tr[a], y[tr[a]], vi, y[vi]),
             cfg,
             mean,
@@ -155,9 +155,8 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
         out, _ = predict_outputs(net, exp.images, tr[b], mean, std, exp.rt)
         pred[b] = np.clip(out, -1, 1)
         if exp.rt.is_main:
-            tmp = folder / f".fold{f}.tmp.npy"
-            np.save(tmp, pred[b])
-            os.replace(tmp, done)
+            with atomic_write(done) as fh:
+                np.save(fh, pred[b])
         shutil.rmtree(work, ignore_errors=True)
     return pred
 
@@ -165,15 +164,13 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
 def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> dict:
     """Per region: training and validation positions (into exp.idx) and the expert's classes."""
     ec = exp.cfg.experts
-    if ec.train_on not in ("true", "routed", "both"):
-        raise UserError(f"experts.train_on must be true, routed or both, got {ec.train_on!r}")
     tr, vi = exp.idx("train"), exp.idx("val")
     va_true = va_targets(exp.manifest)
     labels = exp.manifest["label"].to_numpy()
     k = nbh.k_
     true_tr = np.eye(k, dtype=bool)[nbh.predict(va_true[tr])]
     true_vi = np.eye(k, dtype=bool)[nbh.predict(va_true[vi])] if len(vi) else np.zeros((0, k), bool)
-    if ec.train_on == "true":
+    if ec.train_on == "true_va":
         in_tr, in_vi = true_tr, true_vi
     else:
         log(f"experts: routing training faces with stage 1 predicted out-of-fold ({ec.oof_folds} folds)")
@@ -184,19 +181,23 @@ def assignments(exp, nbh: VANeighborhoods, log=print, resume: bool = False) -> d
     counts = np.zeros((k, len(CLASSES)), np.int64)
     for r in range(k):
         np.add.at(counts[r], labels[tr][in_tr[:, r]], 1)
-    members = membership(counts, nbh.min_share, ec.min_count)
+    members, merged, notes = complete_membership(
+        membership(counts, nbh.min_share, ec.min_count), counts, nbh.centers_, CLASSES
+    )
+    for note in notes:
+        log(note)
     regions = []
     for r in range(k):
-        cls = members[r]
-        t = np.flatnonzero(in_tr[:, r] & np.isin(labels[tr], cls))
-        v = np.flatnonzero(in_vi[:, r] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
+        cls, src = members[r], merged.get(r, r)  # a merged neighborhood learns from its target's faces
+        t = np.flatnonzero(in_tr[:, src] & np.isin(labels[tr], cls))
+        v = np.flatnonzero(in_vi[:, src] & np.isin(labels[vi], cls)) if len(vi) else np.zeros(0, int)
         regions.append(
             {
                 "id": r,
                 "classes": cls,
                 "train_pos": t,
                 "val_pos": v,
-                "counts": {CLASSES[c]: int(counts[r, c]) for c in cls},
+                "counts": {CLASSES[c]: int(counts[src, c]) for c in cls},
             }
         )
     return {"train_on": ec.train_on, "regions": regions}
@@ -238,7 +239,7 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
     log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
     metrics = train_network(
         f"expert{r}",
-        "classify",
+        CLASSIFY,
         cfg,
         data,
         out,
@@ -264,7 +265,7 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
 def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resume: bool) -> list[dict]:
     """One GPU's share of the experts, in its own process."""
     from ensemble.config import config_from_dict
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     cfg_dict["train"]["device"] = device
     exp = open_experiment(config_from_dict(cfg_dict), Path(run), progress=False, save=False)
@@ -273,7 +274,7 @@ def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resu
 
 def fit_experts(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
-    if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true":
+    if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true_va":
         raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
     final, staging = exp.run / "experts", _staging(exp.run)
     if exp.rt.is_main:
@@ -308,7 +309,7 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
             if stale.is_dir() and not (stale.name.isdigit() and int(stale.name) < nbh.k_) and stale != nbh_folder:
                 shutil.rmtree(stale)
         if nbh_folder != exp.run / "neighborhoods":  # a new fit: it goes in with its experts
-            _swap_in(nbh_folder, exp.run / "neighborhoods")
+            swap_into_place(nbh_folder, exp.run / "neighborhoods")
             shutil.rmtree(exp.run / "router", ignore_errors=True)  # calibrated for the old ones
         write_json(staging / "index.json", index)
         write_json(
@@ -319,16 +320,8 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
                 "versions": versions(),
             },
         )
-        _swap_in(staging, final)
+        swap_into_place(staging, final)
     return index
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _recorded_meta(folder: Path) -> dict:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.data import CLASSES, VOTE_COLUMNS
+from ensemble.classes import CLASSES, VOTE_COLUMNS
 from ensemble.engine import StageData
+from ensemble.tasks import CLASSIFY
 
 from .neural import train_network
 
@@ -22,17 +23,17 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
     """Train the flat classifier; select on validation balanced accuracy; write ``RUN/flat``."""
     cfg = exp.cfg.for_stage("flat")
     y = exp.manifest["label"].to_numpy()
-    tr, va, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
-    data = StageData(exp.images, tr, y[tr], va, y[va], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
+    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    data = StageData(exp.images, tr, y[tr], vi, y[vi], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
     return train_network(
         "flat",
-        "classify",
+        CLASSIFY,
         cfg,
         data,
         exp.run / "flat",
         exp.run,
         exp.rt,
         resume,
-        {"val": (va, y[va]), "test": (te, y[te])},
+        {"val": (vi, y[vi]), "test": (te, y[te])},
         log=log,
     )

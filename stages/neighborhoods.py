@@ -15,6 +15,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_is_fitted
 
+from ensemble.config import DEFAULT_TEMPERATURE
 from ensemble.errors import UserError
 
 METHODS = ("kmeans", "gmm", "agglomerative")
@@ -29,6 +30,47 @@ def membership(counts: np.ndarray, min_share: float, min_count: int) -> list[lis
         if not member[:, c].any():
             member[np.argmax(counts[:, c]), c] = True
     return [np.flatnonzero(member[r]).tolist() for r in range(counts.shape[0])]
+
+
+def complete_membership(
+    members: list[list[int]], counts: np.ndarray, centers: np.ndarray, class_names
+) -> tuple[list[list[int]], dict[int, int], list[str]]:
+    """Give every neighborhood an expert, never fail for lack of one (small data, ties).
+
+    A neighborhood left with no member class but holding training faces (its classes all
+    belong to other neighborhoods, e.g. 19 faces of a class here and 19 there under
+    ``min_count = 20``) takes the class it holds most of. One with no training faces at all
+    is merged with the nearest neighborhood that has some: it shares that one's classes and
+    faces. Returns the completed members, ``{merged region: the region it uses}`` and one
+    note per change, for the log."""
+    members = [list(m) for m in members]
+    merged: dict[int, int] = {}
+    notes: list[str] = []
+    has_faces = counts.sum(axis=1) > 0
+    for r, cls in enumerate(members):
+        if cls:
+            continue
+        if has_faces[r]:
+            top = int(np.argmax(counts[r]))
+            members[r] = [top]
+            notes.append(
+                f"neighborhood {r}: no class of its own (its {int(counts[r].sum())} training faces are of "
+                f"classes that belong to other neighborhoods); its expert takes {class_names[top]}, "
+                f"the class it holds most of ({int(counts[r, top])})"
+            )
+        else:
+            others = np.flatnonzero(has_faces)
+            if len(others) == 0:
+                continue
+            target = int(others[np.argmin(((centers[others] - centers[r]) ** 2).sum(axis=1))])
+            merged[r] = target
+            notes.append(
+                f"neighborhood {r}: no training faces; merged with the nearest neighborhood {target} "
+                f"(faces routed to {r} are classified by an expert of {target}'s classes and faces)"
+            )
+    for r, target in merged.items():
+        members[r] = list(members[target])
+    return members, merged, notes
 
 
 class VANeighborhoods(BaseEstimator):
@@ -118,7 +160,7 @@ class VANeighborhoods(BaseEstimator):
             return self.estimator_.predict(va)
         return np.argmin(((va[:, None, :] - self.centers_[None]) ** 2).sum(-1), axis=1)  # what KMeans.predict does
 
-    def predict_proba(self, va: np.ndarray, temperature: float = 0.05) -> np.ndarray:
+    def predict_proba(self, va: np.ndarray, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
         """(n, k) P(neighborhood | V/A): the mixture posterior, or softmax(-squared distance / T)."""
         check_is_fitted(self, "centers_")
         va = np.asarray(va, dtype=np.float64)
@@ -178,11 +220,13 @@ class VANeighborhoods(BaseEstimator):
         return nbh
 
     def set_members_from_counts(self, counts: np.ndarray) -> "VANeighborhoods":
+        """Which classes belong to each neighborhood, from per-neighborhood class counts (k, 8)."""
         self.counts_ = counts
         self.members_ = membership(counts, self.min_share, self.min_count)
         return self
 
     def describe(self, class_names) -> dict:
+        """The fitted neighborhoods as a JSON-able dict: method, k and its scores, and per neighborhood its center, classes and counts."""
         check_is_fitted(self, "centers_")
         return {
             "method": self.method,

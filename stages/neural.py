@@ -13,15 +13,24 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ensemble.artifacts import StageWriter, load_weights, read_meta
-from ensemble.engine import FitResult, StageData, evaluate, fit, predict_outputs, resume_fingerprint
+from ensemble.checkpoints import resume_fingerprint
+from ensemble.crop import training_crop
+from ensemble.engine import FitResult, StageData, evaluate, fit
 from ensemble.errors import UserError
-from ensemble.metrics import classification_metrics, regression_metrics
+from ensemble.tasks import Task
 
-from .backbones import EmotionNet, build_model, check_input_size, normalization, state_digest
+from .backbones import (
+    EmotionNet,
+    build_model,
+    check_input_size,
+    describe_trainable,
+    normalization,
+    state_digest,
+    trainable_counts,
+)
 
 
 def _trunk_source(run: Path, stage: str) -> tuple[dict, str]:
@@ -57,7 +66,7 @@ def build_stage_net(cfg, n_out: int, run: Path) -> tuple[EmotionNet, dict]:
 
 def train_network(
     name: str,
-    task: str,
+    task: Task,
     cfg,
     data: StageData,
     out: Path,
@@ -73,7 +82,8 @@ def train_network(
 
     Returns the metrics written to ``metrics.json``.
     """
-    n_out = len(data.class_names) if task == "classify" else 2
+    classes = task.output_names(data.class_names)
+    n_out = len(classes)
     torch.manual_seed(cfg.train.seed)  # the initial weights come from train.seed, not from what ran before
     if cfg.model.trunk_from == name:
         raise UserError(
@@ -82,6 +92,10 @@ def train_network(
         )
     net, src_meta = build_stage_net(cfg, n_out, run)
     check_input_size(net, cfg.data.image_size, src_meta.get("backbone", cfg.model.backbone))
+    counts = trainable_counts(net)
+    if rt.is_main:
+        trainable = "head" if cfg.model.trunk_from else cfg.model.trainable
+        log(f"{name}: model.trainable = {trainable!r}: {describe_trainable(counts)}")
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
         if src_meta["input_size"] != cfg.data.image_size:
@@ -93,7 +107,6 @@ def train_network(
     else:
         mean, std = normalization(backbone)
     work = out.with_name(f".{out.name}.work")
-    classes = list(data.class_names) if task == "classify" else ["valence", "arousal"]
     extra = {"trunk it builds on": src_meta.get("trunk_sha256", ""), **(fingerprint_extra or {})}
     fingerprint = resume_fingerprint(cfg, data.train_idx, data.val_idx, extra)
     if resume and not (work / "checkpoint.pt").is_file() and (out / "meta.json").is_file():
@@ -115,7 +128,7 @@ def train_network(
     if rt.is_main:
         for split, (idx, y) in eval_sets.items():
             if len(idx):
-                metrics[split] = stage_metrics(net, task, data.images, idx, y, data.class_names, mean, std, rt)
+                metrics[split] = evaluate(net, task, data.images, idx, y, data.class_names, mean, std, rt)
         writer = StageWriter(out)
         state = net.state_dict()
         if cfg.model.trunk_from:
@@ -126,7 +139,7 @@ def train_network(
         writer.copy(work / "history.csv")
         meta = {
             "stage": name,
-            "task": task,
+            "task": task.name,
             "classes": classes,
             "fingerprint": fingerprint,
             "input_size": cfg.data.image_size,
@@ -144,6 +157,8 @@ def train_network(
             "seed": cfg.train.seed,
             "best_epoch": result.best_epoch,
             "n_train": int(len(data.train_idx)),
+            **counts,
+            "crop": training_crop(data.images.boxes[i] for i in data.train_idx.tolist()),
             **(extra_meta or {}),
         }
         writer.publish(meta)
@@ -151,14 +166,6 @@ def train_network(
     if rt.world > 1:
         torch.distributed.barrier()
     return metrics
-
-
-def stage_metrics(net, task, images, idx, y, class_names, mean, std, rt) -> dict:
-    out, ok = predict_outputs(net, images, idx, mean, std, rt)
-    out, y = out[ok], y[ok]
-    if task == "classify":
-        return classification_metrics(y, out.argmax(1), class_names)
-    return regression_metrics(y, np.clip(out, -1, 1))
 
 
 def load_network(folder: Path, run: Path | None = None, sources: dict | None = None) -> tuple[EmotionNet, dict]:
@@ -188,12 +195,16 @@ def load_network(folder: Path, run: Path | None = None, sources: dict | None = N
         dropout=meta["dropout"],
         trainable="all",
     )
-    net = build_model(mc, len(meta["classes"]))
+    # built on the meta device: no memory and no random initialisation for what the state_dict
+    # replaces; assign=True takes the loaded tensors as they are (a trunk several stages borrow
+    # is one set of tensors)
+    with torch.device("meta"):
+        net = build_model(mc, len(meta["classes"]))
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise UserError(f"{folder}/weights.pt does not fit its meta.json: {str(exc).splitlines()[0]}") from None
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):  # a buffer the state_dict does not hold
+        net = build_model(mc, len(meta["classes"]))
+        net.load_state_dict(state, strict=True)
     return net.eval(), meta
-
-
-__all__ = ["train_network", "load_network", "build_stage_net", "stage_metrics", "evaluate"]

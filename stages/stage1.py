@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ensemble.engine import StageData
+from ensemble.tasks import VA_REGRESSION
 
 from .neural import train_network
 
@@ -18,17 +19,17 @@ def fit_stage1(exp, resume: bool = False, log=print) -> dict:
     """Train stage 1 on the training split; select on validation CCC; write ``RUN/stage1``."""
     cfg = exp.cfg.for_stage("stage1")
     y = va_targets(exp.manifest)
-    tr, va, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
-    data = StageData(exp.images, tr, y[tr], va, y[va])
+    tr, vi, te = exp.idx("train"), exp.idx("val"), exp.idx("test")
+    data = StageData(exp.images, tr, y[tr], vi, y[vi])
     return train_network(
         "stage1",
-        "regress",
+        VA_REGRESSION,
         cfg,
         data,
         exp.run / "stage1",
         exp.run,
         exp.rt,
         resume,
-        {"val": (va, y[va]), "test": (te, y[te])},
+        {"val": (vi, y[vi]), "test": (te, y[te])},
         log=log,
     )

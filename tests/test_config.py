@@ -28,7 +28,7 @@ def test_defaults():
     assert cfg.balance.mode == "none"
     assert cfg.balance.cap == 20000
     assert cfg.neighborhoods.method == "kmeans"
-    assert cfg.experts.train_on == "true"
+    assert cfg.experts.train_on == "true_va"
     assert cfg.experts.model == {} and cfg.stage1.train == {} and cfg.flat.balance == {}
     assert cfg.router.mode == "auto"
     # two loads do not share mutable state
@@ -121,9 +121,9 @@ def test_wrong_type_names_key(item, key):
 
 def test_set_keeps_text_for_text_keys():
     # a value that reads as a TOML number stays text where the key expects text
-    cfg = load_config(None, ["data.root=2024", "model.backbone=3"])
+    cfg = load_config(None, ["data.root=2024", "model.pretrained=3"])
     assert cfg.data.root == "2024"
-    assert cfg.model.backbone == "3"
+    assert cfg.model.pretrained == "3"  # (model.backbone now has a rule: a real model name)
 
 
 def test_file_value_of_wrong_type_names_key(tmp_path):
@@ -268,6 +268,12 @@ def test_demo_toml_matches_package_copy():
         ("balance.class_weights={contemp=3.0}", "balance.class_weights", "unknown class 'contemp'"),
         ("balance.class_weights.contempt=-1", "balance.class_weights", ">= 0"),
         ("data.prototypes.contempt=[-0.5]", "data.prototypes", "[valence, arousal]"),
+        ("model.trainable=block0", "model.trainable", "blockN"),
+        ("model.trainable=trunk", "model.trainable", "head, all or blockN"),
+        ("model.backbone=no_such_net_42", "model.backbone", "torchvision"),
+        ("train.optimizer=lion", "train.optimizer", "'sgd'"),
+        ("train.loss=l1", "train.loss", "'mse+ccc'"),
+        ("flat.model.trainable=blocks", "flat.model.trainable", "blockN"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(item, key, says):
@@ -296,3 +302,25 @@ def test_command_line_wins_over_the_files_stage_tables(tmp_path):
     cfg = load_config(f, ["train.epochs=1", "stage1.train.epochs=3"])
     assert [cfg.for_stage(s).train.epochs for s in ("flat", "stage1", "experts")] == [1, 3, 1]
     assert load_config(f).for_stage("stage1").train.epochs == 30
+
+
+def test_choices_are_literal_types_and_each_is_one_rule():
+    import typing
+
+    from ensemble.config import _RULES, BalanceConfig, TrainConfig
+
+    hint = typing.get_type_hints(BalanceConfig)["mode"]
+    assert typing.get_origin(hint) is typing.Literal
+    assert _RULES[BalanceConfig]["mode"]("transform") is None and _RULES[BalanceConfig]["mode"]("sideways")
+    assert _RULES[TrainConfig]["precision"]("fp8")
+
+
+def test_good_backbones_and_trainable_values_pass():
+    cfg = load_config(None, ["model.backbone=resnet18", "model.trainable=block3", "stage1.model.trainable=head"])
+    assert cfg.model.backbone == "resnet18" and cfg.model.trainable == "block3"
+
+
+def test_old_train_on_value_is_an_alias_with_a_deprecation_line():
+    with pytest.warns(UserWarning, match="experts.train_on = 'true' is deprecated; write 'true_va'"):
+        cfg = load_config(None, ["experts.train_on=true"])
+    assert cfg.experts.train_on == "true_va"

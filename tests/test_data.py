@@ -184,7 +184,8 @@ def test_affectnet_folder(tmp_path):
     df = ds.manifest
     assert counts(df, "train") == {"happy": 4, "surprise": 1}
     assert counts(df, "test") == {"sad": 1}  # the official validation set is our test set
-    assert dict(ds.dropped) == {"missing or unreadable annotation": 1, "label outside the classes": 1}
+    # expression 9 is dropped under the same name as in the CSV layout (issue 15 item 5)
+    assert dict(ds.dropped) == {"missing or unreadable annotation": 1, "expression 8-10 (none, uncertain, no face)": 1}
     sad = df[df["split"] == "test"].iloc[0]
     assert (sad["valence"], sad["arousal"]) == (-0.7, -0.2)
     assert (df["va_source"] == "measured").all()
@@ -701,3 +702,28 @@ def test_prepared_shard_follows_an_image_edited_in_place(tmp_path):
     os.utime(broken, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     after = load_images(ds.manifest, 16, tmp_path / "cache")
     assert after.ok.all() and after.digest != before.digest
+
+
+def test_cache_modes_differ_and_auto_picks_memory_only_when_it_fits(tmp_path, monkeypatch):
+    from ensemble import prepare
+
+    root = tmp_path / "faces"
+    for i in range(3):
+        write_image(root / "happy" / f"h{i}.png", seed=i)
+    ds = load_dataset(dcfg("folder", root, val_fraction=0))
+    cache = tmp_path / "cache"
+    disk = prepare.load_images(ds.manifest, 16, cache, "disk")
+    memory = prepare.load_images(ds.manifest, 16, cache, "memory")
+    none = prepare.load_images(ds.manifest, 16, cache, "none")
+    assert (disk.mode, memory.mode, none.mode) == ("disk", "memory", "none")
+    assert isinstance(disk.array, np.memmap) and not isinstance(memory.array, np.memmap) and none.array is None
+    for i in range(3):
+        assert np.array_equal(disk.get(i), memory.get(i)) and np.array_equal(memory.get(i), none.get(i))
+    assert disk.cache_dir == memory.cache_dir == none.cache_dir == cache  # a constructor argument
+    shard = (cache / "prepared" / disk.digest / "images.npy").stat().st_size
+    monkeypatch.setattr(prepare, "available_memory", lambda: 100 * shard)
+    assert prepare.load_images(ds.manifest, 16, cache, "auto").mode == "memory"
+    monkeypatch.setattr(prepare, "available_memory", lambda: 3 * shard)  # would take a third: too much
+    assert prepare.load_images(ds.manifest, 16, cache, "auto").mode == "disk"
+    monkeypatch.setattr(prepare, "available_memory", lambda: None)  # unknown: the safe choice
+    assert prepare.load_images(ds.manifest, 16, cache, "auto").mode == "disk"

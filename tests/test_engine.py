@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble import engine
+from ensemble import engine, feature_cache
+from ensemble.batches import augment, class_weights, epoch_plan
+from ensemble.classes import CLASSES
 from ensemble.config import BalanceConfig, TrainConfig, load_config
-from ensemble.data import CLASSES
-from ensemble.engine import StageData, TrainingInterrupted, augment, ccc_loss, class_weights, epoch_plan, fit, runtime
+from ensemble.engine import StageData, TrainingInterrupted, fit
 from ensemble.errors import UserError
 from ensemble.metrics import ccc, classification_metrics, confusion, pcc, regression_metrics
+from ensemble.runtime import runtime
+from ensemble.tasks import CLASSIFY, VA_REGRESSION, ccc_loss
 from stages.backbones import build_model, normalization, state_digest
 
 LABELS = np.array([0] * 10 + [1] * 4 + [2] * 1)  # counts 10, 4, 1
@@ -77,9 +80,9 @@ def test_plan_regression_targets_are_not_balanced():
     assert plan.tolist() == list(range(7)) and not copy.any()
 
 
-def test_plan_unknown_mode():
+def test_plan_unknown_mode_is_refused_by_the_config():  # the one check; epoch_plan does not re-check
     with pytest.raises(UserError, match="balance.mode"):
-        epoch_plan(LABELS, _bal(mode="sideways"), 0, 0)
+        load_config(None, ["balance.mode=sideways"])
 
 
 # --------------------------------------------------------------------------- class weights
@@ -115,9 +118,9 @@ def test_weights_explicit():
     np.testing.assert_allclose(w, [1.0, 2.0, 0.5])
 
 
-def test_weights_unknown_mode():
+def test_weights_unknown_mode_is_refused_by_the_config():  # the one check; class_weights does not re-check
     with pytest.raises(UserError, match="balance.weights"):
-        class_weights(np.array([1, 2]), _bal(weights="log"), ["a", "b"])
+        load_config(None, ["balance.weights=log"])
 
 
 # --------------------------------------------------------------------------- metrics
@@ -243,7 +246,7 @@ BASE = [
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """The synthetic faces, prepared once for this module: (cfg factory, experiment)."""
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     root = tmp_path_factory.mktemp("engine")
     cache = f"data.cache_dir={root / 'cache'}"
@@ -272,7 +275,7 @@ def _fit(cfg, exp, work, net=None, **kw):
     mean, std = normalization(cfg.model.backbone)
     work.mkdir(parents=True, exist_ok=True)
     logs = []
-    res = fit(net, "classify", _flat_data(exp), cfg, mean, std, runtime(cfg.train), work, log=logs.append, **kw)
+    res = fit(net, CLASSIFY, _flat_data(exp), cfg, mean, std, runtime(cfg.train), work, log=logs.append, **kw)
     return net, res, logs
 
 
@@ -332,7 +335,7 @@ def test_resume_after_interrupt_equals_straight_run(synth, tmp_path, monkeypatch
     straight, res_a, _ = _fit(cfg, exp, tmp_path / "a")
     last_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
 
-    real_save = engine._atomic_torch_save
+    real_save = engine.save_checkpoint
     saves = []
 
     def save_then_ctrl_c(obj, path):  # Ctrl-C right after the first epoch's checkpoint
@@ -340,11 +343,11 @@ def test_resume_after_interrupt_equals_straight_run(synth, tmp_path, monkeypatch
         saves.append(obj["epoch"])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_atomic_torch_save", save_then_ctrl_c)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_ctrl_c)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         _fit(cfg, exp, tmp_path / "b")
     assert saves == [0]
-    monkeypatch.setattr(engine, "_atomic_torch_save", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
 
     fresh = _net(cfg, seed=99)  # its own init is overwritten by the checkpoint
     resumed, res_b, logs = _fit(cfg, exp, tmp_path / "b", net=fresh, resume=True)
@@ -392,7 +395,7 @@ def test_head_only_training_uses_the_feature_cache(synth, tmp_path, monkeypatch)
     def no_images(*a, **k):
         raise AssertionError("head-only training must read the feature cache, not decode images")
 
-    monkeypatch.setattr(engine, "_image_batches", no_images)
+    monkeypatch.setattr(engine, "image_batches", no_images)
     net = _net(cfg)
     trunk_before, head_before = state_digest(net.trunk), state_digest(net.head)
     net, res, logs = _fit(cfg, exp, tmp_path, net=net)
@@ -422,7 +425,7 @@ def test_regression_fit_with_ccc_loss(synth, tmp_path):
     mean, std = normalization("tinyvgg")
     res = fit(
         net,
-        "regress",
+        VA_REGRESSION,
         StageData(exp.images, tr, va[tr], vi, va[vi]),
         cfg,
         mean,
@@ -441,8 +444,8 @@ def test_runtime_cpu_and_precision():
     assert rt.device.type == "cpu" and rt.amp_dtype is None and rt.is_main
     rt = runtime(SimpleNamespace(device="cpu", precision="fp16", channels_last=False, threads=0))
     assert rt.amp_dtype is torch.bfloat16  # no fp16 autocast on CPU
-    with pytest.raises(UserError, match="train.precision"):
-        runtime(SimpleNamespace(device="cpu", precision="fp8", channels_last=False, threads=0))
+    with pytest.raises(UserError, match="train.precision"):  # the one check, when the config is read
+        load_config(None, ["train.precision=fp8"])
 
 
 def test_without_validation_faces_the_last_epoch_is_kept(synth, tmp_path):
@@ -454,7 +457,7 @@ def test_without_validation_faces_the_last_epoch_is_kept(synth, tmp_path):
     net = _net(cfg)
     mean, std = normalization(cfg.model.backbone)
     logs = []
-    res = fit(net, "classify", data, cfg, mean, std, runtime(cfg.train), tmp_path, log=logs.append)
+    res = fit(net, CLASSIFY, data, cfg, mean, std, runtime(cfg.train), tmp_path, log=logs.append)
     assert res.best_epoch == 2 and len(res.history) == 2  # not epoch 1's weights, and no early stop
     assert any("no validation faces" in m and "last epoch" in m for m in logs), logs
 
@@ -473,7 +476,7 @@ def test_resume_with_other_settings_is_refused_naming_them(synth, tmp_path):
 
 def test_transform_copies_draw_from_several_cached_views():
     tc, bc = TrainConfig(transform_views=3), BalanceConfig(mode="transform", rotation=45.0)
-    views = engine.feature_views(50, tc, bc)
+    views = feature_cache.feature_views(50, tc, bc)
     names = [v[0] for v in views]
     assert names[:2] == ["plain", "flip"] and len(names) == 5 and len(set(names)) == 5
     angles = np.stack([v[2] for v in views[2:]])
@@ -483,7 +486,7 @@ def test_transform_copies_draw_from_several_cached_views():
     feats = {"views": store, "train_rows": np.arange(50), "n_plain": 2, "transform_views": np.array([2, 3, 4])}
     plan, copy = np.arange(50).repeat(4), np.tile([False, True, True, True], 50)
     seen_copy, seen_orig = set(), set()
-    for x, pos in engine._feature_batches(feats, plan, copy, 64, 0, 0, "cpu"):
+    for x, pos in feature_cache.feature_batches(feats, plan, copy, 64, 0, 0, "cpu"):
         v = x.flatten().numpy().astype(int)
         seen_copy |= set(v[copy[pos]])
         seen_orig |= set(v[~copy[pos]])

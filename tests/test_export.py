@@ -12,8 +12,8 @@ from ensemble.predictors import FlatPredictor, HierarchicalPredictor
 @pytest.fixture(scope="module", params=["gmm", "kmeans"])
 def shared_run(request, tmp_path_factory):
     """A tiny hierarchy whose stage 1 and experts are heads on the flat model's trunk."""
-    from ensemble.pipeline import open_experiment
-    from ensemble.predictors import calibrate_router
+    from ensemble.experiment import open_experiment
+    from ensemble.routing import calibrate_router
     from stages.experts import fit_experts
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1

@@ -6,7 +6,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from ensemble.data import CLASSES
+from ensemble.classes import CLASSES
 from ensemble.errors import UserError
 from ensemble.predictors import HierarchicalPredictor
 from ensemble.router import HierarchyNet, RegionPosterior, fit_temperature

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ensemble.classes import CLASSES
 from ensemble.cli import main
 from ensemble.config import load_config
-from ensemble.data import CLASSES
 from ensemble.errors import UserError
 from ensemble.predictors import FlatPredictor, HierarchicalPredictor
 
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """flat, stage 1, neighborhoods + experts, router and the comparison, trained once."""
-    from ensemble.pipeline import open_experiment
-    from ensemble.predictors import calibrate_router
+    from ensemble.experiment import open_experiment
     from ensemble.reports import compare
+    from ensemble.routing import calibrate_router
     from stages.experts import fit_experts
     from stages.flat import fit_flat
     from stages.stage1 import fit_stage1
@@ -327,6 +327,9 @@ def test_cli_predict_good_and_broken_files(trained, tmp_path, capsys):
         assert len(r["top3"]) == 3 and r["top3"][0][0] == r["emotion"]
         assert -1 <= r["valence"] <= 1 and -1 <= r["arousal"] <= 1
         assert r["expert_classes"] and set(r["expert_classes"]) <= set(CLASSES)
+        # one expert per neighborhood: the record names the neighborhood and its expert's classes,
+        # not a second copy of the neighborhood's number
+        assert "expert" not in r and r["expert_classes"] == trained_experts_classes(trained)[r["neighborhood"]]
         if trained["router"]["mode"] == "hard":  # the routed expert named the emotion
             assert r["emotion"] in r["expert_classes"]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -457,7 +460,7 @@ def test_cli_predict_finds_the_face_in_a_real_photograph(trained, tmp_path, caps
 
 
 def _reopen(trained, run, *extra):
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
 
     exp = trained["exp"]
     cfg = load_config(
@@ -536,7 +539,7 @@ def test_an_interrupted_expert_refit_leaves_the_working_experts(trained, run_cop
     assert sum("already trained" in m for m in logs) == 1  # the expert finished before the interruption
     assert not (run_copy / ".experts.new").exists()
     assert not (run_copy / "router").exists()  # calibrated for the old neighborhoods: gone with them
-    from ensemble.predictors import calibrate_router
+    from ensemble.routing import calibrate_router
 
     calibrate_router(exp, log=logs.append)
     HierarchicalPredictor.load(run_copy).predict_proba(_test_faces(trained, 2)[0])
@@ -584,3 +587,43 @@ def test_cli_compare_writes_only_into_its_report_folder(trained, run_copy, tmp_p
     assert code == 0, err
     assert (rep / "report.md").is_file() and (rep / "config.json").is_file()
     assert _sha256(run_copy / "config.json") == before
+
+
+def trained_experts_classes(trained) -> list[list[str]]:
+    return [e["classes"] for e in sorted(trained["experts"]["experts"], key=lambda e: e["region"])]
+
+
+def test_router_without_validation_faces_keeps_the_configured_mode_and_temperature(trained, tmp_path):
+    from ensemble.config import DEFAULT_TEMPERATURE, RouterConfig
+    from ensemble.routing import calibrate_router
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained["run"], run_copy)
+    exp = trained["exp"]
+    manifest = exp.manifest.copy()
+    manifest.loc[manifest["split"] == "val", "split"] = "unused"  # no validation faces
+    for mode, temperature, want_mode, want_t in (
+        ("hard", 0.3, "hard", 0.3),
+        ("auto", 0.0, "soft", DEFAULT_TEMPERATURE),
+    ):
+        cfg = dataclasses.replace(exp.cfg, router=RouterConfig(mode=mode, temperature=temperature))
+        logs = []
+        result = calibrate_router(dataclasses.replace(exp, cfg=cfg, run=run_copy, manifest=manifest), logs.append)
+        assert (result["mode"], result["temperature"]) == (want_mode, want_t)
+        assert any("no validation faces" in m and want_mode in m for m in logs), logs
+        saved = json.loads((run_copy / "router" / "router.json").read_text())
+        assert (saved["mode"], saved["temperature"]) == (want_mode, want_t)
+        hp = HierarchicalPredictor.load(run_copy)
+        assert hp.mode == want_mode and hp.net.posterior.temperature == pytest.approx(want_t)
+
+
+def test_fit_experts_without_stage1_is_refused_before_anything_trains(trained, tmp_path):
+    from ensemble.routing import fit_experts_and_router
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(trained["run"] / "flat", run / "flat")
+    exp = _reopen(trained, run, 'experts.train_on="true_va"')
+    with pytest.raises(UserError, match="fit-experts needs stage 1.*fit-stage1 first"):
+        fit_experts_and_router(exp, log=lambda m: None)
+    assert not any((run / name).exists() for name in ("neighborhoods", "experts", ".experts.new", "router"))

@@ -123,7 +123,7 @@ def _face(tmp: Path) -> Path:
 def _fit_flat_run(cache: Path, run: Path, seed: int, epochs: int = 2, global_seed: int | None = 1234):
     """fit-flat in this process. ``global_seed`` puts torch's global RNG where a fresh process
     has it (any fixed value will do); None leaves it wherever earlier work left it."""
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from stages.flat import fit_flat
 
     cfg = load_config(None, tiny(cache, "train.precision=fp32", epochs=epochs, seed=seed))
@@ -153,7 +153,7 @@ def flat_runs(tmp_path_factory, cache, one_thread):
 @pytest.fixture(scope="module")
 def hier(tmp_path_factory, cache, one_thread):
     """A complete run (flat, stage 1, neighborhoods, experts, router), trained once."""
-    from ensemble.predictors import calibrate_router
+    from ensemble.routing import calibrate_router
     from stages.experts import fit_experts
     from stages.stage1 import fit_stage1
 
@@ -762,6 +762,19 @@ def _fill(row: str, images: list[Path], folder: str) -> str:
     return row.replace("<DIR>", folder)
 
 
+def _deduplicated(good: list[tuple], n_bad: int):
+    """What the adapters keep of the good rows (image, label, split): a repeated image (same file,
+    no box) once, the first row, the repeats counted as dropped; None where one image is in two
+    splits, which is an error (issue 15)."""
+    first, splits = {}, {}
+    for g in good:
+        splits.setdefault(g[0], set()).add(g[2])
+        first.setdefault(g[0], g)
+    if any(len(s) > 1 for s in splits.values()):
+        return None
+    return list(first.values()), n_bad + len(good) - len(first)
+
+
 def _check_manifest(ds, expected_good: list[tuple], n_bad: int, image_names: list[str]) -> None:
     got = Counter(
         (image_names.index(Path(p).name), int(lab), sp)
@@ -795,10 +808,13 @@ def test_csv_adapter_keeps_good_rows_and_counts_bad_ones(tiny_pngs, first, rest)
             with pytest.raises(UserError):  # nothing usable is an error, never an empty data set
                 _load("csv", manifest)
             return
+        expected = _deduplicated([k[1:] for _, k in rows if k[0] == "good"], sum(k[0] == "bad" for _, k in rows))
+        if expected is None:
+            with pytest.raises(UserError, match="is in two splits"):
+                _load("csv", manifest)
+            return
         ds = _load("csv", manifest)
-    good = [k[1:] for _, k in rows if k[0] == "good"]
-    n_bad = sum(k[0] == "bad" for _, k in rows)
-    _check_manifest(ds, good, n_bad, [p.name for p in tiny_pngs])
+    _check_manifest(ds, *expected, [p.name for p in tiny_pngs])
 
 
 FER_BAD = [
@@ -883,9 +899,8 @@ def test_ferplus_adapter_keeps_good_rows_and_counts_bad_ones(tiny_pngs, first, r
                 _load("ferplus", Path(d))
             return
         ds = _load("ferplus", Path(d))
-    good = [k[1:] for _, k in rows if k[0] == "good"]
-    n_bad = sum(k[0] == "bad" for _, k in rows)
-    _check_manifest(ds, good, n_bad, [p.name for p in tiny_pngs])
+    expected = _deduplicated([k[1:] for _, k in rows if k[0] == "good"], sum(k[0] == "bad" for _, k in rows))
+    _check_manifest(ds, *expected, [p.name for p in tiny_pngs])  # one split: never None
 
 
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -930,8 +945,10 @@ def test_ferplus_malformed_first_row_is_dropped_and_counted(tiny_pngs, tmp_path,
     folder = tmp_path / "fp" / "FER2013Train"
     folder.mkdir(parents=True)
     shutil.copyfile(tiny_pngs[0], folder / "img0.png")
+    shutil.copyfile(tiny_pngs[1], folder / "img1.png")
     good = 'img0.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0'
-    rows = [first_row.format(good=good), good] + ([good] if kept == 2 else [])
+    other = good.replace("img0", "img1")  # another image: a repeated one would be a counted duplicate
+    rows = [first_row.format(good=good), good] + ([other] if kept == 2 else [])
     (folder / "label.csv").write_text("\n".join(rows) + "\n")
     ds = _load("ferplus", tmp_path / "fp")
     assert len(ds.manifest) == kept and sum(ds.dropped.values()) == 1
@@ -941,7 +958,7 @@ def test_ferplus_malformed_first_row_is_dropped_and_counted(tiny_pngs, tmp_path,
 
 
 def test_training_skips_broken_images(tmp_path, one_thread):
-    from ensemble.pipeline import open_experiment
+    from ensemble.experiment import open_experiment
     from stages.flat import fit_flat
 
     root = tmp_path / "faces"

@@ -1,0 +1,171 @@
+"""A first answer on a photo: wall time of one cold ``predict`` and its parts, peak memory, and
+photos/s on a folder of 256-px photos after loading.
+
+    OMP_NUM_THREADS=1 python benchmarks/predict_photo.py [--run RUN] [--n-folder 256] [--repeats 3]
+
+Parts (one fresh process each repeat, medians): import (``import ensemble.api`` plus torch,
+torchvision and scikit-learn, which loading needs), load (``ensemble.load``: verify, read,
+build the networks), detect (decode + detection +
+alignment of scikit-image's astronaut saved as a JPEG, first call: includes loading MTCNN), infer
+(the networks on its face). ``cli`` is the wall time of ``python -m ensemble predict photo.jpg``
+as a user runs it; ``help`` that of ``python -m ensemble --help``. The folder is generated in
+a temp dir (never committed): the astronaut and the shared photos resized to 256 px, with
+flips and shifts, ``--n-folder`` files. ``fer`` is not measured: installing it pulls TensorFlow
+and opencv-contrib-python 5, which replaces the OpenCV < 5 this project uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from common import ROOT, save
+
+PARTS = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import ensemble.api as api
+import torch, torchvision, sklearn.cluster  # what loading needs: timed apart from our own work
+t1 = time.perf_counter()
+model = api.load(sys.argv[1] if sys.argv[1] != "-" else None, detector=sys.argv[3])
+t2 = time.perf_counter()
+faces, crops = model.faces_in(sys.argv[2])
+t3 = time.perf_counter()
+out = model._infer(crops)
+t4 = time.perf_counter()
+with open("/proc/self/status") as f:
+    peak = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "detect": t3 - t2, "infer": t4 - t3, "total": t4 - t0,
+                  "peak_mb": peak, "faces": len(faces)}))
+"""
+
+
+def _wall(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()[-400:]}")
+    return time.perf_counter() - t
+
+
+def _folder(dst: Path, n: int, photos: Path) -> list[Path]:
+    import numpy as np
+    from PIL import Image, ImageOps
+    from skimage import data
+
+    sources = [Image.fromarray(data.astronaut())]
+    if photos.is_dir():
+        sources += [
+            ImageOps.exif_transpose(Image.open(p)).convert("RGB")
+            for p in sorted(photos.iterdir())
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        ]
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):
+        im = sources[i % len(sources)]
+        s = 256 / max(im.size)
+        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BILINEAR)
+        if i // len(sources) % 2:
+            im = ImageOps.mirror(im)
+        dx, dy = rng.integers(0, 8, 2)
+        im = im.crop((dx, dy, im.width, im.height))
+        files.append(dst / f"p{i:04d}.jpg")
+        im.save(files[-1], quality=90)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=None, help="run folder (default: the bundled model)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-folder", type=int, default=256)
+    ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
+    ap.add_argument("--detectors", default="mtcnn,haar")
+    args = ap.parse_args()
+
+    from PIL import Image
+    from skimage import data
+
+    tmp = Path(tempfile.mkdtemp(prefix="predict-photo-"))
+    photo = tmp / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(photo, quality=90)
+    run_arg = args.run or "-"
+    figures = {
+        "run": args.run or "bundled",
+        "load_average_at_start": os.getloadavg(),
+        "photo": "skimage astronaut, 512x512 JPEG",
+        "cold": {},
+        "folder": {},
+    }
+    helps = [_wall([sys.executable, "-m", "ensemble", "--help"]) for _ in range(5)]
+    figures["help_s"] = round(statistics.median(helps), 3)
+    print(f"ensemble --help: {figures['help_s']:.3f} s (median of 5)")
+    for det in args.detectors.split(","):
+        parts = []
+        for _ in range(args.repeats):
+            out = subprocess.run(
+                [sys.executable, "-c", PARTS, run_arg, str(photo), det], cwd=ROOT, capture_output=True, text=True
+            )
+            if out.returncode != 0:
+                raise SystemExit(out.stderr.strip()[-600:])
+            parts.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        cli = [
+            _wall(
+                [
+                    sys.executable,
+                    "-m",
+                    "ensemble",
+                    "predict",
+                    str(photo),
+                    "--detector",
+                    det,
+                    *(["--run", args.run] if args.run else []),
+                ]
+            )
+            for _ in range(args.repeats)
+        ]
+        med = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
+        med["cli_wall_s"] = round(statistics.median(cli), 3)
+        figures["cold"][det] = med
+        print(
+            f"cold, {det}: cli {med['cli_wall_s']:.2f} s wall; import {med['import']:.2f} + load {med['load']:.2f} "
+            f"+ detect {med['detect']:.2f} + infer {med['infer']:.3f} s; peak {med['peak_mb']:.0f} MB "
+            f"(medians of {args.repeats})"
+        )
+
+    from ensemble import api
+
+    files = _folder(tmp, args.n_folder, Path(args.photos))
+    for det in args.detectors.split(","):
+        model = api.load(args.run, detector=det)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a synthetic timing run says so once; not news here
+            list(model.predict_many(files[:8]))  # warm-up
+        t = time.perf_counter()
+        n_faces = sum(len(recs) for _, recs, _ in model.predict_many(files))
+        dt = time.perf_counter() - t
+        figures["folder"][det] = {
+            "photos": len(files),
+            "faces": n_faces,
+            "seconds": round(dt, 2),
+            "photos_per_s": round(len(files) / dt, 1),
+        }
+        print(f"folder of {len(files)} 256-px photos, {det}: {len(files) / dt:.1f} photos/s ({n_faces} faces)")
+    figures["load_average_at_end"] = os.getloadavg()
+    figures["fer"] = (
+        "not measured: pip install fer pulls tensorflow 2.21 and opencv-contrib-python 5.1 (replaces OpenCV<5)"
+    )
+    save("predict-photo", figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""The Python API for whole photos; the CLI's ``predict`` uses it too, so the two cannot drift.
+
+    import ensemble
+    model = ensemble.load()                      # the bundled model, or ensemble.load("artifacts/run")
+    faces = model.predict("photo.jpg")           # one dict per face
+    table = model.predict_folder("photos/")      # pandas DataFrame, one row per face
+    frames = model.predict_video("clip.mp4")     # pandas DataFrame, one row per face per frame, tracked
+    model.annotate("photo.jpg").save("out.jpg")  # boxes, labels, a small valence/arousal marker
+
+A record: ``file``, ``face`` (index in the image), ``box`` (x, y, w, h), ``landmarks`` (5 x 2 or
+None), ``emotion`` (``"uncertain"`` when the top probability is below ``min_confidence``),
+``top_emotion``, ``confidence``, ``uncertain``, ``probabilities`` (8 classes, temperature-scaled
+when the run is calibrated), and for the hierarchy ``valence``, ``arousal``, ``neighborhood``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import detect as detection
+from .data import CLASSES, IMAGE_EXTENSIONS, ImageError, face_array, open_image
+from .detect import DEFAULT_DETECTOR, align_crop, check_detector, face_region, run_crop
+from .errors import UserError
+from .paths import not_regular
+
+GRAYSCALE_FORMATS = ("ferplus",)  # data sets of grayscale faces: colour photos are shown to the model in gray
+
+
+def load(
+    run=None,
+    *,
+    flat: bool = False,
+    router: str | None = None,
+    detector: str = DEFAULT_DETECTOR,
+    min_confidence: float = 0.0,
+    device: str = "cpu",
+    log=None,
+) -> Model:
+    """A ready model: the bundled default when ``run`` is None, else the run folder ``run``."""
+    from .bundle import resolve_run
+
+    return Model(
+        resolve_run(run, log), flat=flat, router=router, detector=detector, min_confidence=min_confidence, device=device
+    )
+
+
+def _check_confidence(p) -> float:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
+        raise UserError(f"min_confidence must be a probability between 0 and 1, got {p!r}")
+    return float(p)
+
+
+class Model:
+    """A trained run (hierarchy by default, or its flat model) plus a face detector."""
+
+    def __init__(
+        self,
+        run,
+        *,
+        flat: bool = False,
+        router: str | None = None,
+        detector: str = DEFAULT_DETECTOR,
+        min_confidence: float = 0.0,
+        device: str = "cpu",
+    ):
+        from .bundle import read_card
+        from .calibration import load_temperature
+        from .predictors import FlatPredictor, HierarchicalPredictor
+
+        self.run = Path(run)
+        if flat and router:
+            raise UserError("router chooses how the hierarchy routes; the flat model has no router")
+        self.flat = flat
+        self.net = (
+            FlatPredictor.load(self.run, device)
+            if flat
+            else HierarchicalPredictor.load(self.run, router=router, device=device)
+        )
+        self.temperature = load_temperature(self.run, "flat" if flat else "hierarchy")
+        self.detector = check_detector(detector)
+        self.min_confidence = _check_confidence(min_confidence)
+        self.card = read_card(self.run)
+        fmt = (self.card.get("data") or {}).get("format")
+        self.synthetic = fmt == "synthetic"
+        self.grayscale = fmt in GRAYSCALE_FORMATS
+        self.crop = {d: run_crop(self.net.meta, d) for d in ("mtcnn", "haar")}  # (box_source, margin)
+        self._warned = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Model(run={str(self.run)!r}, {'flat' if self.flat else 'hierarchy'}, detector={self.detector!r}, "
+            f"T={self.temperature:.3g}, min_confidence={self.min_confidence})"
+        )
+
+    # -- faces ---------------------------------------------------------------------------------
+    def _warn_synthetic(self, detector: str) -> None:
+        if self.synthetic and detector != "none" and not self._warned:
+            from .bundle import default_run
+
+            self._warned = True
+            bundled = default_run()
+            warnings.warn(
+                f"{self.run} was trained on synthetic faces, not photos: its answers on photos mean little"
+                f" (the bundled model {bundled or '(none in this install)'} is the default without --run)",
+                stacklevel=3,
+            )
+
+    def faces_in(self, image, detector: str | None = None) -> tuple[list, np.ndarray]:
+        """Detected faces and their aligned crops (n, size, size, 3) uint8, as the network sees them."""
+
+        detector = check_detector(detector or self.detector)
+        try:
+            im = open_image(image)
+        except ImageError as exc:
+            raise UserError(f"{image if isinstance(image, (str, Path)) else 'image'}: {exc}") from None
+        return self._faces_in_image(im, detector)
+
+    def _faces_in_image(self, im, detector: str) -> tuple[list, np.ndarray]:
+        from .detect import Face
+
+        size = self.net.size
+        if detector == "none":
+            faces, crops = [Face((0, 0, im.width, im.height), None, 1.0, "none")], [face_array(im, None, size)]
+        else:
+            faces = detection.detect(im, detector)
+            for f in faces:  # the region the model sees, framed like its training faces (detect.run_crop)
+                f.region = face_region(f.box, im.size, *self.crop[detector])
+            crops = [align_crop(im, f.region, f.landmarks, 0.0, size) for f in faces]
+        arr = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        if self.grayscale and len(arr):
+            gray = (arr @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
+            arr = np.repeat(gray[..., None], 3, axis=3)
+        return faces, arr
+
+    # -- the networks --------------------------------------------------------------------------
+    def _infer(self, crops: np.ndarray) -> list[dict]:
+        """Per crop: probabilities (temperature-scaled) and, for the hierarchy, V/A and neighborhood."""
+        from .calibration import apply_temperature
+        from .predictors import uint8_to_input
+
+        if len(crops) == 0:
+            return []
+        x = uint8_to_input(crops, self.net.mean, self.net.std)
+        if self.flat:
+            proba, extra = self.net.proba_from_input(x), [{} for _ in crops]
+        else:
+            va, ep = self.net.parts_from_input(x)
+            proba, w = self.net.route(va, ep)
+            extra = [
+                {"valence": float(v[0]), "arousal": float(v[1]), "neighborhood": int(r)}
+                for v, r in zip(va, w.argmax(1))
+            ]
+        proba = apply_temperature(proba, self.temperature)
+        return [{"proba": p, **e} for p, e in zip(proba, extra)]
+
+    def _record(self, source, i, face, out, min_confidence) -> dict:
+        p = out["proba"]
+        top = int(p.argmax())
+        conf = float(p[top])
+        uncertain = conf < min_confidence
+        order = np.argsort(-p)[:3]
+        rec = {
+            "file": str(source) if isinstance(source, (str, Path)) else None,
+            "face": i,
+            "box": [int(v) for v in face.box] if face.detector != "none" else None,
+            "crop": [round(v) for v in face.region] if face.region is not None else None,
+            "landmarks": face.landmarks.round(1).tolist() if face.landmarks is not None else None,
+            "detector": face.detector,
+            "detector_score": round(float(face.score), 4),
+            "emotion": "uncertain" if uncertain else CLASSES[top],
+            "top_emotion": CLASSES[top],
+            "confidence": round(conf, 4),
+            "probability": round(conf, 4),
+            "uncertain": bool(uncertain),
+            "top3": [[CLASSES[j], round(float(p[j]), 4)] for j in order],
+            "probabilities": {c: round(float(v), 4) for c, v in zip(CLASSES, p)},
+        }
+        if "valence" in out:
+            r = out["neighborhood"]
+            rec.update(
+                valence=round(out["valence"], 4),
+                arousal=round(out["arousal"], 4),
+                neighborhood=r,  # one expert per neighborhood: its classes follow
+                expert_classes=self.net.expert_classes[r],
+            )
+        return rec
+
+    # -- public --------------------------------------------------------------------------------
+    def predict(self, image, *, detector: str | None = None, min_confidence: float | None = None) -> list[dict]:
+        """One record per face in ``image`` (a path, a PIL image or an (H, W[, 3]) uint8 array)."""
+        from .predictors import _as_image_list
+
+        mc = self.min_confidence if min_confidence is None else _check_confidence(min_confidence)
+        if isinstance(image, np.ndarray):
+            image = _as_image_list(image)[0]
+        detector = check_detector(detector or self.detector)
+        self._warn_synthetic(detector)
+        faces, crops = self.faces_in(image, detector)
+        return [self._record(image, i, f, o, mc) for i, (f, o) in enumerate(zip(faces, self._infer(crops)))]
+
+    def predict_many(
+        self,
+        sources,
+        *,
+        detector: str | None = None,
+        min_confidence: float | None = None,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ):
+        """Yield ``(source, records, error)`` per source in order; decoding and detection run in a
+        thread pool while the network works on batches of faces from earlier images."""
+        mc = self.min_confidence if min_confidence is None else _check_confidence(min_confidence)
+        detector = check_detector(detector or self.detector)
+        sources = list(sources)
+        if sources:
+            self._warn_synthetic(detector)
+        workers = workers or min(4, os.cpu_count() or 1)
+
+        def prepare(src):
+            if isinstance(src, (str, Path)) and (why := not_regular(src)):
+                return src, [], None, why  # a FIFO or a device is named, never opened
+            try:
+                im = open_image(src)
+            except ImageError as exc:
+                return src, [], None, str(exc)
+            try:
+                return src, *self._faces_in_image(im, detector), None
+            except UserError:
+                raise  # no detector at all: one line for the whole command
+            except Exception as exc:  # noqa: BLE001 - a detector failing on one image must not stop the others
+                last = (str(exc).strip().splitlines() or [""])[-1][:120]
+                return src, [], None, f"face detection failed ({type(exc).__name__}: {last})"
+
+        pending = []  # (source, faces, crops, error), waiting for their batch to be inferred
+
+        def flush():
+            crops = [c for _, _, c, _ in pending if c is not None and len(c)]
+            outs = self._infer(np.concatenate(crops)) if crops else []
+            k = 0
+            for src, faces, c, err in pending:
+                n = 0 if c is None else len(c)
+                recs = [self._record(src, i, f, o, mc) for i, (f, o) in enumerate(zip(faces, outs[k : k + n]))]
+                k += n
+                yield src, recs, err
+            pending.clear()
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            n_faces = 0
+            for item in pool.map(prepare, sources):
+                pending.append(item)
+                n_faces += 0 if item[2] is None else len(item[2])
+                if n_faces >= batch_size:
+                    yield from flush()
+                    n_faces = 0
+            yield from flush()
+
+    def predict_folder(
+        self, path, *, detector: str | None = None, min_confidence: float | None = None, batch_size: int = 32
+    ):
+        """A pandas DataFrame, one row per face, for every image under ``path`` (walked); images
+        without a face get one row with ``emotion`` None, unreadable ones a row with ``error``."""
+        import pandas as pd
+
+        files, _ = walk([path])
+        rows = []
+        for src, recs, err in self.predict_many(
+            files, detector=detector, min_confidence=min_confidence, batch_size=batch_size
+        ):
+            rows += [flat_row(r) for r in recs] or [
+                {
+                    "file": str(src),
+                    "face": None,
+                    "emotion": None,
+                    "error": err or None,
+                    "note": None if err else "no face found",
+                }
+            ]
+        return pd.DataFrame(rows, columns=_columns(rows))
+
+    def predict_video(
+        self,
+        path,
+        *,
+        detector: str | None = None,
+        every: int | None = None,
+        fps: float | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        smooth: float | None = None,
+        smooth_method: str = "centred",
+        batch_size: int = 16,
+        progress: bool | None = None,
+    ):
+        """A pandas DataFrame, one row per face per analysed frame of the video at ``path``, with
+        a ``track`` id per face across frames (see :func:`ensemble.video.predict_video`): ``every``
+        N-th frame or about ``fps`` a second, from ``start`` to ``end`` seconds, ``smooth``
+        seconds of smoothing per track (reported beside the raw values)."""
+        from .video import predict_video
+
+        detector = check_detector(detector or self.detector)
+        self._warn_synthetic(detector)
+        return predict_video(
+            path,
+            self,
+            detector=detector,
+            every=every,
+            fps=fps,
+            start=start,
+            end=end,
+            smooth=smooth,
+            smooth_method=smooth_method,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+    def annotate(self, image, records: list[dict] | None = None, *, detector: str | None = None):
+        """A copy of ``image`` (PIL, RGB) with each face's box, label and confidence, and a small
+        valence/arousal marker (the dot in a square whose axes are valence -1..1 and arousal -1..1)."""
+        from PIL import ImageDraw
+
+        from .predictors import _as_image_list
+
+        if isinstance(image, np.ndarray):
+            image = _as_image_list(image)[0]
+        im = open_image(image).copy()
+        records = self.predict(image, detector=detector) if records is None else records
+        draw = ImageDraw.Draw(im)
+        lw = max(2, round(max(im.size) / 400))
+        for r in records:
+            x, y, w, h = r["box"] or (0, 0, im.width - 1, im.height - 1)
+            color = (150, 150, 150) if r["uncertain"] else (40, 220, 90)
+            draw.rectangle([x, y, x + w, y + h], outline=color, width=lw)
+            label = f"{r['emotion']} {r['confidence']:.2f}"
+            ty = max(0, y - 12 - lw)
+            draw.rectangle([x, ty, x + 7 * len(label) + 4, ty + 12], fill=(0, 0, 0))
+            draw.text((x + 2, ty), label, fill=color)
+            if r.get("landmarks"):
+                for px, py in r["landmarks"]:
+                    draw.ellipse([px - lw, py - lw, px + lw, py + lw], outline=(255, 200, 0))
+            if "valence" in r:
+                s = max(16, min(48, w // 3))
+                bx, by = x + w + lw, y
+                draw.rectangle([bx, by, bx + s, by + s], outline=(255, 255, 255), fill=(30, 30, 30))
+                draw.line([bx + s / 2, by, bx + s / 2, by + s], fill=(90, 90, 90))
+                draw.line([bx, by + s / 2, bx + s, by + s / 2], fill=(90, 90, 90))
+                vx = bx + (r["valence"] + 1) / 2 * s
+                vy = by + (1 - (r["arousal"] + 1) / 2) * s
+                draw.ellipse([vx - 2, vy - 2, vx + 2, vy + 2], fill=(255, 80, 80))
+        return im
+
+
+def walk(paths) -> tuple[list[Path], list[Path]]:
+    """Files to predict, and files skipped in walked folders because of their name or kind."""
+    files, skipped = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(f for f in p.rglob("*") if not f.is_dir() and not f.name.startswith(".")):
+                # a FIFO or a link to a device is skipped by name, never opened
+                (files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() else skipped).append(f)
+        else:
+            files.append(p)  # named explicitly: always tried
+    return files, skipped
+
+
+def flat_row(rec: dict) -> dict:
+    """A record as one table row: box and probabilities spread into columns."""
+    row = {
+        k: v
+        for k, v in rec.items()
+        if k not in ("box", "crop", "probabilities", "landmarks", "top3", "expert_classes", "probability")
+    }
+    row.update(dict(zip(("x", "y", "w", "h"), rec["box"] or (None,) * 4)))
+    row.update({f"p_{c}": v for c, v in rec["probabilities"].items()})
+    if rec.get("landmarks"):
+        names = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+        for n, (px, py) in zip(names, rec["landmarks"]):
+            row[f"{n}_x"], row[f"{n}_y"] = px, py
+    return row
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols

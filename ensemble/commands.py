@@ -1,0 +1,119 @@
+"""Bodies of CLI commands too long for cli.py. ``ensemble predict``: files and folders in, one line
+(or JSON object) per face out, through the Python API (:mod:`ensemble.api`), optionally annotated
+images and a CSV table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+from .paths import check_target, make_dir, shown, write_user_file
+
+
+def _line(rec: dict) -> str:
+    probs = sorted(rec["probabilities"].items(), key=lambda kv: -kv[1])
+    box = f" [{','.join(map(str, rec['box']))}]" if rec["box"] else ""
+    va = (
+        f"  V {rec['valence']:+.2f} A {rec['arousal']:+.2f}  neighborhood {rec['neighborhood']}"
+        if "valence" in rec
+        else ""
+    )
+    label = (
+        f"uncertain (best guess {rec['top_emotion']} {rec['confidence']:.2f})"
+        if rec["uncertain"]
+        else f"{rec['emotion']} {rec['confidence']:.2f}"
+    )
+    return (
+        f"{shown(rec['file'])}{box}: {label}  "
+        f"(then {probs[1][0]} {probs[1][1]:.2f}, {probs[2][0]} {probs[2][1]:.2f}){va}"
+    )
+
+
+def run_predict(
+    paths,
+    run,
+    as_json: bool,
+    detector: str,
+    router: str | None,
+    use_flat: bool,
+    batch_size: int = 32,
+    min_confidence: float = 0.0,
+    annotate: Path | None = None,
+    csv: Path | None = None,
+    *,
+    model=None,
+) -> int:
+    """Predict every face; returns the number of files that failed (unreadable, not a regular
+    file, or the detector failed on it: each named on stderr, the others still predicted).
+    ``model``: an already loaded :class:`ensemble.api.Model` (the videos of the same command)."""
+    from .api import flat_row, load, walk
+    from .files import atomic_path
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    model = model or load(
+        run,
+        flat=use_flat,
+        router=router,
+        detector=detector,
+        min_confidence=min_confidence,
+        log=lambda m: click.echo(m, err=True),
+    )
+    files, skipped = walk(paths)
+    if skipped:
+        click.echo(
+            f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
+            f"(e.g. {', '.join(shown(f) for f in skipped[:3])})",
+            err=True,
+        )
+    if not files:
+        raise UserError("no image files to predict")
+    if annotate is not None:
+        from .video_cli import VIDEO_SUFFIXES
+
+        if annotate.suffix.lower() in VIDEO_SUFFIXES:
+            raise UserError(f"--annotate {annotate} names a video file, but images are given: pass a folder")
+        make_dir(annotate, "the --annotate folder")
+    if csv is not None:  # refused before any face is predicted: a FIFO, a device or a folder
+        check_target(make_dir(csv.parent, "the --csv folder") / csv.name, "--csv table")
+    failed, rows, written = 0, [], set()
+    for src, recs, err in model.predict_many(files, batch_size=batch_size):
+        if err is not None:
+            click.echo(f"error: {shown(src)}: {err}", err=True)
+            failed += 1
+            continue
+        if not recs:
+            if as_json:
+                click.echo(json.dumps({"file": str(src), "box": None, "emotion": None, "note": "no face found"}))
+            else:
+                click.echo(f"{shown(src)}: no face found (use --detector none if the image is a face crop)")
+            rows.append({"file": str(src), "face": None, "emotion": None, "note": "no face found"})
+        for rec in recs:
+            click.echo(json.dumps(rec) if as_json else _line(rec))
+            rows.append(flat_row(rec))
+        if annotate is not None:
+            name = Path(src).stem
+            out = Path(annotate) / f"{name}.jpg"
+            i = 1
+            while out in written:  # two inputs with one name in different folders
+                out = Path(annotate) / f"{name}-{i}.jpg"
+                i += 1
+            written.add(out)
+            with atomic_path(out) as tmp:
+                model.annotate(src, recs).save(tmp, format="JPEG", quality=90)
+    if csv is not None:
+        import pandas as pd
+
+        from .api import _columns
+
+        table = pd.DataFrame(rows, columns=_columns(rows))
+        write_user_file(csv, lambda tmp: table.to_csv(tmp, index=False), "--csv table")
+        click.echo(f"wrote {shown(csv)} ({sum(r.get('face') is not None for r in rows)} faces)", err=True)
+    if annotate is not None:
+        click.echo(f"wrote {len(written)} annotated image(s) to {shown(annotate)}", err=True)
+    if failed:
+        click.echo(f"{failed} of {len(files)} file(s) could not be read", err=True)
+    return failed

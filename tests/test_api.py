@@ -1,0 +1,465 @@
+"""The Python API for whole photos, the detectors and alignment, calibration, bundled models,
+the synthetic-run warning and lazy imports. One tiny run is trained once for the module."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ensemble.cli import main
+from ensemble.config import load_config
+from ensemble.data import CLASSES
+from ensemble.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny synthetic hierarchy (heads on the flat trunk), router and calibration, trained once."""
+    from ensemble.experiment import open_experiment
+    from ensemble.routing import fit_experts_and_router
+    from stages.flat import fit_flat
+    from stages.stage1 import fit_stage1
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("api")
+    cfg = load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.n_synthetic=240",
+            "data.synthetic_size=32",
+            "data.image_size=32",
+            f"data.cache_dir={root / 'cache'}",
+            "model.backbone=tinyvgg",
+            "model.hidden=32",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "experts.min_count=5",
+            "neighborhoods.k=3",
+            "stage1.model.trunk_from=flat",
+            "experts.model.trunk_from=flat",
+        ],
+    )
+    logs = []
+    exp = open_experiment(cfg, root / "run", log=logs.append, progress=False)
+    fit_flat(exp, log=logs.append)
+    fit_stage1(exp, log=logs.append)
+    calibration = fit_experts_and_router(exp, log=logs.append)["calibration"]  # router, then temperatures
+    torch.set_num_threads(before)
+    return {"run": root / "run", "exp": exp, "calibration": calibration, "logs": logs, "root": root}
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    from skimage import data  # public-domain NASA portrait, shipped inside scikit-image
+
+    return Image.fromarray(data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    import ensemble
+
+    return ensemble.load(run["run"])
+
+
+# --------------------------------------------------------------------------- detectors and alignment
+def test_detector_choice(astronaut):
+    from ensemble.detect import detect
+
+    m = detect(astronaut, "mtcnn")
+    assert len(m) == 1 and m[0].landmarks.shape == (5, 2) and m[0].score > 0.9
+    x, y, w, h = m[0].box
+    assert 150 <= x + w / 2 <= 300 and 60 <= y + h / 2 <= 180 and 60 <= w <= 220  # her face
+    le, re_ = m[0].landmarks[:2]
+    assert x <= le[0] < re_[0] <= x + w and y <= le[1] <= y + h / 2 + 10  # eyes in the upper half, left then right
+    hb = detect(astronaut, "haar")
+    assert hb and hb[0].landmarks is None
+    hx, _, hw, _ = hb[0].box
+    assert abs((hx + hw / 2) - (x + w / 2)) < w / 2  # the same face
+    none = detect(astronaut, "none")
+    assert [f.box for f in none] == [(0, 0, 512, 512)]
+    with pytest.raises(UserError, match="detector must be one of"):
+        detect(astronaut, "yolo")
+    blank = Image.new("RGB", (400, 300), (120, 120, 120))
+    assert detect(blank, "mtcnn") == [] and detect(blank, "haar") == []
+
+
+def test_large_photos_are_downscaled_before_detection_and_boxes_come_back_in_full_size(astronaut):
+    from ensemble.detect import detect
+
+    big = astronaut.resize((2048, 2048), Image.BICUBIC)
+    small, large = detect(astronaut, "mtcnn")[0], detect(big, "mtcnn", max_side=512)[0]
+    np.testing.assert_allclose(np.array(large.box) / 4, small.box, atol=6)
+    np.testing.assert_allclose(large.landmarks / 4, small.landmarks, atol=3)
+
+
+def test_align_crop_by_hand():
+    """A white square between two 'eyes' on a line tilted 30 degrees: the crop turns it level."""
+    from ensemble.detect import align_crop, eye_angle
+
+    img = np.zeros((200, 200, 3), np.uint8)
+    c = np.array([100.0, 100.0])
+    d = np.array([np.cos(np.radians(30)), np.sin(np.radians(30))]) * 30
+    eyes = np.stack([c - d, c + d])
+    for ex, ey in eyes:
+        img[int(ey) - 3 : int(ey) + 4, int(ex) - 3 : int(ex) + 4] = 255
+    lm = np.vstack([eyes, [[100, 130], [90, 150], [110, 150]]]).astype(np.float32)
+    assert eye_angle(lm) == pytest.approx(30, abs=1e-4)
+    crop = align_crop(img, (50, 50, 100, 100), lm, margin=0.0, size=100)
+    assert crop.shape == (100, 100, 3) and crop.dtype == np.uint8
+    rows = np.flatnonzero(crop[..., 0].max(1) > 128)
+    cols = np.flatnonzero(crop[..., 0].max(0) > 128)
+    assert rows.max() - rows.min() <= 9  # both eyes on one row: level
+    assert cols.min() == pytest.approx(20, abs=4) and cols.max() == pytest.approx(80, abs=4)  # 60 px apart, centred
+    # no landmarks: a plain square crop of the box, widened by the margin
+    plain = align_crop(img, (50, 50, 100, 100), None, margin=0.5, size=50)
+    assert plain.shape == (50, 50, 3)
+    ref = np.asarray(Image.fromarray(img).resize((50, 50), Image.BILINEAR))  # margin 0.5 of 100 = the whole image
+    assert np.abs(plain.astype(int) - ref.astype(int)).mean() < 12
+
+
+def test_alignment_on_a_rotated_photo(model, astronaut):
+    """The astronaut turned 30 degrees: the same face is found, the crop comes out upright and
+    the same as from the upright photo, and the model says the same."""
+    from ensemble.detect import align_crop, detect, eye_angle
+
+    rot = astronaut.rotate(30, resample=Image.BICUBIC, expand=True, fillcolor=(0, 0, 0))
+    up, turned = detect(astronaut, "mtcnn"), detect(rot, "mtcnn")
+    assert len(up) == 1 and len(turned) == 1
+    # PIL turns counter-clockwise about the centre: map the upright face's centre into the turned photo
+    cx, cy = up[0].box[0] + up[0].box[2] / 2 - 256, up[0].box[1] + up[0].box[3] / 2 - 256
+    a = np.radians(30)
+    ex, ey = cx * np.cos(a) + cy * np.sin(a) + rot.width / 2, -cx * np.sin(a) + cy * np.cos(a) + rot.height / 2
+    tx, ty, tw, th = turned[0].box
+    assert abs(tx + tw / 2 - ex) < 25 and abs(ty + th / 2 - ey) < 25
+    assert eye_angle(turned[0].landmarks) == pytest.approx(eye_angle(up[0].landmarks) - 30, abs=6)
+    a0 = align_crop(astronaut, up[0].box, up[0].landmarks, 0.0, 64).astype(float)
+    a1 = align_crop(rot, turned[0].box, turned[0].landmarks, 0.0, 64).astype(float)
+    straight = align_crop(rot, turned[0].box, None, 0.0, 64).astype(float)  # not turned back
+    corr = np.corrcoef(a0.ravel(), a1.ravel())[0, 1]
+    assert corr > 0.8 > np.corrcoef(a0.ravel(), straight.ravel())[0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic-run warning
+        r0, r1 = model.predict(astronaut)[0], model.predict(rot)[0]
+    assert r0["top_emotion"] == r1["top_emotion"]
+    assert max(abs(r0["probabilities"][c] - r1["probabilities"][c]) for c in CLASSES) < 0.15
+
+
+# --------------------------------------------------------------------------- the API
+def test_predict_record_from_path_pil_and_array(model, astronaut, tmp_path):
+    path = tmp_path / "a.jpg"
+    astronaut.save(path, quality=95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recs = [model.predict(src) for src in (path, str(path), astronaut, np.asarray(astronaut))]
+    for r in recs:
+        assert len(r) == 1
+    rec = recs[0][0]
+    assert rec["file"] == str(path) and recs[2][0]["file"] is None
+    assert set(rec["probabilities"]) == set(CLASSES) and sum(rec["probabilities"].values()) == pytest.approx(
+        1, abs=1e-3
+    )
+    assert rec["emotion"] == rec["top_emotion"] == max(rec["probabilities"], key=rec["probabilities"].get)
+    assert rec["confidence"] == max(rec["probabilities"].values()) and not rec["uncertain"]
+    assert -1 <= rec["valence"] <= 1 and -1 <= rec["arousal"] <= 1 and 0 <= rec["neighborhood"] < 3
+    assert len(rec["box"]) == 4 and np.array(rec["landmarks"]).shape == (5, 2)
+    np.testing.assert_allclose(recs[2][0]["confidence"], recs[3][0]["confidence"], atol=1e-6)  # PIL == array
+    with pytest.raises(UserError, match="uint8"):
+        model.predict(np.zeros((10, 10, 3), np.float32))
+
+
+def test_min_confidence_marks_faces_uncertain(model, astronaut, run, capsys):
+    import ensemble
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = model.predict(astronaut, min_confidence=1.0)[0]
+        assert rec["uncertain"] and rec["emotion"] == "uncertain" and rec["top_emotion"] in CLASSES
+        assert not model.predict(astronaut, min_confidence=0.0)[0]["uncertain"]
+        strict = ensemble.load(run["run"], min_confidence=0.999)
+        assert strict.predict(astronaut)[0]["uncertain"]
+    with pytest.raises(UserError, match="min_confidence"):
+        ensemble.load(run["run"], min_confidence=1.5)
+
+
+def test_predict_folder_is_a_dataframe_one_row_per_face(model, astronaut, tmp_path):
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    astronaut.save(d / "one.jpg")
+    side = Image.new("RGB", (1100, 512), (90, 90, 90))
+    side.paste(astronaut, (0, 0))
+    side.paste(astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (560, 0))
+    side.save(d / "sub" / "two.png")
+    Image.new("RGB", (300, 200), (200, 200, 200)).save(d / "blank.png")
+    (d / "broken.jpg").write_bytes(b"not a jpeg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = model.predict_folder(d)
+    faces = df[df["face"].notna()]
+    assert sorted(Path(f).name for f in faces["file"]) == ["one.jpg", "two.png", "two.png"]
+    assert {f"p_{c}" for c in CLASSES} <= set(df.columns)
+    assert {"x", "y", "w", "h", "emotion", "confidence", "valence", "arousal", "neighborhood", "left_eye_x"} <= set(
+        df.columns
+    )
+    np.testing.assert_allclose(faces[[f"p_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-3)
+    rest = df[df["face"].isna()].set_index(df[df["face"].isna()]["file"].map(lambda f: Path(f).name))
+    assert rest.loc["blank.png", "note"] == "no face found"
+    assert "decode" in rest.loc["broken.jpg", "error"]
+    # batches of one face, one worker: the same rows in the same (file) order
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = model.predict_folder(d, batch_size=1)
+    assert list(one["file"]) == list(df["file"]) == sorted(df["file"])
+    np.testing.assert_allclose(one["confidence"].fillna(-1), df["confidence"].fillna(-1), atol=1e-5)
+
+
+def test_cli_annotate_and_csv(run, astronaut, tmp_path, capsys):
+    import pandas as pd
+
+    d = tmp_path / "in"
+    d.mkdir()
+    astronaut.save(d / "astro.jpg")
+    Image.new("RGB", (300, 200), (200, 200, 200)).save(d / "blank.png")
+    out, csv = tmp_path / "annotated", tmp_path / "t" / "faces.csv"
+    code, so, se = _cli(
+        ["predict", str(d), "--run", str(run["run"]), "--annotate", str(out), "--csv", str(csv)], capsys
+    )
+    assert code == 0 and "Traceback" not in so + se
+    assert "astro.jpg [" in so and "blank.png: no face found" in so
+    assert sorted(p.name for p in out.iterdir()) == ["astro.jpg", "blank.jpg"]
+    drawn = np.asarray(Image.open(out / "astro.jpg").convert("RGB")).astype(int)
+    assert drawn.shape == (512, 512, 3)
+    table = pd.read_csv(csv)
+    assert len(table) == 2 and table["face"].notna().sum() == 1
+    face = table[table["face"].notna()].iloc[0]
+    x, y, w, h = (int(face[k]) for k in "xywh")
+    orig = np.asarray(astronaut).astype(int)
+    edge = np.abs(drawn[y, x : x + w] - orig[y, x : x + w]).mean()  # the box's top edge is drawn
+    inside = np.abs(drawn[y + h // 2, x + 5 : x + w - 5] - orig[y + h // 2, x + 5 : x + w - 5]).mean()
+    assert edge > 40 > inside
+    assert face["emotion"] in CLASSES and abs(sum(face[f"p_{c}"] for c in CLASSES) - 1) < 1e-3
+
+
+def test_cli_detector_options(run, astronaut, tmp_path, capsys):
+    p = tmp_path / "a.png"
+    astronaut.save(p)
+    code, so, se = _cli(["predict", str(p), "--run", str(run["run"]), "--detector", "haar", "--json"], capsys)
+    assert code == 0 and json.loads(so.splitlines()[0])["detector"] == "haar"
+    code, so, se = _cli(["predict", str(p), "--run", str(run["run"]), "--detector", "none", "--json"], capsys)
+    assert code == 0 and json.loads(so)["box"] is None and se == ""  # a face crop: no synthetic-run warning
+    code, so, se = _cli(["predict", str(p), "--run", str(run["run"]), "--detector", "yunet"], capsys)
+    assert code == 2 and "Traceback" not in se
+    code, so, se = _cli(["predict", str(p), "--run", str(run["run"]), "--min-confidence", "1.5"], capsys)
+    assert code == 2 and "Traceback" not in se
+    code, so, se = _cli(["predict", str(p), "--run", str(run["run"]), "--min-confidence", "1"], capsys)
+    assert code == 0 and "uncertain (best guess" in so
+
+
+def test_a_synthetic_run_warns_once_on_photos(run, astronaut):
+    import ensemble
+
+    m = ensemble.load(run["run"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.predict(astronaut, detector="none")  # a face crop: no warning
+        assert not caught
+        m.predict(astronaut)
+        m.predict(astronaut)
+        list(m.predict_many([astronaut]))
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1, msgs
+    assert str(run["run"]) in msgs[0] and "synthetic" in msgs[0] and "bundled" in msgs[0]
+
+
+def test_cli_says_which_run_it_uses_without_a_bundle(run, astronaut, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from ensemble import bundle
+
+    monkeypatch.setattr(bundle, "PACKAGED", tmp_path / "no-models")
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "a.png"
+    astronaut.save(p)
+    code, _, se = _cli(["predict", str(p)], capsys)
+    assert code == 2 and "no bundled model" in se and "--run" in se
+    shutil.copytree(run["run"], tmp_path / "artifacts" / "demo")
+    code, _, se = _cli(["predict", str(p), "--detector", "none"], capsys)
+    assert code == 0
+    assert [line for line in se.splitlines() if "artifacts/demo" in line and "synthetic" in line]
+
+
+# --------------------------------------------------------------------------- calibration
+def test_temperature_scaling_lowers_ece_on_a_held_out_split():
+    """An over-confident model (logits 3x the true ones): T fitted on one split, ECE falls on another."""
+    from ensemble.calibration import apply_temperature, ece, fit_temperature
+
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        z = rng.normal(0, 1.2, size=(n, 8))
+        p_true = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        y = np.array([rng.choice(8, p=p) for p in p_true])
+        over = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)
+        return over, y
+
+    p_sel, y_sel = sample(3000)
+    p_test, y_test = sample(3000)
+    t = fit_temperature(p_sel, y_sel)
+    assert t == pytest.approx(3.0, rel=0.15)
+    before, after = ece(p_test, y_test), ece(apply_temperature(p_test, t), y_test)
+    assert after < before / 3 and after < 0.03
+    np.testing.assert_array_equal(apply_temperature(p_test, t).argmax(1), p_test.argmax(1))
+    # hand-checked: two bins; confidence 0.9 right once and wrong once -> |0.5 - 0.9| = 0.4
+    assert ece(np.array([[0.9, 0.1], [0.9, 0.1]]), np.array([0, 1])) == pytest.approx(0.4)
+    z = np.array([[0.7, 0.2, 0.1, 0.0]])
+    got = apply_temperature(z, 2.0)
+    want = np.sqrt(z) / np.sqrt(z).sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[0, 3] == 0
+
+
+def test_the_run_stores_its_calibration_hashed(run, model, tmp_path):
+    import shutil
+
+    import ensemble
+    from ensemble.artifacts import read_meta
+
+    cal = run["calibration"]
+    assert set(cal["models"]) == {"flat", "hierarchy"}
+    for c in cal["models"].values():
+        assert c["temperature"] > 0 and {"ece_before", "ece_after"} <= set(c["val"])
+        assert c["val"]["nll_after"] <= c["val"]["nll_before"] + 1e-6  # fitted there: never worse
+    meta = read_meta(run["run"] / "calibration")
+    assert "calibration.json" in meta["files"]
+    assert model.temperature == pytest.approx(cal["models"]["hierarchy"]["temperature"], rel=1e-3)
+    bad = tmp_path / "run"
+    shutil.copytree(run["run"], bad)
+    info = json.loads((bad / "calibration" / "calibration.json").read_text())
+    info["models"]["hierarchy"]["temperature"] = 0.01
+    (bad / "calibration" / "calibration.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="sha256"):
+        ensemble.load(bad)
+
+
+# --------------------------------------------------------------------------- bundled models
+def test_bundle_converts_to_float16_and_refuses_a_tampered_file(run, astronaut, tmp_path, monkeypatch, capsys):
+    import ensemble
+    from ensemble import bundle
+    from ensemble.artifacts import read_meta
+
+    packaged = tmp_path / "models"
+    code, so, se = _cli(
+        [
+            "bundle",
+            "--run",
+            str(run["run"]),
+            "--out",
+            str(packaged / "ferplus"),
+            "--command",
+            "ensemble fit-flat --config configs/x.toml",
+        ],
+        capsys,
+    )
+    assert code == 0 and "float16" in so
+    b = packaged / "ferplus"
+    for w in b.rglob("weights.pt"):
+        state = torch.load(w, weights_only=True)
+        assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+        read_meta(w.parent)  # the rewritten hashes hold
+    size = sum(f.stat().st_size for f in b.rglob("*.pt"))
+    assert size < 0.6 * sum(
+        f.stat().st_size
+        for f in run["run"].rglob("*.pt")
+        if "checkpoint" not in f.name and not f.parent.name.startswith(".")
+    )
+    card = bundle.read_card(b)
+    assert card["command"].startswith("ensemble fit-flat") and card["classes"] == list(CLASSES)
+    assert card["input_size"] == 32 and "not for decisions" in card["not_for"] and card["licence"]
+    assert "calibration" in card["figures"]
+    # loads back to float32 and answers as the original
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        orig, half = ensemble.load(run["run"]), ensemble.load(b)
+        assert all(p.dtype == torch.float32 for p in half.net.net.parameters())
+        p0, p1 = orig.predict(astronaut)[0]["probabilities"], half.predict(astronaut)[0]["probabilities"]
+    assert max(abs(p0[c] - p1[c]) for c in CLASSES) < 0.02
+    # the default of load / predict / models when it is installed
+    monkeypatch.setattr(bundle, "PACKAGED", packaged)
+    assert bundle.default_run() == b and ensemble.load().run == b
+    code, so, se = _cli(["models", "--artifacts", str(tmp_path / "none")], capsys)
+    assert code == 0 and f"{b}  [bundled, default]" in so and "not for" in so
+    # a tampered weight file is refused in one line
+    w = b / "stage1" / "weights.pt"
+    data = bytearray(w.read_bytes())
+    data[-20] ^= 0xFF
+    w.write_bytes(bytes(data))
+    p = tmp_path / "a.png"
+    astronaut.save(p)
+    code, so, se = _cli(["predict", str(p)], capsys)
+    assert code == 2 and "sha256" in se and "Traceback" not in se
+
+
+def test_models_lists_runs_under_artifacts(run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from ensemble import bundle
+
+    monkeypatch.setattr(bundle, "PACKAGED", tmp_path / "no-models")
+    shutil.copytree(run["run"], tmp_path / "artifacts" / "tiny")
+    code, so, _ = _cli(["models", "--artifacts", str(tmp_path / "artifacts")], capsys)
+    assert code == 0 and "tiny  [artifacts]" in so and "synthetic" in so and "ECE" in so
+    code, so, _ = _cli(["models", "--artifacts", str(tmp_path / "nothing")], capsys)
+    assert code == 0 and so.startswith("no models")
+
+
+def test_loading_builds_on_the_meta_device_and_shares_one_trunk(run):
+    from ensemble.predictors import HierarchicalPredictor
+
+    hp = HierarchicalPredictor.load(run["run"])
+    tensors = [*hp.net.parameters(), *hp.net.buffers()]
+    assert tensors and not any(t.is_meta for t in tensors)
+    assert len(hp.net.trunks) == 1
+
+
+# --------------------------------------------------------------------------- lazy imports
+def test_help_imports_neither_torch_nor_pandas():
+    code = (
+        "import sys\n"
+        "from ensemble.cli import main\n"
+        "for args in (['--help'], ['predict', '--help'], ['models', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'pandas', 'numpy', 'sklearn', 'cv2') if m in sys.modules))\n"
+        "import ensemble\n"
+        "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2:] == ["[]", "[]"], out.stdout
