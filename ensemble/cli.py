@@ -172,6 +172,48 @@ def _print_metrics(stage: str, metrics: dict) -> None:
             )
 
 
+@cli.command("tune", short_help="Search a stage's settings with Optuna: pruned, resumable, parallel.")
+@CONFIG
+@SET
+@click.option(
+    "--stage",
+    type=click.Choice(["flat", "stage1", "experts"]),
+    default=None,
+    help="Stage each trial trains (default: [tune] stage, else flat).",
+)
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="The study's total number of trials.")
+@click.option("--minutes", type=click.FloatRange(min=0), default=None, help="Start no trial after this many minutes.")
+@click.option("--study", default=None, help="Study name (default: CONFIG-STAGE).")
+@click.option(
+    "--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db), e.g. postgresql://..."
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="Tuning folder (default: artifacts/tune/STUDY)."
+)
+@click.option(
+    "--run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder with the trained stages a stage1 or experts trial builds on.",
+)
+@click.option("--keep", type=click.Choice(["best", "all", "none"]), default=None, help="Trial run folders kept.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Re-train the top configurations with R new seeds; the best mean wins.",
+)
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default=None)
+def tune_cmd(config_file, overrides, **opts):
+    """Each trial trains the stage with values sampled from the config's [tune.space] table and
+    is scored on the validation split (never the test split). The study lives in Optuna storage:
+    rerun the command to continue it, or start more processes on it. Writes OUT/trials.csv,
+    OUT/best.toml, OUT/plots/*.png and prints a summary."""
+    from .tune import TuneOptions, run_tune
+
+    run_tune(config_file, overrides, TuneOptions(**opts), _log)
+
+
 @cli.command("predict", short_help="Emotion, valence and arousal of every face in images and videos.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option(

@@ -163,6 +163,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     stage1: StageOverrides = field(default_factory=StageOverrides)
     flat: StageOverrides = field(default_factory=StageOverrides)
+    tune: dict = field(default_factory=dict)  # ensemble tune's search (read and checked by ensemble.tune)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -436,9 +437,19 @@ def config_from_dict(raw: dict) -> Config:
             raise UserError(f"unknown config section: [{name}]")
         if not isinstance(value, dict):
             raise UserError(f"config section [{name}] must be a table")
+        if name == "tune":
+            sections[name] = _plain(value)
+            continue
         cls = _hints(Config)[name]
         sections[name] = _apply(cls, value, name)
     return Config(**sections)
+
+
+def _plain(value: Any) -> Any:
+    """A table as TOML would give it: --set values parsed, nested tables kept."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value.parsed if isinstance(value, _SetValue) else value
 
 
 def save_config(cfg: Config, path: Path) -> None:

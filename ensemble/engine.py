@@ -11,6 +11,7 @@ the first blocks are frozen, from :mod:`ensemble.feature_cache`.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import time
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ __all__ = ["StageData", "FitResult", "TrainingInterrupted", "BestTracker", "fit"
 
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM: the last complete epoch is checkpointed; rerun with --resume."""
+
+
+# an observer of every epoch's validation metric, ``hook(epoch, metric)``, called after the
+# epoch is checkpointed; it may raise to stop the fit (``ensemble tune`` prunes trials this way)
+ON_EPOCH: contextvars.ContextVar = contextvars.ContextVar("ON_EPOCH", default=None)
 
 
 @dataclass
@@ -295,6 +301,8 @@ def fit(
                         },
                         ckpt_path,
                     )
+                if (hook := ON_EPOCH.get()) is not None:
+                    hook(epoch + 1, row["val_metric"])
                 if tracker.should_stop:
                     _say(rt, log, f"{desc}: early stop, no improvement for {tc.patience} epochs")
                     break

@@ -63,6 +63,7 @@ LAYERS = {
         "ensemble.commands",
         "ensemble.demo",
         "ensemble.summary",
+        "ensemble.tune",
         "ensemble.video_cli",
     ],
 }
