@@ -4,6 +4,7 @@
     model = ensemble.load()                      # the bundled model, or ensemble.load("artifacts/run")
     faces = model.predict("photo.jpg")           # one dict per face
     table = model.predict_folder("photos/")      # pandas DataFrame, one row per face
+    frames = model.predict_video("clip.mp4")     # pandas DataFrame, one row per face per frame, tracked
     model.annotate("photo.jpg").save("out.jpg")  # boxes, labels, a small valence/arousal marker
 
 A record: ``file``, ``face`` (index in the image), ``box`` (x, y, w, h), ``landmarks`` (5 x 2 or
@@ -280,6 +281,42 @@ class Model:
                 }
             ]
         return pd.DataFrame(rows, columns=_columns(rows))
+
+    def predict_video(
+        self,
+        path,
+        *,
+        detector: str | None = None,
+        every: int | None = None,
+        fps: float | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        smooth: float | None = None,
+        smooth_method: str = "centred",
+        batch_size: int = 16,
+        progress: bool | None = None,
+    ):
+        """A pandas DataFrame, one row per face per analysed frame of the video at ``path``, with
+        a ``track`` id per face across frames (see :func:`ensemble.video.predict_video`): ``every``
+        N-th frame or about ``fps`` a second, from ``start`` to ``end`` seconds, ``smooth``
+        seconds of smoothing per track (reported beside the raw values)."""
+        from .video import predict_video
+
+        detector = check_detector(detector or self.detector)
+        self._warn_synthetic(detector)
+        return predict_video(
+            path,
+            self,
+            detector=detector,
+            every=every,
+            fps=fps,
+            start=start,
+            end=end,
+            smooth=smooth,
+            smooth_method=smooth_method,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
     def annotate(self, image, records: list[dict] | None = None, *, detector: str | None = None):
         """A copy of ``image`` (PIL, RGB) with each face's box, label and confidence, and a small

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
+from .video_cli import video_options
 
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Experiment TOML file.")
 SET = click.option(
@@ -213,7 +214,7 @@ def tune_cmd(config_file, overrides, **opts):
     run_tune(config_file, overrides, TuneOptions(**opts), _log)
 
 
-@cli.command("predict", short_help="Emotion, valence and arousal of every face in images.")
+@cli.command("predict", short_help="Emotion, valence and arousal of every face in images and videos.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--run",
@@ -239,37 +240,68 @@ def tune_cmd(config_file, overrides, **opts):
 )
 @click.option(
     "--annotate",
-    type=click.Path(file_okay=False),
+    type=click.Path(),
     default=None,
-    help="Write each image with its faces drawn into this folder.",
+    help="Draw the faces: images go into this folder (one JPEG each); one video into this .mp4/.avi/.mkv/"
+    ".mov/.webm file, or into this folder as <video>.annotated.mp4 (several videos: a folder).",
 )
-@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), default=None, help="Write one row per face.")
+@click.option(
+    "--csv",
+    "csv_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the table here: one row per face (images), or per face per analysed frame with a track id "
+    "(videos; all videos in one file). With --csv, give images and videos in separate commands.",
+)
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 @click.option("--flat", "use_flat", is_flag=True, help="Use the run's flat model instead of the hierarchy.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@video_options
 def predict_cmd(
-    paths, run, as_json, detector, no_detect, min_confidence, annotate, csv_file, router, use_flat, batch_size
+    paths, run, as_json, detector, no_detect, min_confidence, annotate, csv_file, router, use_flat, batch_size, **video
 ):
     """Detect every face (MTCNN with landmarks by default), turn it upright by its eyes, crop it
     as the model's training faces were cropped, then predict emotion, probabilities, valence,
     arousal and neighborhood. Directories are walked. Unreadable files are named on stderr and
-    the exit code is non-zero; the other files are still predicted."""
+    the exit code is non-zero; the other files are still predicted.
+
+    Videos (mp4, avi, mov, mkv, webm): one row per face per analysed frame with a track id
+    (--csv, --json), one summary line per track, --annotate, --summary; see the video options."""
     from .commands import run_predict
+    from .video_cli import predict_videos
 
     if use_flat and router:
         raise UserError("--router chooses how the hierarchy routes; the flat model (--flat) has no router")
-    n_failed = run_predict(
+    detector = "none" if no_detect else detector
+    annotate = Path(annotate) if annotate else None
+    csv_file = Path(csv_file) if csv_file else None
+    paths, n_failed, model = predict_videos(
         paths,
-        run,
-        as_json,
-        "none" if no_detect else detector,
-        router,
-        use_flat,
-        batch_size,
-        min_confidence,
-        Path(annotate) if annotate else None,
-        Path(csv_file) if csv_file else None,
+        video,
+        run=run,
+        as_json=as_json,
+        detector=detector,
+        router=router,
+        use_flat=use_flat,
+        batch_size=batch_size,
+        min_confidence=min_confidence,
+        annotate=annotate,
+        csv_file=csv_file,
     )
+    if paths:
+        n_failed += run_predict(
+            paths,
+            run,
+            as_json,
+            detector,
+            router,
+            use_flat,
+            batch_size,
+            min_confidence,
+            annotate,
+            csv_file,
+            model=model,
+        )
     if n_failed:
         sys.exit(1)
 

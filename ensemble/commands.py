@@ -43,15 +43,18 @@ def run_predict(
     min_confidence: float = 0.0,
     annotate: Path | None = None,
     csv: Path | None = None,
+    *,
+    model=None,
 ) -> int:
     """Predict every face; returns the number of files that failed (unreadable, not a regular
-    file, or the detector failed on it: each named on stderr, the others still predicted)."""
+    file, or the detector failed on it: each named on stderr, the others still predicted).
+    ``model``: an already loaded :class:`ensemble.api.Model` (the videos of the same command)."""
     from .api import flat_row, load, walk
     from .files import atomic_path
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    model = load(
+    model = model or load(
         run,
         flat=use_flat,
         router=router,
@@ -69,6 +72,10 @@ def run_predict(
     if not files:
         raise UserError("no image files to predict")
     if annotate is not None:
+        from .video_cli import VIDEO_SUFFIXES
+
+        if annotate.suffix.lower() in VIDEO_SUFFIXES:
+            raise UserError(f"--annotate {annotate} names a video file, but images are given: pass a folder")
         make_dir(annotate, "the --annotate folder")
     if csv is not None:  # refused before any face is predicted: a FIFO, a device or a folder
         check_target(make_dir(csv.parent, "the --csv folder") / csv.name, "--csv table")

@@ -52,6 +52,9 @@ LAYERS = {
         "ensemble.export",
         "ensemble.bundle",
         "ensemble.api",
+        "ensemble.tracking",
+        "ensemble.video",
+        "ensemble.video_report",
     ],
     "cli": [
         "ensemble",
@@ -61,6 +64,7 @@ LAYERS = {
         "ensemble.demo",
         "ensemble.summary",
         "ensemble.tune",
+        "ensemble.video_cli",
     ],
 }
 ORDER = list(LAYERS)
