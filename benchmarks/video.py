@@ -138,7 +138,12 @@ def main() -> None:
         help="Memory runs: detect on every N-th frame instead of --no-detect on every frame.",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch and OpenCV threads (0: their defaults).")
-    ap.add_argument("--repeats", type=int, default=2, help="Alternating repeats; the fastest is kept.")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="Alternating repeats; throughputs are the fastest repeat's, ratios the median of per-repeat ratios.",
+    )
     ap.add_argument("--workdir", default="/tmp/ensemble-video-bench")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--out", default=None)

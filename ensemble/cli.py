@@ -334,7 +334,7 @@ def bundle_cmd(run, name, out, train_command):
 @click.option("--run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True)
 def calibrate_cmd(config_file, overrides, run):
     """Fit the flat model's and the hierarchy's temperatures on val; writes RUN/calibration with
-    the expected calibration error before and after (val, and test where there is one)."""
+    the expected calibration error before and after (val, and each test split present: valid, test)."""
     from .calibration import calibrate
 
     calibrate(_experiment_for_run(config_file, overrides, run), _log)

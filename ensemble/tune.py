@@ -3,8 +3,10 @@
 Each trial is a normal run of one stage (``flat``, ``stage1`` or ``experts``) with sampled
 ``--set`` values, in its own run folder ``DIR/trials/NNNN``. The objective is the stage's
 selection metric on the selection split (val): balanced accuracy for flat, mean CCC for
-stage 1, the router's balanced accuracy for the experts. The test split is hidden from every
-trial: its faces are relabelled before a stage sees the manifest, so nothing is tuned on it.
+stage 1, and for the experts the balanced accuracy of the run's final output on val (router.json
+``val_final``: flat mixing alpha and logit adjustment tau included). Every test split (``test``,
+and FER+'s ``valid``) is hidden from every trial: their faces are relabelled before a stage
+sees the manifest, so nothing is tuned on them.
 
 The search space is the config's ``[tune.space]`` table, one entry per config key::
 
@@ -40,7 +42,11 @@ from .config import Config, load_config, save_config
 from .errors import UserError
 
 STAGES = ("flat", "stage1", "experts")
-METRIC_NAME = {"flat": "val balanced accuracy", "stage1": "val mean CCC", "experts": "val balanced accuracy (router)"}
+METRIC_NAME = {
+    "flat": "val balanced accuracy",
+    "stage1": "val mean CCC",
+    "experts": "val balanced accuracy (final output)",
+}
 
 
 @dataclass
