@@ -35,6 +35,19 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 PROBA_COLUMNS = [f"p_{c}" for c in CLASSES]
+#: The per-face, per-frame table's columns, in order.
+COLUMNS = [
+    "file",
+    "frame",
+    "time_s",
+    "track",
+    *(f"box_{k}" for k in "xywh"),
+    "emotion",
+    *PROBA_COLUMNS,
+    "valence",
+    "arousal",
+    "neighborhood",
+]
 
 
 class VideoError(Exception):
@@ -339,22 +352,7 @@ def analyse_video(
         decoder.close()
         cap.release()
         bar.close()
-    columns = [
-        "file",
-        "frame",
-        "time_s",
-        "track",
-        "box_x",
-        "box_y",
-        "box_w",
-        "box_h",
-        "emotion",
-        *PROBA_COLUMNS,
-        "valence",
-        "arousal",
-        "neighborhood",
-    ]
-    table = pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=COLUMNS)
     if end.n_decoded == 0:
         raise VideoError("no frame could be decoded (damaged, or not a video)")
     return VideoResult(table, info, n_analysed, end.n_decoded, end.truncated, time.perf_counter() - t0)

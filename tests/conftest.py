@@ -122,3 +122,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: A tiny synthetic run: 240 faces at 32 px, tinyvgg, one epoch, CPU, fp32 (add data.cache_dir).
+TINY_SYNTHETIC = [
+    "data.format=synthetic",
+    "data.n_synthetic=240",
+    "data.synthetic_size=32",
+    "data.image_size=32",
+    "model.backbone=tinyvgg",
+    "model.hidden=32",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.device=cpu",
+    "train.precision=fp32",
+]
+#: ... and its hierarchy: three neighborhoods, stage 1 and the experts heads on the flat trunk.
+TINY_HIERARCHY = [
+    *TINY_SYNTHETIC,
+    "experts.min_count=5",
+    "neighborhoods.k=3",
+    "stage1.model.trunk_from=flat",
+    "experts.model.trunk_from=flat",
+]
+
+
+def train_tiny_hierarchy(root, extra=(), log=None):
+    """Train a tiny hierarchy (flat, stage 1, neighborhoods, experts, router, calibration) into
+    ``root/run`` on one thread; returns (experiment, fit_experts_and_router's result)."""
+    from ensemble.experiment import open_experiment
+    from ensemble.routing import fit_experts_and_router
+    from stages.flat import fit_flat
+    from stages.stage1 import fit_stage1
+
+    log = log or (lambda m: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(None, [*TINY_HIERARCHY, f"data.cache_dir={root / 'cache'}", *extra])
+        exp = open_experiment(cfg, root / "run", log=log, progress=False)
+        fit_flat(exp, log=log)
+        fit_stage1(exp, log=log)
+        return exp, fit_experts_and_router(exp, False, log)
+    finally:
+        torch.set_num_threads(before)

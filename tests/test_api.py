@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_tiny_hierarchy
 from PIL import Image
 
 from ensemble.cli import main
-from ensemble.config import load_config
 from ensemble.data import CLASSES
 from ensemble.errors import UserError
 
@@ -33,40 +33,10 @@ def _cli(args, capsys):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny synthetic hierarchy (heads on the flat trunk), router and calibration, trained once."""
-    from ensemble.experiment import open_experiment
-    from ensemble.routing import fit_experts_and_router
-    from stages.flat import fit_flat
-    from stages.stage1 import fit_stage1
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("api")
-    cfg = load_config(
-        None,
-        [
-            "data.format=synthetic",
-            "data.n_synthetic=240",
-            "data.synthetic_size=32",
-            "data.image_size=32",
-            f"data.cache_dir={root / 'cache'}",
-            "model.backbone=tinyvgg",
-            "model.hidden=32",
-            "train.epochs=1",
-            "train.batch_size=32",
-            "train.device=cpu",
-            "train.precision=fp32",
-            "experts.min_count=5",
-            "neighborhoods.k=3",
-            "stage1.model.trunk_from=flat",
-            "experts.model.trunk_from=flat",
-        ],
-    )
     logs = []
-    exp = open_experiment(cfg, root / "run", log=logs.append, progress=False)
-    fit_flat(exp, log=logs.append)
-    fit_stage1(exp, log=logs.append)
-    calibration = fit_experts_and_router(exp, log=logs.append)["calibration"]  # router, then temperatures
-    torch.set_num_threads(before)
+    exp, result = train_tiny_hierarchy(root, log=logs.append)
+    calibration = result["calibration"]  # router, then temperatures
     return {"run": root / "run", "exp": exp, "calibration": calibration, "logs": logs, "root": root}
 
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SYNTHETIC
 
 from ensemble import engine, feature_cache
 from ensemble.batches import augment, class_weights, epoch_plan
@@ -229,18 +230,7 @@ def test_augment_is_seeded():
 
 # --------------------------------------------------------------------------- fit on synthetic faces
 
-BASE = [
-    "data.format=synthetic",
-    "data.n_synthetic=240",
-    "data.synthetic_size=32",
-    "data.image_size=32",
-    "model.backbone=tinyvgg",
-    "model.hidden=32",
-    "train.epochs=1",
-    "train.batch_size=32",
-    "train.device=cpu",
-    "train.precision=fp32",
-]
+BASE = TINY_SYNTHETIC
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image
+from conftest import TINY_SYNTHETIC, write_image
 
 from ensemble.classes import CLASS_INDEX
 from ensemble.config import load_config
@@ -59,19 +59,7 @@ def test_the_ferplus_config_follows_the_protocol():
     assert cfg.router.alpha == -1 and cfg.router.logit_adjust == "auto"  # chosen on the selection split
 
 
-TINY = [
-    "data.format=synthetic",
-    "data.n_synthetic=240",
-    "data.synthetic_size=32",
-    "data.image_size=32",
-    "model.backbone=tinyvgg",
-    "model.hidden=32",
-    "train.epochs=1",
-    "train.batch_size=32",
-    "train.device=cpu",
-    "train.precision=fp32",
-    "experts.min_count=5",
-]
+TINY = [*TINY_SYNTHETIC, "experts.min_count=5"]
 
 
 def _cli(argv, capsys):

@@ -15,16 +15,17 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 cv2 = pytest.importorskip("cv2")
 
+from conftest import train_tiny_hierarchy  # noqa: E402
+
 from ensemble.classes import CLASSES  # noqa: E402
 from ensemble.cli import main  # noqa: E402
-from ensemble.config import load_config  # noqa: E402
 from ensemble.errors import UserError  # noqa: E402
 from ensemble.tracking import IoUTracker, iou, smooth  # noqa: E402
 from ensemble.video import (  # noqa: E402
+    COLUMNS,
     PROBA_COLUMNS,
     DecodeEnd,
     FaceResult,
@@ -202,27 +203,12 @@ def test_ema_smoothing_by_hand():
 
 
 def _table(rows):
-    cols = [
-        "file",
-        "frame",
-        "time_s",
-        "track",
-        "box_x",
-        "box_y",
-        "box_w",
-        "box_h",
-        "emotion",
-        *PROBA_COLUMNS,
-        "valence",
-        "arousal",
-        "neighborhood",
-    ]
     out = []
     for f, frame, t, track, cls, v, a in rows:
         p = np.zeros(8)
         p[CLASSES.index(cls)] = 1.0
         out.append((f, frame, t, track, 0, 0, 10, 10, cls, *p, v, a, 0))
-    return pd.DataFrame(out, columns=cols)
+    return pd.DataFrame(out, columns=COLUMNS)
 
 
 def test_add_smoothing_keeps_tracks_apart():
@@ -361,41 +347,9 @@ def test_annotated_video_has_the_source_frames_and_size(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny hierarchy (flat, stage 1, neighborhoods, experts, router) on 32-px synthetic faces."""
-    from ensemble.experiment import open_experiment
-    from ensemble.routing import fit_experts_and_router
-    from stages.flat import fit_flat
-    from stages.stage1 import fit_stage1
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("video-run")
-    cfg = load_config(
-        None,
-        [
-            "data.format=synthetic",
-            "data.n_synthetic=240",
-            "data.synthetic_size=32",
-            "data.image_size=32",
-            f"data.cache_dir={root / 'cache'}",
-            "model.backbone=tinyvgg",
-            "model.hidden=32",
-            "train.epochs=1",
-            "train.batch_size=32",
-            "train.device=cpu",
-            "train.precision=fp32",
-            "experts.min_count=5",
-            "neighborhoods.k=3",
-            "stage1.model.trunk_from=flat",
-            "experts.model.trunk_from=flat",
-        ],
-    )
-    exp = open_experiment(cfg, root / "run", log=lambda m: None, progress=False)
-    quiet = lambda m: None  # noqa: E731
-    fit_flat(exp, log=quiet)
-    fit_stage1(exp, log=quiet)
-    fit_experts_and_router(exp, False, quiet)
-    yield root / "run"
-    torch.set_num_threads(before)
+    train_tiny_hierarchy(root)
+    return root / "run"
 
 
 def astronaut_face(side=160) -> np.ndarray:
