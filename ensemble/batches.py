@@ -2,7 +2,8 @@
 
 Per epoch a balance plan picks the faces (down/up/transform sampling, seeded by epoch); the
 batches are augmented on the device (random crop and flip; transform copies also get a random
-rotation) by :func:`warp`, the one rotate/flip/crop function (the feature cache uses it too).
+rotation) by :func:`warp`, the one rotate/flip/crop function (the feature cache uses it too), then,
+where the config asks, by :func:`photo_augment` (lighting, gray, blur, JPEG).
 """
 
 from __future__ import annotations
@@ -98,8 +99,64 @@ def warp(x: torch.Tensor, angle: torch.Tensor, flip: torch.Tensor, scale=None, t
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one ``sigma`` (pixels) per face; sigma 0 leaves a face as it is."""
+    n, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    radius = min(radius, (min(h, w) - 1) // 2) if min(h, w) > 2 else 0
+    if radius == 0:
+        return x
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).clamp_min(1e-3).view(n, 1)
+    k = torch.exp(-(t.view(1, -1) ** 2) / (2 * s**2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, taps)
+    y = x.reshape(1, n * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Each face JPEG-encoded and decoded (Pillow) at its own ``quality`` (0 = untouched)."""
+    import io
+
+    from PIL import Image
+
+    out = x.clone()
+    for i in torch.nonzero(quality > 0).flatten().tolist():
+        face = (x[i] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        buf = io.BytesIO()
+        Image.fromarray(face).save(buf, format="JPEG", quality=int(quality[i]))
+        back = np.array(Image.open(buf).convert("RGB"))
+        out[i] = torch.from_numpy(back).to(x.device, x.dtype).permute(2, 0, 1) / 255
+    return out
+
+
+def photo_augment(x: torch.Tensor, tc, gen: torch.Generator) -> torch.Tensor:
+    """What separates a detector's crop of a photo from a data set's face: lighting
+    (``brightness``, ``contrast``), colour (``grayscale``), focus (``blur``) and compression
+    (``jpeg``), each drawn per face. ``x``: (batch, 3, H, W) in [0, 1]; off when all are 0."""
+    n, dev = x.shape[0], x.device
+    r = lambda: torch.rand(n, generator=gen, device=dev)  # noqa: E731
+    if tc.brightness or tc.contrast:
+        mean = x.mean((1, 2, 3), keepdim=True)
+        c = (1 + (r() * 2 - 1) * tc.contrast).view(n, 1, 1, 1)
+        b = ((r() * 2 - 1) * tc.brightness).view(n, 1, 1, 1)
+        x = ((x - mean) * c + mean + b).clamp(0, 1)
+    if tc.grayscale:
+        gray = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = torch.where((r() < tc.grayscale).view(n, 1, 1, 1), gray.expand_as(x), x)
+    if tc.blur:
+        x = _blur(x, torch.where(r() < 0.5, r() * tc.blur, torch.zeros(n, device=dev)))
+    if tc.jpeg:
+        q = (tc.jpeg + r() * (95 - tc.jpeg)).round().long()
+        x = _jpeg(x, torch.where(r() < 0.5, q, torch.zeros_like(q)))
+    return x
+
+
 def augment(x: torch.Tensor, copy: torch.Tensor, train_cfg, balance_cfg, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (scale/shift) and flip for every face, plus rotation for transform copies.
+    """Random crop (scale/shift) and flip for every face, plus rotation for transform copies,
+    then the photo augmentations (:func:`photo_augment`) where the config turns them on.
 
     ``x``: (batch, 3, H, W) float in [0, 1]; ``copy``: (batch,) bool. Same shape out.
     """
@@ -117,7 +174,7 @@ def augment(x: torch.Tensor, copy: torch.Tensor, train_cfg, balance_cfg, gen: to
     )
     flip = torch.where(r() < flip_p, -1.0, 1.0)
     angle = torch.where(copy, (r() * 2 - 1) * math.radians(balance_cfg.rotation), torch.zeros(n, device=dev))
-    return warp(x, angle, flip, scale, tx, ty)
+    return photo_augment(warp(x, angle, flip, scale, tx, ty), train_cfg, gen)
 
 
 class _Faces(torch.utils.data.Dataset):

@@ -92,6 +92,13 @@ class TrainConfig:
     soft_targets: bool = False  # classification: train on vote distributions where the data has them
     augment: bool = True  # random crop (scale/shift) and horizontal flip on every training image
     crop_scale: float = 0.1  # augmentation: +- relative scale/shift of the random crop
+    brightness: float = 0.0  # photo augmentation: brightness shifted by U(-b, b) on a 0-1 scale; 0 = off
+    contrast: float = 0.0  # photo augmentation: contrast scaled by U(1 - c, 1 + c) about the face's mean; 0 = off
+    grayscale: float = 0.0  # photo augmentation: this share of the faces turned gray; 0 = off
+    blur: float = (
+        0.0  # photo augmentation: half the faces blurred, Gaussian sigma U(0, blur) pixels at the input size; 0 = off
+    )
+    jpeg: int = 0  # photo augmentation: half the faces JPEG-compressed at quality U(jpeg, 95); 0 = off
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     precision: Literal["auto", "bf16", "fp16", "fp32"] = (
         "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 elsewhere) | bf16 | fp16 | fp32
@@ -339,6 +346,11 @@ _RULES: dict[type, dict[str, Any]] = {
         "patience": _range(0),
         "label_smoothing": _range(0, 1, hi_open=True),
         "crop_scale": _range(0, 0.5),
+        "brightness": _range(0, 1),
+        "contrast": _range(0, 1),
+        "grayscale": _range(0, 1),
+        "blur": _range(0, 8),
+        "jpeg": lambda v: None if v == 0 or 5 <= v <= 95 else "must be 0 (off) or a JPEG quality in [5, 95]",
         "device": _device,
         "threads": _range(0, 4096),
         "max_minutes": _range(0),

@@ -228,6 +228,56 @@ def test_augment_is_seeded():
     torch.testing.assert_close(a, b)
 
 
+def test_photo_augment_off_by_default_and_each_one_changes_faces():
+    from ensemble.batches import photo_augment
+
+    x = torch.rand(16, 3, 24, 24, generator=_gen(4))
+    assert torch.equal(photo_augment(x, TrainConfig(), _gen()), x)
+    for kw in ({"brightness": 0.3}, {"contrast": 0.5}, {"grayscale": 1.0}, {"blur": 2.0}, {"jpeg": 10}):
+        out = photo_augment(x, TrainConfig(**kw), _gen())
+        assert out.shape == x.shape and out.dtype == x.dtype, kw
+        assert out.min() >= 0 and out.max() <= 1, kw
+        assert not torch.allclose(out, x, atol=1e-2), kw
+    gray = photo_augment(x, TrainConfig(grayscale=1.0), _gen())
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+
+
+def test_photo_blur_keeps_mass_and_spreads_a_point():
+    from ensemble.batches import _blur
+
+    x = torch.zeros(2, 3, 15, 15)
+    x[:, :, 7, 7] = 1
+    out = _blur(x, torch.tensor([0.0, 1.5]))
+    torch.testing.assert_close(out[0], x[0])  # sigma 0: untouched
+    assert out[1, 0, 7, 7] < 0.2 and out[1, 0, 7, 8] > 0.05
+    torch.testing.assert_close(out[1].sum((1, 2)), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_photo_jpeg_degrades_only_the_chosen_faces():
+    from ensemble.batches import _jpeg
+
+    x = torch.rand(3, 3, 32, 32, generator=_gen(6))  # noise: the hardest content for JPEG
+    out = _jpeg(x, torch.tensor([0, 10, 90]))
+    assert torch.equal(out[0], x[0])
+    err = [(out[i] - x[i]).abs().mean().item() for i in (1, 2)]
+    assert err[0] > err[1] > 0  # quality 10 loses more than quality 90
+
+
+def test_photo_augment_is_applied_in_training_augment():
+    x = torch.rand(8, 3, 16, 16, generator=_gen(7))
+    none = torch.zeros(8, dtype=torch.bool)
+    out = augment(x, none, TrainConfig(augment=False, grayscale=1.0), BalanceConfig(), _gen())
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-6)
+
+
+def test_photo_augment_config_is_checked():
+    from ensemble.config import load_config
+
+    for key, bad in (("jpeg", 3), ("jpeg", 99), ("blur", -1), ("grayscale", 1.5), ("brightness", 2)):
+        with pytest.raises(UserError, match=f"train.{key}"):
+            load_config(None, [f"train.{key}={bad}"])
+
+
 # --------------------------------------------------------------------------- fit on synthetic faces
 
 BASE = TINY_SYNTHETIC
