@@ -6,7 +6,8 @@ A config file has the sections ``[data] [model] [train] [balance] [neighborhoods
 sub-tables that override the shared sections for that stage only, e.g.::
 
     [experts.model]
-    trunk_from = "flat"      # experts are heads on the flat model's frozen trunk
+    trunk_from = "flat"      # experts build on the flat model's frozen trunk
+    trainable = "block4"     # ... each with its own copy of blocks 4.. (default: "head", a head only)
 
 An unknown key or a value of the wrong type is an error that names the key.
 ``--set section.key=value`` on the command line wins over the file, also over the file's
@@ -60,7 +61,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "vgg16"  # any torchvision classification model name, or "tinyvgg" (tests, demo)
     pretrained: str = "none"  # imagenet | none | path to a state_dict of the torchvision model
-    trainable: str = "all"  # head | blockN (blocks N..last plus head) | all
+    trainable: str = "all"  # head | blockN (blocks N..last plus head) | all; a stage on a borrowed trunk (trunk_from): only its own table's value counts, default head
     head: Literal["slim", "classic"] = (
         "slim"  # classic (VGG 4096-4096 classifier) | slim (global pool -> hidden -> out)
     )
@@ -184,17 +185,23 @@ class Config:
         return dataclasses.asdict(self)
 
     def for_stage(self, stage: str) -> "Config":
-        """The config a stage trains with: shared sections with its overrides applied."""
+        """The config a stage trains with: shared sections with its overrides applied.
+
+        A stage built on another stage's trunk (``model.trunk_from``) does not inherit
+        ``[model] trainable`` (that describes the trunk's owner): it trains its head only unless
+        its own table says otherwise (``[experts.model] trainable = "block4"``: each expert owns a
+        copy of blocks 4.. of the borrowed trunk)."""
         over = getattr(self, stage, None) if stage in ("stage1", "flat", "experts") else None
         cfg = dataclasses.replace(self)
-        if over is None:
-            return cfg
         for section in ("model", "train", "balance"):
-            updates = getattr(over, section)
+            updates = getattr(over, section) if over is not None else {}
             if updates:
                 base = getattr(self, section)
                 merged = _apply(type(base), dataclasses.asdict(base) | updates, f"{stage}.{section}")
                 setattr(cfg, section, merged)
+        own = over.model if over is not None else {}
+        if cfg.model.trunk_from and "trainable" not in own and cfg.model.trainable != "head":
+            cfg.model = dataclasses.replace(cfg.model, trainable="head")
         return cfg
 
 
@@ -443,8 +450,8 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         if len(parts) == 2 and parts[0] in ("model", "train", "balance"):
             for stage in ("stage1", "flat", "experts"):
                 table = raw.get(stage, {}).get(parts[0]) if isinstance(raw.get(stage), dict) else None
-                if isinstance(table, dict):
-                    table.pop(parts[1], None)
+                if isinstance(table, dict) and not (parts[1] == "trainable" and table.get("trunk_from")):
+                    table.pop(parts[1], None)  # (a stage on a borrowed trunk keeps its own trainable: see for_stage)
     for (parts, value), item in parsed:
         node = raw
         for part in parts[:-1]:
@@ -468,7 +475,16 @@ def config_from_dict(raw: dict) -> Config:
             continue
         cls = _hints(Config)[name]
         sections[name] = _apply(cls, value, name)
-    return Config(**sections)
+    cfg = Config(**sections)
+    for stage in ("stage1", "flat"):  # own blocks on a borrowed trunk: experts only (the hierarchy runs them)
+        mc = cfg.for_stage(stage).model
+        if mc.trunk_from and mc.trainable != "head":
+            raise UserError(
+                f"config key {stage}.model.trainable = {mc.trainable!r}: a stage built on another stage's trunk "
+                f'(model.trunk_from = "{mc.trunk_from}") trains its head only; own blocks on the shared trunk '
+                f"are for the experts (experts.model.trainable)"
+            )
+    return cfg
 
 
 def _plain(value: Any) -> Any:

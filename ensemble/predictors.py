@@ -146,7 +146,7 @@ class HierarchicalPredictor(_Base):
     @_damaged_run_is_one_line
     def load(cls, run, router: str | None = None, device: str = "cpu") -> "HierarchicalPredictor":
         from stages.experts import load_neighborhoods, neighborhoods_sha, read_index
-        from stages.neural import load_network
+        from stages.neural import first_own_block, load_network
 
         run = Path(run)
         if not run.is_dir():
@@ -167,19 +167,22 @@ class HierarchicalPredictor(_Base):
             )
         trunks: dict[str, torch.nn.Module] = {}
 
-        def share(net, meta) -> str:
+        def share(net, meta, own_from=None) -> str:
             key = meta["trunk_sha256"][:16]
+            if key not in trunks and own_from is not None:  # not its own blocks: the trunk it borrows
+                trunks[key] = load_network(run / meta["trunk_from"], run, sources)[0].trunk
             trunks.setdefault(key, net.trunk)
             return key
 
         s1_key = share(stage1, m1)
-        heads, keys, classes = [], [], []
+        heads, keys, classes, boundaries = [], [], [], []
         for r, info in enumerate(index["experts"]):
             folder = run / "experts" / str(r)
             if info.get("constant"):
                 meta = read_meta(folder, f"expert {r}")
                 heads.append(None)
                 keys.append(s1_key)
+                boundaries.append(None)
             else:
                 net, meta = load_network(folder, run, sources)
                 for key in ("input_size", "mean", "std"):
@@ -188,8 +191,15 @@ class HierarchicalPredictor(_Base):
                             f"expert {r} and stage 1 disagree on {key} ({meta[key]} vs {m1[key]}); "
                             f"they do not belong to one hierarchy"
                         )
-                heads.append(net.head)
-                keys.append(share(net, meta))
+                own_from = first_own_block(meta) if meta.get("trunk_from") else len(net.trunk)
+                if own_from < len(net.trunk):  # its own blocks run from the shared trunk's boundary
+                    heads.append(torch.nn.Sequential(net.trunk[own_from:], net.head))
+                    keys.append(share(net, meta, own_from))
+                    boundaries.append(own_from)
+                else:
+                    heads.append(net.head)
+                    keys.append(share(net, meta))
+                    boundaries.append(None)
             if meta["classes"] != info["classes"]:
                 raise UserError(
                     f"expert {r}: classes {meta['classes']} differ from experts/index.json {info['classes']}"
@@ -239,6 +249,7 @@ class HierarchicalPredictor(_Base):
             tau=rinfo.get("tau", 0.0),
             log_prior=rinfo.get("log_prior"),
             inputs=rinfo.get("inputs", "va"),
+            expert_from=boundaries,
         )
         return cls(net, nbh, m1, rinfo, device)
 

@@ -76,6 +76,7 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
         for m, base in (("hard", "flat"), ("soft", "flat"), ("mixed", "flat"), ("mixed+la", "flat+la"))
     }
     stage1 = regression_metrics(true_va, va)
+    experts = _experts_in_true_neighborhood(exp.run, ep, probs["flat"], y, true_region)
     result = {
         "split": split,
         "n": int(len(idx)),
@@ -89,6 +90,8 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
         "routing_accuracy_by_inputs": by_inputs,
         "vs_flat": vs_flat,
         "stage1": stage1,
+        "experts": experts,
+        "params": hierarchy_params(hier, flat),
     }
     write_json(out / "metrics.json", result)
     _write_csv(out / "metrics.csv", metrics, routing)
@@ -100,6 +103,56 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     log(summary_table(result))
     log(f"report: {out / 'report.md'}")
     return result
+
+
+def _experts_in_true_neighborhood(run: Path, ep: np.ndarray, p_flat: np.ndarray, y, true_region) -> list[dict]:
+    """Per expert, on this split's faces whose true V/A lies in its neighborhood and whose class it
+    covers: its balanced accuracy and the flat model's restricted to its classes (what the expert
+    started from), beside the same pair on the selection split that decided which was kept."""
+    import json
+
+    from stages.experts import read_index
+
+    rows = []
+    for e in read_index(run)["experts"]:
+        r = int(e["region"])
+        if e.get("constant"):
+            continue
+        cls = np.array([CLASSES.index(c) for c in e["classes"]])
+        sel = (true_region == r) & np.isin(y, cls)
+        meta = json.loads((run / "experts" / str(r) / "meta.json").read_text())  # verified by the predictor's load
+        row = {
+            "region": r,
+            "classes": e["classes"],
+            "trainable": meta.get("trainable", "head"),
+            "n_own_params": meta.get("n_own_params"),
+            "kept": meta.get("kept"),
+            "selection": e.get("true_neighborhood_val"),
+            "n": int(sel.sum()),
+        }
+        for name, p in (("expert", ep[r]), ("restricted_flat", p_flat)):
+            pred = cls[p[sel][:, cls].argmax(1)] if sel.any() else np.zeros(0, int)
+            row[name] = classification_metrics(y[sel], pred, CLASSES)["balanced_accuracy"] if sel.any() else None
+        rows.append(row)
+    return rows
+
+
+def hierarchy_params(hier, flat) -> dict:
+    """Parameters the hierarchy runs beyond the flat model: stage 1's head, each expert's own blocks
+    and head, and any trunk other than the flat model's (the shared trunk is the flat model's)."""
+
+    def n(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    flat_key = str(flat.meta.get("trunk_sha256", ""))[:16]
+    out = {
+        "flat": n(flat.net),
+        "stage1_head": n(hier.net.stage1_head),
+        "experts": [n(m) for m in hier.net.expert_heads],
+        "other_trunks": sum(n(t) for key, t in hier.net.trunks.items() if key != flat_key),
+    }
+    out["extra_over_flat"] = out["stage1_head"] + sum(out["experts"]) + out["other_trunks"]
+    return out
 
 
 def _routing_by_inputs(hier, va: np.ndarray, p_flat: np.ndarray, true_region: np.ndarray) -> dict:
@@ -155,6 +208,7 @@ def summary_table(result: dict) -> str:
         + f" (the run routes on {result['router_inputs']})"
     )
     lines += _interval_lines(result)
+    lines += _expert_lines(result)
     s = result["stage1"]
     lines.append(
         f"stage 1: RMSE valence {s['rmse_valence']:.3f} arousal {s['rmse_arousal']:.3f}, "
@@ -174,6 +228,33 @@ def _interval_lines(result: dict) -> list[str]:
     for m, b in result["vs_flat"].items():
         lines.append(
             f"  {m:<9} - {b['baseline']:<8} accuracy {_signed(b['accuracy'])}, balanced accuracy {_signed(b['balanced_accuracy'])}"
+        )
+    return lines
+
+
+def _expert_lines(result: dict) -> list[str]:
+    """Extra parameters over flat; per expert, balanced accuracy inside its true neighborhood."""
+    if "params" not in result:
+        return []
+    pp = result["params"]
+    lines = [
+        f"parameters: flat {pp['flat']:,}; the hierarchy adds {pp['extra_over_flat']:,} "
+        f"({100 * pp['extra_over_flat'] / max(1, pp['flat']):.0f}% of flat: stage 1 head {pp['stage1_head']:,}, "
+        f"experts {sum(pp['experts']):,}"
+        + (f", other trunks {pp['other_trunks']:,}" if pp["other_trunks"] else "")
+        + ")"
+    ]
+    if result.get("experts"):
+        lines.append(
+            f"experts inside their true neighborhood, balanced accuracy % (expert vs the flat model "
+            f"restricted to its classes) on {result['split']}, and on the selection split that kept one:"
+        )
+    for e in result.get("experts", []):
+        sel = e.get("selection") or {}
+        lines.append(
+            f"  {e['region']} {'/'.join(c[:4] for c in e['classes'])} ({e['trainable']}, kept {e['kept'] or '-'}): "
+            f"{_pct(e['expert'])} vs {_pct(e['restricted_flat'])} (n={e['n']}); "
+            f"selection {_pct(sel.get('expert'))} vs {_pct(sel.get('restricted_flat'))} (n={sel.get('n', '-')})"
         )
     return lines
 
@@ -229,6 +310,10 @@ def render_report(result: dict, run: Path) -> str:
             "## Hierarchy − flat (paired bootstrap)",
             "",
             *[f"    {line}" for line in _interval_lines(result)],
+            "",
+            "## Experts and parameters",
+            "",
+            *[f"    {line}" for line in _expert_lines(result)],
             "",
             f"Chosen on the selection split: router **{result['router_default']}**, flat weight "
             f"α = {result['alpha']:g} (`mixed`), logit adjustment τ = {result['tau']:g} (`mixed+la`, the run's "

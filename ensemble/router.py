@@ -10,7 +10,9 @@ selection split, the flat model is mixed in (p ∝ p_flat^α · p_hier^(1−α))
 adjusted for class priors (:mod:`ensemble.combine`), in the module itself so that an export
 carries them.
 
-Stages that share a trunk (same weights digest) run it once per image.
+Stages that share a trunk (same weights digest) run it once per image; an expert with blocks
+of its own (``experts.model.trainable = "blockN"``) reads the shared trunk's output at that
+boundary and runs its blocks and head from there.
 """
 
 from __future__ import annotations
@@ -72,13 +74,21 @@ class HierarchyNet(nn.Module):
         tau: float = 0.0,
         log_prior=None,
         inputs: str = "va",
+        expert_from: list | None = None,
     ):
         super().__init__()
         self.trunks = nn.ModuleDict(trunks)
         self.stage1_head = stage1_head
         self.stage1_trunk = stage1_trunk
+        # an expert's module: its head, or its own blocks then its head
         self.expert_heads = nn.ModuleList([h if h is not None else nn.Identity() for h in expert_heads])
         self.expert_trunks = list(expert_trunks)
+        # the block boundary of its shared trunk an expert reads (None: the trunk's output)
+        self.expert_from = list(expert_from) if expert_from is not None else [None] * len(expert_heads)
+        self.taps = {
+            key: sorted({b for b, k in zip(self.expert_from, self.expert_trunks) if k == key and b is not None})
+            for key in self.trunks
+        }
         self.constant = [h is None for h in expert_heads]
         maps = []
         for cls in expert_classes:
@@ -101,18 +111,29 @@ class HierarchyNet(nn.Module):
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """V/A (n, 2) and every expert's canonical probabilities (k, n, 8), then the flat model's
         as row k when it is mixed in (:meth:`split` tells them apart)."""
-        feats = {key: trunk(x) for key, trunk in self.trunks.items()}
-        va = torch.clamp(self.stage1_head(feats[self.stage1_trunk]).float(), -1, 1)
+        feats = {}  # (trunk, boundary) -> features; each trunk runs once, block by block where tapped
+        for key, trunk in self.trunks.items():
+            if not self.taps[key]:
+                feats[(key, None)] = trunk(x)
+                continue
+            z = x
+            for b, block in enumerate(trunk):
+                if b in self.taps[key]:
+                    feats[(key, b)] = z
+                z = block(z)
+            feats[(key, None)] = z
+        va = torch.clamp(self.stage1_head(feats[(self.stage1_trunk, None)]).float(), -1, 1)
         probs = []
         for i, head in enumerate(self.expert_heads):
             m = getattr(self, f"map{i}")
             if self.constant[i]:
                 p = m[0].expand(x.shape[0], -1)
             else:
-                p = torch.softmax(head(feats[self.expert_trunks[i]]).float(), dim=1) @ m
+                z = feats[(self.expert_trunks[i], self.expert_from[i])]
+                p = torch.softmax(head(z).float(), dim=1) @ m
             probs.append(p)
         if self.flat_head is not None:
-            probs.append(torch.softmax(self.flat_head(feats[self.flat_trunk]).float(), dim=1))
+            probs.append(torch.softmax(self.flat_head(feats[(self.flat_trunk, None)]).float(), dim=1))
         return va, torch.stack(probs)
 
     def split(self, parts_probs):

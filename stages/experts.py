@@ -31,7 +31,7 @@ from ensemble.tasks import CLASSIFY, VA_REGRESSION
 
 from .flat import ensure_flat_trunk
 from .neighborhoods import VANeighborhoods, complete_membership, membership, plot_va_map, routed_membership
-from .neural import build_stage_net, load_network, train_network
+from .neural import build_stage_net, first_own_block, load_network, train_network
 from .stage1 import va_targets
 
 
@@ -256,6 +256,12 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
     )
     log(f"expert {r}: {', '.join(names)} on {len(t_idx)} faces ({region['counts']})")
     init_head = restricted_flat_head(exp.run, cfg, cls) if cfg.model.trunk_from == "flat" else None
+    if init_head is not None and cfg.model.trainable != "head":
+        log(
+            f"expert {r}: its own copy of the flat model's {_blocks_from(cfg.model.trainable)} and the flat head's "
+            f"rows for its classes: it starts exactly at the flat model restricted to its classes, and is kept "
+            f"only if training beats that on the selection faces of its true neighborhood"
+        )
     eval_sets = {"val": (v_idx, data.val_y), **{s: (idx, to_local(labels[idx])) for s, idx in tests.items()}}
     metrics = train_network(
         f"expert{r}",
@@ -267,7 +273,12 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
         exp.rt,
         resume,
         eval_sets,
-        extra_meta={"region": r, "train_on": exp.cfg.experts.train_on, "init": "flat" if init_head else "fresh"},
+        extra_meta={
+            "region": r,
+            "train_on": exp.cfg.experts.train_on,
+            "init": "flat" if init_head else "fresh",
+            **({"keep_rule": "kept only if it beats the restricted flat model"} if init_head else {}),
+        },
         log=log,
         fingerprint_extra={
             "neighborhoods": region["neighborhoods_sha256"],
@@ -283,13 +294,19 @@ def _train_expert(exp, region: dict, resume: bool, log) -> dict:
             exp, out, r, names, init_head, true_v, to_local(labels[true_v]), eval_sets, log
         )
         metrics = json.loads((out / "metrics.json").read_text())
+    meta = read_meta(out, f"expert {r}") if exp.rt.is_main else {}
     return {
         "region": r,
         "classes": names,
         "constant": False,
         "val_balanced_accuracy": metrics.get("val", {}).get("balanced_accuracy"),
         **({"true_neighborhood_val": against} if against else {}),
+        **{k: meta[k] for k in ("trainable", "n_own_params") if k in meta},
     }
+
+
+def _blocks_from(trainable: str) -> str:
+    return "whole trunk" if trainable == "all" else f"blocks {trainable[5:]}.. (from {trainable})"
 
 
 def restricted_flat_head(run: Path, cfg, classes: list[int]) -> dict | None:
@@ -313,6 +330,12 @@ def _keep_or_restricted_flat(exp, out: Path, r: int, names, init_head: dict, idx
     mean, std = meta["mean"], meta["std"]
     flat_r, _ = load_network(out, exp.run)
     flat_r.head.load_state_dict(init_head)
+    own_from = first_own_block(meta)
+    if own_from < len(flat_r.trunk):  # the expert's own blocks back to the flat model's
+        flat_trunk = {
+            k[len("trunk.") :]: v for k, v in load_weights(exp.run / "flat").items() if k.startswith("trunk.")
+        }
+        flat_r.trunk.load_state_dict(flat_trunk)
     if len(idx) == 0:
         fig = {"n": 0, "expert": None, "restricted_flat": None, "kept": "expert"}
         log(f"expert {r}: no selection faces in its true neighborhood to compare with the restricted flat model; kept")
@@ -337,16 +360,21 @@ def _keep_or_restricted_flat(exp, out: Path, r: int, names, init_head: dict, idx
                 metrics[split] = evaluate(flat_r, CLASSIFY, exp.images, sidx, sy, names, mean, std, exp.rt)
     metrics["true_neighborhood_val_balanced_accuracy"] = fig
     writer = StageWriter(out)
+    published = {k: v for k, v in meta.items() if k not in ("files", "versions", "git_commit")} | {"kept": fig["kept"]}
     if fig["kept"] == "restricted flat":
+        # the restricted flat model is a head on the flat trunk: its blocks are the flat model's, not copies
         writer.save_weights({f"head.{k}": v for k, v in init_head.items()})
+        published |= {
+            "trainable": "head",
+            "trained_trainable": meta["trainable"],
+            "n_own_params": sum(p.numel() for p in flat_r.head.parameters()),
+        }
     else:
         writer.copy(out / "weights.pt")
     writer.copy(out / "config.json")
     writer.copy(out / "history.csv")
     writer.json("metrics.json", metrics)
-    writer.publish(
-        {k: v for k, v in meta.items() if k not in ("files", "versions", "git_commit")} | {"kept": fig["kept"]}
-    )
+    writer.publish(published)
     return fig
 
 
@@ -364,7 +392,9 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
     if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true_va":
         raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
-    ensure_flat_trunk(exp, exp.cfg.for_stage("experts"), "experts", resume, log)
+    ecfg = exp.cfg.for_stage("experts")
+    ensure_flat_trunk(exp, ecfg, "experts", resume, log)
+    _check_own_blocks(exp.run, ecfg)
     final, staging = exp.run / "experts", _staging(exp.run)
     if exp.rt.is_main:
         if not resume:
@@ -394,6 +424,7 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
         results = [_train_expert(exp, reg, resume, log) for reg in plan["regions"]]
     index = {"train_on": plan["train_on"], "k": int(nbh.k_), "experts": results, "neighborhoods_sha256": nbh_sha}
     if exp.rt.is_main:
+        _log_own_params(exp.run, ecfg, results, log)
         for stale in list(staging.iterdir()):  # experts of an earlier, larger k; leftovers of interruptions
             if stale.is_dir() and not (stale.name.isdigit() and int(stale.name) < nbh.k_) and stale != nbh_folder:
                 shutil.rmtree(stale)
@@ -411,6 +442,33 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
         )
         swap_into_place(staging, final)
     return index
+
+
+def _log_own_params(run: Path, cfg, results: list[dict], log) -> None:
+    """One line: what the experts add to the flat model they build on (their blocks and heads)."""
+    own = [(e["region"], e.get("trainable"), e.get("n_own_params")) for e in results if not e["constant"]]
+    if not own or cfg.model.trunk_from != "flat" or any(n is None for _, _, n in own):
+        return
+    total = sum(n for _, _, n in own)
+    flat = read_meta(run / "flat", "flat")["n_params"]
+    log(
+        f"experts: {total:,} parameters of their own over the flat model's {flat:,} ({100 * total / flat:.0f}%): "
+        + ", ".join(f"{r} {t} {n:,}" for r, t, n in own)
+    )
+
+
+def _check_own_blocks(run: Path, cfg) -> None:
+    """``experts.model.trainable`` names blocks the borrowed trunk has (before anything trains)."""
+    mc = cfg.model
+    if not (mc.trunk_from and mc.trainable.startswith("block")):
+        return
+    src = read_meta(run / mc.trunk_from, f"{mc.trunk_from} (model.trunk_from)")
+    n = int(src["n_blocks"])
+    if int(mc.trainable[5:]) > n:
+        raise UserError(
+            f"experts.model.trainable = {mc.trainable!r}: the {mc.trunk_from} model's trunk ({src['backbone']}) has "
+            f"blocks block1..block{n}; use head, all or one of those"
+        )
 
 
 def _recorded_meta(folder: Path) -> dict:

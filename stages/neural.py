@@ -3,7 +3,11 @@
 Stages differ only in their data subset, targets, head size and config; this module is the
 part they share. A stage trained with ``model.trunk_from`` builds on another stage's trunk,
 frozen: its ``weights.pt`` holds the head only and its meta names the trunk it needs, so
-the whole hierarchy stores (and, at inference, runs) that trunk once.
+the whole hierarchy stores (and, at inference, runs) that trunk once. An expert may also own
+copies of the trunk's last blocks (``experts.model.trainable = "block4"``): they start as the
+borrowed ones, learn from features cached at the boundary, and are stored with the head; at
+inference the shared trunk runs up to the boundary once and each such expert runs its blocks
+from there (:func:`first_own_block`).
 """
 
 from __future__ import annotations
@@ -60,8 +64,31 @@ def build_stage_net(cfg, n_out: int, run: Path) -> tuple[EmotionNet, dict]:
     mc = type(mc)(**{**asdict(mc), "backbone": src_meta["backbone"], "pretrained": "none"})
     net = build_model(mc, n_out)
     net.trunk.load_state_dict(trunk_state, strict=True)
-    net.freeze("head")
+    net.freeze(mc.trainable)  # "head" unless the stage owns copies of the last blocks
     return net, src_meta
+
+
+def first_own_block(meta: dict) -> int:
+    """Index of the first trunk block a stage stores itself: 0 for a stage that owns its trunk;
+    for one built on another's (``trunk_from``), the number of blocks it borrows (``trainable``
+    head: all of them; blockN: N - 1; all: none)."""
+    n = int(meta["n_blocks"])
+    if not meta.get("trunk_from"):
+        return 0
+    trainable = meta.get("trainable", "head")
+    if trainable == "head":
+        return n
+    if trainable == "all":
+        return 0
+    if trainable.startswith("block") and trainable[5:].isdigit() and 1 <= int(trainable[5:]) <= n:
+        return int(trainable[5:]) - 1
+    raise ValueError(f"trainable {trainable!r} for a trunk of {n} blocks")
+
+
+def own_params(net: EmotionNet, first_own: int) -> int:
+    """Parameters a stage on a borrowed trunk adds: its own blocks and its head."""
+    own = [*net.trunk[first_own:].parameters(), *net.head.parameters()]
+    return sum(p.numel() for p in own)
 
 
 def train_network(
@@ -98,8 +125,7 @@ def train_network(
     check_input_size(net, cfg.data.image_size, src_meta.get("backbone", cfg.model.backbone))
     counts = trainable_counts(net)
     if rt.is_main:
-        trainable = "head" if cfg.model.trunk_from else cfg.model.trainable
-        log(f"{name}: model.trainable = {trainable!r}: {describe_trainable(counts)}")
+        log(f"{name}: model.trainable = {cfg.model.trainable!r}: {describe_trainable(counts)}")
     backbone = src_meta.get("backbone", cfg.model.backbone)
     if src_meta:
         if src_meta["input_size"] != cfg.data.image_size:
@@ -135,8 +161,9 @@ def train_network(
                 metrics[split] = evaluate(net, task, data.images, idx, y, data.class_names, mean, std, rt)
         writer = StageWriter(out)
         state = net.state_dict()
-        if cfg.model.trunk_from:
-            state = {k: v for k, v in state.items() if k.startswith("head.")}
+        own = ("head.", *(f"trunk.{i}." for i in range(net.n_frozen_blocks, len(net.trunk))))
+        if cfg.model.trunk_from:  # the head and the blocks it owns; the borrowed trunk stays in its stage
+            state = {k: v for k, v in state.items() if k.startswith(own)}
         writer.save_weights(state)
         writer.json("config.json", cfg.to_dict())
         writer.json("metrics.json", metrics)
@@ -153,15 +180,17 @@ def train_network(
             "head": cfg.model.head,
             "hidden": cfg.model.hidden,
             "dropout": cfg.model.dropout,
-            "trainable": "head" if cfg.model.trunk_from else cfg.model.trainable,
+            "trainable": cfg.model.trainable,
             "pretrained": cfg.model.pretrained,
             "trunk_from": cfg.model.trunk_from,
-            "trunk_sha256": state_digest(net.trunk),
+            # a stage on a borrowed trunk names that trunk (its own blocks are in its weights.pt)
+            "trunk_sha256": src_meta["trunk_sha256"] if src_meta else state_digest(net.trunk),
             "n_blocks": len(net.trunk),
             "seed": cfg.train.seed,
             "best_epoch": result.best_epoch,
             "n_train": int(len(data.train_idx)),
             **counts,
+            **({"n_own_params": own_params(net, net.n_frozen_blocks)} if cfg.model.trunk_from else {}),
             "crop": training_crop(data.images.boxes[i] for i in data.train_idx.tolist()),
             **(extra_meta or {}),
         }
