@@ -55,6 +55,10 @@ print(loaded, peak_rss_mb())
     return peak, loaded
 
 
+def _expert_metas(run: Path) -> list[dict]:
+    return [json.loads((p / "meta.json").read_text()) for p in sorted((run / "experts").glob("[0-9]*"))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="artifacts/demo")
@@ -66,6 +70,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from ensemble import FlatPredictor, HierarchicalPredictor
     from ensemble.export import export
+    from ensemble.reports import hierarchy_params
 
     run = Path(args.run)
     flat = FlatPredictor.load(run)
@@ -116,11 +121,14 @@ def main() -> None:
             "hier_over_flat_size": hier_mb / flat_mb,
             "n_distinct_trunks": len(hier.net.trunks),
             "n_experts": len(hier.net.expert_heads),
+            "expert_trainable": [m.get("trainable", "head") for m in _expert_metas(run)],
+            "params": hierarchy_params(hier, flat),
         }
     )
     print(
         f"artifacts: flat {flat_mb:.2f} MB, hierarchy {hier_mb:.2f} MB (x{hier_mb / flat_mb:.2f}; "
-        f"{len(hier.net.trunks)} distinct trunk(s) run per face)"
+        f"{len(hier.net.trunks)} distinct trunk(s) run per face); parameters: flat "
+        f"{figures['params']['flat']:,}, the hierarchy adds {figures['params']['extra_over_flat']:,}"
     )
     save("inference", figures, args.out)
 

@@ -95,6 +95,8 @@ def test_kept_block_experts_own_trained_blocks_and_fallbacks_are_heads(block_run
     assert "expert" in kinds, "no block expert was kept: the run does not exercise own blocks"
     said = [m for m in block_run["logs"] if "starts exactly at the flat model restricted to its classes" in m]
     assert len(said) == len(_experts(run))
+    total = sum(m["n_own_params"] for _, _, m in _experts(run))
+    assert any(m.startswith(f"experts: {total:,} parameters of their own") for m in block_run["logs"])
 
 
 @pytest.mark.parametrize("which", ["blocks", "bundled head-only"])
@@ -106,10 +108,13 @@ def test_the_hierarchy_runs_the_trunk_once_and_each_expert_as_its_own_full_path(
 
     run = block_run["run"] if which == "blocks" else REPO / "ensemble" / "models" / "ferplus"
     hp = HierarchicalPredictor.load(run)
+    heads = [
+        json.loads((run / "experts" / str(r) / "meta.json").read_text()).get("trainable", "head") == "head"
+        for r in range(len(hp.net.expert_from))
+    ]
+    assert [b is None for b in hp.net.expert_from] == heads  # a head reads the trunk's output
     if which == "blocks":
-        assert any(b is not None for b in hp.net.expert_from)
-    else:
-        assert all(b is None for b in hp.net.expert_from)
+        assert not all(heads)
     calls = []
     for trunk in hp.net.trunks.values():
         trunk[0].register_forward_hook(lambda *a: calls.append(1))
