@@ -393,8 +393,8 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
     if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true_va":
         raise UserError(f"experts.train_on = {exp.cfg.experts.train_on!r} needs stage 1: run ensemble fit-stage1 first")
     ecfg = exp.cfg.for_stage("experts")
+    _check_own_blocks(exp, ecfg)  # before the flat model is trained for it, if it must be
     ensure_flat_trunk(exp, ecfg, "experts", resume, log)
-    _check_own_blocks(exp.run, ecfg)
     final, staging = exp.run / "experts", _staging(exp.run)
     if exp.rt.is_main:
         if not resume:
@@ -457,16 +457,23 @@ def _log_own_params(run: Path, cfg, results: list[dict], log) -> None:
     )
 
 
-def _check_own_blocks(run: Path, cfg) -> None:
+def _check_own_blocks(exp, cfg) -> None:
     """``experts.model.trainable`` names blocks the borrowed trunk has (before anything trains)."""
     mc = cfg.model
     if not (mc.trunk_from and mc.trainable.startswith("block")):
         return
-    src = read_meta(run / mc.trunk_from, f"{mc.trunk_from} (model.trunk_from)")
-    n = int(src["n_blocks"])
+    src = exp.run / mc.trunk_from
+    if (src / "meta.json").is_file():
+        meta = read_meta(src, f"{mc.trunk_from} (model.trunk_from)")
+        backbone, n = meta["backbone"], int(meta["n_blocks"])
+    else:  # not trained yet: the trunk the config will give it
+        from .backbones import build_trunk
+
+        backbone = exp.cfg.for_stage(mc.trunk_from).model.backbone
+        n = len(build_trunk(backbone, "none")[0])
     if int(mc.trainable[5:]) > n:
         raise UserError(
-            f"experts.model.trainable = {mc.trainable!r}: the {mc.trunk_from} model's trunk ({src['backbone']}) has "
+            f"experts.model.trainable = {mc.trainable!r}: the {mc.trunk_from} model's trunk ({backbone}) has "
             f"blocks block1..block{n}; use head, all or one of those"
         )
 

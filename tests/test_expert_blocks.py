@@ -50,6 +50,7 @@ def _restricted(run, exp, classes):
     return restricted_flat_head(run, exp.cfg.for_stage("experts"), [CLASSES.index(c) for c in classes])
 
 
+@pytest.mark.slow
 def test_a_block_expert_starts_exactly_at_the_restricted_flat_model(block_run):
     from stages.neural import build_stage_net, load_network
 
@@ -70,6 +71,7 @@ def test_a_block_expert_starts_exactly_at_the_restricted_flat_model(block_run):
         torch.testing.assert_close(p_expert, p_flat / p_flat.sum(1, keepdim=True))
 
 
+@pytest.mark.slow
 def test_kept_block_experts_own_trained_blocks_and_fallbacks_are_heads(block_run):
     run, exp, index = block_run["run"], block_run["exp"], block_run["index"]
     flat_w = load_weights(run / "flat")
@@ -99,6 +101,7 @@ def test_kept_block_experts_own_trained_blocks_and_fallbacks_are_heads(block_run
     assert any(m.startswith(f"experts: {total:,} parameters of their own") for m in block_run["logs"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["blocks", "bundled head-only"])
 def test_the_hierarchy_runs_the_trunk_once_and_each_expert_as_its_own_full_path(block_run, which):
     """The predictor's expert probabilities equal each expert's whole network (its trunk: the flat
@@ -132,6 +135,7 @@ def test_the_hierarchy_runs_the_trunk_once_and_each_expert_as_its_own_full_path(
         np.testing.assert_allclose(ep[e["region"]], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_worse_block_expert_falls_back_to_the_restricted_flat_model(block_run, tmp_path):
     """A kept block expert whose head is made to say its first class: the rule publishes the
     restricted flat model (flat blocks, restricted head) and the predictor loads it as a head."""
@@ -204,7 +208,8 @@ def test_bad_trainable_values_are_one_line_errors(sets, match):
     assert "\n" not in str(err.value)
 
 
-def test_a_block_the_flat_trunk_lacks_is_refused_before_training(block_run):
+@pytest.mark.slow
+def test_a_block_the_flat_trunk_lacks_is_refused_before_training(block_run, tmp_path):
     import dataclasses
 
     from stages.experts import fit_experts
@@ -216,8 +221,14 @@ def test_a_block_the_flat_trunk_lacks_is_refused_before_training(block_run):
         fit_experts(dataclasses.replace(exp, cfg=dataclasses.replace(exp.cfg, experts=experts)), log=logs.append)
     assert "\n" not in str(err.value)
     assert not any("epoch" in m for m in logs)
+    # and on a fresh run, before the flat model it needs is trained
+    fresh = dataclasses.replace(exp, cfg=dataclasses.replace(exp.cfg, experts=experts), run=tmp_path / "fresh")
+    with pytest.raises(UserError, match=r"experts.model.trainable = 'block9'.*\(tinyvgg\) has blocks block1..block4"):
+        fit_experts(fresh, log=logs.append)
+    assert not any("epoch" in m for m in logs) and not (tmp_path / "fresh" / "flat").exists()
 
 
+@pytest.mark.slow
 def test_the_exported_hierarchy_carries_the_experts_own_blocks(block_run, tmp_path):
     from ensemble.export import export
     from ensemble.predictors import HierarchicalPredictor
@@ -231,6 +242,7 @@ def test_the_exported_hierarchy_carries_the_experts_own_blocks(block_run, tmp_pa
     np.testing.assert_allclose(sess.run(None, {"faces": x})[0], want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_compare_reports_extra_parameters_and_each_expert_inside_its_true_neighborhood(block_run, tmp_path):
     from ensemble.reports import compare
 
