@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from . import detect as detection
-from .data import CLASSES, IMAGE_EXTENSIONS, ImageError, face_array, open_image
+from .classes import CLASSES
 from .detect import DEFAULT_DETECTOR, align_crop, check_detector, face_region, run_crop
 from .errors import UserError
+from .images import IMAGE_EXTENSIONS, ImageError, face_array, open_image
 from .paths import not_regular
 
 GRAYSCALE_FORMATS = ("ferplus",)  # data sets of grayscale faces: colour photos are shown to the model in gray

@@ -138,13 +138,17 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
 
 
 def _warn_versions(meta: dict, folder: Path) -> None:
-    import sklearn
+    from importlib.metadata import PackageNotFoundError, version
 
-    now = {"torch": torch.__version__, "scikit-learn": sklearn.__version__}
+    try:
+        sklearn_version = version("scikit-learn")  # read from the installed metadata: no import of sklearn
+    except PackageNotFoundError:
+        sklearn_version = ""
+    now = {"torch": torch.__version__, "scikit-learn": sklearn_version}
     run = folder.parent.parent if folder.parent.name == "experts" else folder.parent
     for lib, current in now.items():
         then = meta.get("versions", {}).get(lib)
-        if then and then.split(".")[0] != current.split(".")[0]:
+        if then and current and then.split(".")[0] != current.split(".")[0]:
             # one message per run and library (Python shows an identical warning once), not one per stage
             warnings.warn(f"{run} was written with {lib} {then}; this is {lib} {current}", stacklevel=1)
 

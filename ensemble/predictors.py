@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from .artifacts import read_meta
+from .classes import CLASSES
 from .config import DEFAULT_TEMPERATURE
-from .data import CLASSES, ImageError, face_array
 from .errors import UserError
+from .images import ImageError, face_array
 from .router import MODES, HierarchyNet, RegionPosterior
 
 

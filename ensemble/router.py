@@ -38,9 +38,9 @@ class RegionPosterior(nn.Module):
         self.register_buffer("centers", torch.tensor(nbh.centers_, dtype=torch.float32))
         self.temperature = float(temperature)
         if self.kind == "gmm":
-            g = nbh.estimator_
-            self.register_buffer("prec_chol", torch.tensor(g.precisions_cholesky_, dtype=torch.float32))  # (k, 2, 2)
-            self.register_buffer("log_weights", torch.tensor(np.log(g.weights_), dtype=torch.float32))
+            g = nbh.gmm_
+            self.register_buffer("prec_chol", torch.tensor(g["precisions_cholesky"], dtype=torch.float32))  # (k, 2, 2)
+            self.register_buffer("log_weights", torch.tensor(np.log(g["weights"]), dtype=torch.float32))
 
     def logits(self, va: torch.Tensor) -> torch.Tensor:  # (n, 2) -> (n, k)
         if self.kind == "gmm":

@@ -16,10 +16,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import joblib
 import numpy as np
 import torch
-from sklearn.model_selection import KFold
 
 from ensemble.artifacts import StageWriter, load_weights, read_meta, sha256_file, versions
 from ensemble.checkpoints import resume_fingerprint
@@ -76,6 +74,8 @@ def _fit_and_write_neighborhoods(exp, settings: dict, folder: Path, log) -> VANe
     ).fit(va, labels)
     writer = StageWriter(folder)
     nbh.save_arrays(writer.path("model.npz"))  # what the tool loads: plain arrays, never unpickled
+    import joblib
+
     joblib.dump(nbh, writer.path("model.joblib"))  # the scikit-learn estimator, for users' own analysis
     desc = nbh.describe(CLASSES)
     writer.json("neighborhoods.json", desc)
@@ -127,6 +127,8 @@ def oof_stage1_va(exp, log=print, resume: bool = False) -> np.ndarray:
                 shutil.rmtree(other, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     pred = np.zeros((len(tr), 2), np.float32)
+    from sklearn.model_selection import KFold
+
     kf = KFold(folds, shuffle=True, random_state=cfg.train.seed)
     for f, (a, b) in enumerate(kf.split(tr)):
         done = folder / f"fold{f}.npy"

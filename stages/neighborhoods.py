@@ -1,7 +1,9 @@
 """Emotion neighborhoods: clusters of the training valence/arousal labels (scikit-learn).
 
 ``VANeighborhoods`` follows scikit-learn's conventions: ``__init__`` stores, ``fit`` learns
-and returns ``self``, learned attributes end in ``_``. A class belongs to a neighborhood
+and returns ``self``, learned attributes end in ``_``, ``get_params``/``set_params`` (so
+``sklearn.base.clone`` works). Fitting uses scikit-learn; predicting is numpy alone (nearest
+center, or the mixture's posterior from its arrays), so loading a run never imports it. A class belongs to a neighborhood
 when at least ``min_share`` of its samples (and ``min_count`` of them) lie there, so a
 class may belong to two; every class present belongs to at least one (its largest share).
 """
@@ -9,11 +11,6 @@ class may belong to two; every class present belongs to at least one (its larges
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.cluster import AgglomerativeClustering, KMeans
-from sklearn.metrics import silhouette_score
-from sklearn.mixture import GaussianMixture
-from sklearn.utils.validation import check_is_fitted
 
 from ensemble.config import DEFAULT_TEMPERATURE
 from ensemble.errors import UserError
@@ -92,8 +89,41 @@ def complete_membership(
     return members, merged, notes
 
 
-class VANeighborhoods(BaseEstimator):
+class NotFittedError(ValueError, AttributeError):
+    """Neighborhoods used before ``fit`` (as scikit-learn's, which it mirrors)."""
+
+
+def _check_fitted(nbh) -> None:
+    if not hasattr(nbh, "centers_"):
+        raise NotFittedError("these VANeighborhoods are not fitted yet: call fit first")
+
+
+GMM_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
+
+
+def gmm_log_prob(va: np.ndarray, gmm: dict) -> np.ndarray:
+    """(n, k) log p(va, component) of a full-covariance mixture given as arrays (what
+    ``GaussianMixture._estimate_weighted_log_prob`` computes)."""
+    diff = va[:, None, :] - gmm["means"][None]  # (n, k, 2)
+    y = np.einsum("nki,kij->nkj", diff, gmm["precisions_cholesky"])
+    log_det = np.log(np.diagonal(gmm["precisions_cholesky"], axis1=1, axis2=2)).sum(-1)
+    return -0.5 * (y**2).sum(-1) + log_det + np.log(gmm["weights"]) - va.shape[1] / 2 * np.log(2 * np.pi)
+
+
+class VANeighborhoods:
     """Cluster (valence, arousal) points into neighborhoods and name their member classes."""
+
+    _PARAMS = (
+        "method",
+        "k",
+        "k_min",
+        "k_max",
+        "min_share",
+        "min_count",
+        "max_fit_samples",
+        "n_classes",
+        "random_state",
+    )
 
     def __init__(
         self,
@@ -117,7 +147,25 @@ class VANeighborhoods(BaseEstimator):
         self.n_classes = n_classes
         self.random_state = random_state
 
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments (scikit-learn's estimator protocol)."""
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params) -> "VANeighborhoods":
+        for name, value in params.items():
+            if name not in self._PARAMS:
+                raise ValueError(f"invalid parameter {name!r} for VANeighborhoods")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.get_params().items() if v != type(self)().get_params()[k]}
+        return f"VANeighborhoods({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
     def _make(self, k: int):
+        from sklearn.cluster import AgglomerativeClustering, KMeans
+        from sklearn.mixture import GaussianMixture
+
         if self.method == "kmeans":
             return KMeans(n_clusters=k, n_init=10, random_state=self.random_state)
         if self.method == "gmm":
@@ -130,6 +178,8 @@ class VANeighborhoods(BaseEstimator):
 
     def fit(self, va: np.ndarray, labels: np.ndarray) -> "VANeighborhoods":
         """``va``: (n, 2) training valence/arousal labels; ``labels``: (n,) class indices."""
+        from sklearn.metrics import silhouette_score
+
         va = np.asarray(va, dtype=np.float64)
         labels = np.asarray(labels, dtype=int)
         rng = np.random.default_rng(self.random_state)
@@ -158,6 +208,7 @@ class VANeighborhoods(BaseEstimator):
         _, self.k_, self.estimator_, assign = best
         if self.method == "gmm":
             self.centers_ = self.estimator_.means_.copy()
+            self.gmm_ = {name: np.asarray(getattr(self.estimator_, name + "_"), np.float64) for name in GMM_ARRAYS}
         elif self.method == "kmeans":
             self.centers_ = self.estimator_.cluster_centers_.copy()
         else:
@@ -173,20 +224,20 @@ class VANeighborhoods(BaseEstimator):
 
     def predict(self, va: np.ndarray) -> np.ndarray:
         """(n,) neighborhood of each (valence, arousal) point."""
-        check_is_fitted(self, "centers_")
+        _check_fitted(self)
         va = np.asarray(va, dtype=np.float64)
         if self.method == "gmm":
-            return self.estimator_.predict(va)
+            return gmm_log_prob(va, self.gmm_).argmax(axis=1)
         return np.argmin(((va[:, None, :] - self.centers_[None]) ** 2).sum(-1), axis=1)  # what KMeans.predict does
 
     def predict_proba(self, va: np.ndarray, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
         """(n, k) P(neighborhood | V/A): the mixture posterior, or softmax(-squared distance / T)."""
-        check_is_fitted(self, "centers_")
+        _check_fitted(self)
         va = np.asarray(va, dtype=np.float64)
         if self.method == "gmm":
-            return self.estimator_.predict_proba(va)
-        d2 = ((va[:, None, :] - self.centers_[None]) ** 2).sum(-1)
-        z = -d2 / max(temperature, 1e-6)
+            z = gmm_log_prob(va, self.gmm_)
+        else:
+            z = -((va[:, None, :] - self.centers_[None]) ** 2).sum(-1) / max(temperature, 1e-6)
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
@@ -194,7 +245,7 @@ class VANeighborhoods(BaseEstimator):
     # ---- a plain-array form, so that loading a shared run never unpickles anything
     def save_arrays(self, path) -> None:
         """Everything ``predict``, ``predict_proba`` and ``describe`` need, as a .npz of plain arrays."""
-        check_is_fitted(self, "centers_")
+        _check_fitted(self)
         arrays = {
             "params": np.array([repr(self.get_params())]),
             "k_": np.array(self.k_),
@@ -204,13 +255,7 @@ class VANeighborhoods(BaseEstimator):
             "scores_v": np.array(list(self.scores_.values()), dtype=np.float64),
         }
         if self.method == "gmm":
-            g = self.estimator_
-            arrays.update(
-                gmm_weights=g.weights_,
-                gmm_means=g.means_,
-                gmm_covariances=g.covariances_,
-                gmm_precisions_cholesky=g.precisions_cholesky_,
-            )
+            arrays.update({f"gmm_{name}": self.gmm_[name] for name in GMM_ARRAYS})
         with open(path, "wb") as f:
             np.savez(f, **arrays)
 
@@ -226,15 +271,8 @@ class VANeighborhoods(BaseEstimator):
             nbh.centers_ = np.asarray(z["centers_"], dtype=np.float64)
             nbh.scores_ = dict(zip(z["scores_k"].tolist(), z["scores_v"].tolist()))
             if nbh.method == "gmm":
-                g = GaussianMixture(n_components=nbh.k_, covariance_type="full")
-                g.weights_, g.means_ = z["gmm_weights"], z["gmm_means"]
-                g.covariances_, g.precisions_cholesky_ = z["gmm_covariances"], z["gmm_precisions_cholesky"]
-                g.precisions_ = np.einsum("kij,klj->kil", g.precisions_cholesky_, g.precisions_cholesky_)
-                g.converged_, g.n_iter_, g.lower_bound_ = True, 0, 0.0
-                g.n_features_in_ = 2
-                nbh.estimator_ = g
-            else:  # k-means and agglomerative assign to the nearest center
-                nbh.estimator_ = None
+                nbh.gmm_ = {name: np.asarray(z[f"gmm_{name}"], np.float64) for name in GMM_ARRAYS}
+            nbh.estimator_ = None  # the scikit-learn object is in model.joblib, for users' own analysis
             nbh.set_members_from_counts(np.asarray(z["counts_"], dtype=np.int64))
         return nbh
 
@@ -246,7 +284,7 @@ class VANeighborhoods(BaseEstimator):
 
     def describe(self, class_names) -> dict:
         """The fitted neighborhoods as a JSON-able dict: method, k and its scores, and per neighborhood its center, classes and counts."""
-        check_is_fitted(self, "centers_")
+        _check_fitted(self)
         return {
             "method": self.method,
             "k": int(self.k_),

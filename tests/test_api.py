@@ -414,6 +414,23 @@ def test_loading_builds_on_the_meta_device_and_shares_one_trunk(run):
 
 
 # --------------------------------------------------------------------------- lazy imports
+def test_predicting_a_photo_imports_neither_pandas_nor_scikit_learn(run, tmp_path, astronaut):
+    """A first answer loads torch, the networks and the detector: nothing for data sets or fitting."""
+    astronaut.save(tmp_path / "a.jpg")
+    code = (
+        "import sys\n"
+        "import ensemble\n"
+        f"model = ensemble.load({str(run['run'])!r}, detector='haar')\n"
+        f"model.predict({str(tmp_path / 'a.jpg')!r})\n"
+        "print(sorted(m for m in ('pandas', 'sklearn', 'scipy', 'joblib', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_help_imports_neither_torch_nor_pandas():
     code = (
         "import sys\n"

@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from ensemble.classes import CLASSES
 from ensemble.errors import UserError
 from ensemble.predictors import HierarchicalPredictor
 from ensemble.router import HierarchyNet, RegionPosterior, fit_temperature
-from stages.neighborhoods import VANeighborhoods, membership
+from stages.neighborhoods import NotFittedError, VANeighborhoods, membership
 
 CENTERS = np.array([[-0.6, -0.5], [0.6, -0.5], [0.0, 0.6]])
 
@@ -178,6 +177,32 @@ def test_region_posterior_matches_scikit_learn(fitted, method):
     post = RegionPosterior(fitted[method], temperature=0.05)
     want = fitted[method].predict_proba(PROBES.numpy().astype(float), temperature=0.05)
     np.testing.assert_allclose(post(PROBES).numpy(), want, atol=1e-4)
+
+
+def test_gmm_posterior_in_numpy_is_scikit_learns(fitted, tmp_path):
+    """Predicting needs no scikit-learn: the mixture's arrays give what GaussianMixture gives,
+    fitted or loaded back from model.npz."""
+    nbh = fitted["gmm"]
+    va = np.random.default_rng(0).uniform(-1, 1, (200, 2))
+    np.testing.assert_allclose(nbh.predict_proba(va), nbh.estimator_.predict_proba(va), atol=1e-10)
+    np.testing.assert_array_equal(nbh.predict(va), nbh.estimator_.predict(va))
+    nbh.save_arrays(tmp_path / "model.npz")
+    back = VANeighborhoods.load_arrays(tmp_path / "model.npz")
+    assert back.estimator_ is None
+    np.testing.assert_allclose(back.predict_proba(va), nbh.estimator_.predict_proba(va), atol=1e-10)
+    np.testing.assert_array_equal(back.predict(va), nbh.predict(va))
+
+
+def test_neighborhoods_keep_scikit_learns_estimator_protocol():
+    from sklearn.base import clone
+
+    nbh = VANeighborhoods(method="gmm", k=3, min_share=0.2)
+    copy = clone(nbh)
+    assert copy is not nbh and copy.get_params() == nbh.get_params()
+    assert copy.set_params(k=4).k == 4
+    assert repr(nbh) == "VANeighborhoods(method='gmm', k=3, min_share=0.2)"
+    with pytest.raises(ValueError, match="invalid parameter"):
+        nbh.set_params(nope=1)
 
 
 def test_distance_posterior_by_hand(fitted):
