@@ -221,6 +221,18 @@ def list_models(artifacts: Path = Path("artifacts")) -> list[dict]:
     return rows
 
 
+#: the compare rows a model card lists, and what each is
+REPORTED = {
+    "flat": " (the flat model)",
+    "flat+la": " (flat, logit-adjusted)",
+    "hard": " (hierarchy, hard routing)",
+    "soft": " (hierarchy, soft routing)",
+    "mixed": " (hierarchy mixed with flat by the run's alpha)",
+    "mixed+la": " (mixed, logit-adjusted: what predict answers)",
+    "oracle": " (true neighborhood: an upper bound, not a model)",
+}
+
+
 def render_models(rows: list[dict]) -> str:
     if not rows:
         return "no models: no bundled model in this install and no runs under artifacts/ (try ensemble demo)"
@@ -242,15 +254,15 @@ def render_models(rows: list[dict]) -> str:
         )
         lines.append(f"  trained by: {card['command']} (commit {(card['commit'] or 'unknown')[:12]})")
         fig = card.get("figures", {})
-        for model in ("flat", "hard", "soft"):
+        for model in REPORTED:
             if model in fig:
                 m = fig[model]
                 lines.append(
                     f"  {fig.get('split', '?')} {model}: accuracy {m['accuracy']:.4f}, "
-                    f"balanced accuracy {m['balanced_accuracy']:.4f}"
+                    f"balanced accuracy {m['balanced_accuracy']:.4f}{REPORTED[model]}"
                 )
         for model, c in fig.get("calibration", {}).items():
-            for key in ("ece_test", "ece_val"):
+            for key in ("ece_test", "ece_valid", "ece_val"):
                 if key in c:
                     lines.append(
                         f"  {model} ECE ({key[4:]}): {c[key][0]:.4f} -> {c[key][1]:.4f} (T={c['temperature']})"

@@ -57,7 +57,7 @@ def video_options(f):
 def split_paths(paths) -> tuple[list[Path], list]:
     """(video files, paths for the image path). Folders are walked here only if they hold a
     video; without any video the paths come back untouched, for the image path to walk."""
-    from .data import IMAGE_EXTENSIONS
+    from .images import IMAGE_EXTENSIONS
 
     def is_video(f: Path) -> bool:
         return f.suffix.lower() in VIDEO_SUFFIXES

@@ -415,13 +415,19 @@ def test_loading_builds_on_the_meta_device_and_shares_one_trunk(run):
 
 # --------------------------------------------------------------------------- lazy imports
 def test_predicting_a_photo_imports_neither_pandas_nor_scikit_learn(run, tmp_path, astronaut):
-    """A first answer loads torch, the networks and the detector: nothing for data sets or fitting."""
+    """A first answer (API, then CLI) loads torch, the networks and the detector: nothing for
+    data sets or fitting."""
     astronaut.save(tmp_path / "a.jpg")
     code = (
         "import sys\n"
         "import ensemble\n"
         f"model = ensemble.load({str(run['run'])!r}, detector='haar')\n"
         f"model.predict({str(tmp_path / 'a.jpg')!r})\n"
+        "from ensemble.cli import main\n"
+        "try:\n"
+        f"    main(['predict', {str(tmp_path / 'a.jpg')!r}, '--run', {str(run['run'])!r}, '--detector', 'haar'])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
         "print(sorted(m for m in ('pandas', 'sklearn', 'scipy', 'joblib', 'matplotlib') if m in sys.modules))\n"
     )
     out = subprocess.run(

@@ -62,6 +62,15 @@ def test_model_card_says_what_it_is_and_is_not(bundled):
     assert card["command"].startswith("ensemble fit-flat")
 
 
+def test_models_lists_every_compared_row_and_names_what_predict_answers(bundled):
+    from ensemble.bundle import list_models, render_models
+
+    text = render_models([r for r in list_models() if r["run"] == bundled])
+    for row in ("flat", "hard", "soft", "mixed", "mixed+la", "oracle"):
+        assert f"valid {row}: accuracy" in text, row
+    assert "what predict answers" in text.split("valid mixed+la:")[1].splitlines()[0]
+
+
 def test_default_load_is_the_bundle_and_verifies_every_file(bundled, model):
     assert model.run == bundled
     # every stage folder lists each file with its sha256: nothing unlisted, nothing altered
