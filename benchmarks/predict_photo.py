@@ -3,8 +3,8 @@ photos/s on a folder of 256-px photos after loading.
 
     OMP_NUM_THREADS=1 python benchmarks/predict_photo.py [--run RUN] [--n-folder 256] [--repeats 3]
 
-Parts (one fresh process each repeat, medians): import (``import ensemble.api`` plus torch,
-torchvision and scikit-learn, which loading needs), load (``ensemble.load``: verify, read,
+Parts (one fresh process each repeat, medians): import (``import ensemble.api`` plus torch and
+torchvision, which loading needs), load (``ensemble.load``: verify, read,
 build the networks), detect (decode + detection +
 alignment of scikit-image's astronaut saved as a JPEG, first call: includes loading MTCNN), infer
 (the networks on its face). ``cli`` is the wall time of ``python -m ensemble predict photo.jpg``
@@ -33,7 +33,7 @@ PARTS = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import ensemble.api as api
-import torch, torchvision, sklearn.cluster  # what loading needs: timed apart from our own work
+import torch, torchvision  # what loading needs (no pandas, no scikit-learn): timed apart from our own work
 t1 = time.perf_counter()
 model = api.load(sys.argv[1] if sys.argv[1] != "-" else None, detector=sys.argv[3])
 t2 = time.perf_counter()
