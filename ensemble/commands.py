@@ -49,19 +49,14 @@ def run_predict(
     """Predict every face; returns the number of files that failed (unreadable, not a regular
     file, or the detector failed on it: each named on stderr, the others still predicted).
     ``model``: an already loaded :class:`ensemble.api.Model` (the videos of the same command)."""
-    from .api import flat_row, load, walk
+    from .api import flat_row, walk
     from .files import atomic_path
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    model = model or load(
-        run,
-        flat=use_flat,
-        router=router,
-        detector=detector,
-        min_confidence=min_confidence,
-        log=lambda m: click.echo(m, err=True),
-    )
+    from .video_cli import load_for_cli
+
+    model = model or load_for_cli(run, use_flat, router, detector, min_confidence)
     files, skipped = walk(paths)
     if skipped:
         click.echo(

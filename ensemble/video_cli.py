@@ -86,6 +86,20 @@ def split_paths(paths) -> tuple[list[Path], list]:
     return videos, rest
 
 
+def load_for_cli(run, use_flat: bool, router, detector, min_confidence):
+    """The model a predict command uses (its notes on stderr): one loader for images and videos."""
+    from .api import load
+
+    return load(
+        run,
+        flat=use_flat,
+        router=router,
+        detector=detector,
+        min_confidence=min_confidence,
+        log=lambda m: click.echo(m, err=True),
+    )
+
+
 def predict_videos(
     paths,
     options: dict,
@@ -121,16 +135,7 @@ def predict_videos(
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     check_video_outputs(videos, options, annotate, csv_file)  # before the model loads
-    from .api import load
-
-    model = load(
-        run,
-        flat=use_flat,
-        router=router,
-        detector=detector,
-        min_confidence=min_confidence,
-        log=lambda m: click.echo(m, err=True),
-    )
+    model = load_for_cli(run, use_flat, router, detector, min_confidence)
     failed = run_videos(
         videos, options, model=model, as_json=as_json, batch_size=batch_size, annotate=annotate, csv_file=csv_file
     )

@@ -159,7 +159,8 @@ class VANeighborhoods:
         return self
 
     def __repr__(self) -> str:
-        changed = {k: v for k, v in self.get_params().items() if v != type(self)().get_params()[k]}
+        defaults = type(self)().get_params()
+        changed = {k: v for k, v in self.get_params().items() if v != defaults[k]}
         return f"VANeighborhoods({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
     def _make(self, k: int):

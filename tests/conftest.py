@@ -166,3 +166,24 @@ def train_tiny_hierarchy(root, extra=(), log=None):
         return exp, fit_experts_and_router(exp, False, log)
     finally:
         torch.set_num_threads(before)
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run ``ensemble ARGV`` in-process; (exit code, stdout, stderr). Restores what main() changes."""
+    import warnings
+
+    import torch
+
+    from ensemble.cli import main
+
+    show, threads = warnings.showwarning, torch.get_num_threads()
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        warnings.showwarning = show
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return code, out, err

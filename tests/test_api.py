@@ -10,24 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny_hierarchy
+from conftest import run_cli, train_tiny_hierarchy
 from PIL import Image
 
-from ensemble.cli import main
 from ensemble.data import CLASSES
 from ensemble.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+_cli = run_cli  # (exit code, stdout, stderr) of ensemble ARGV, in-process
 
 
 @pytest.fixture(scope="module")

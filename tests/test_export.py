@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SYNTHETIC
 
 from ensemble.cli import main
 from ensemble.config import load_config
@@ -24,17 +25,8 @@ def shared_run(request, tmp_path_factory):
     cfg = load_config(
         None,
         [
-            "data.format=synthetic",
-            "data.n_synthetic=240",
-            "data.synthetic_size=32",
-            "data.image_size=32",
+            *TINY_SYNTHETIC,
             f"data.cache_dir={root / 'cache'}",
-            "model.backbone=tinyvgg",
-            "model.hidden=32",
-            "train.epochs=1",
-            "train.batch_size=32",
-            "train.device=cpu",
-            "train.precision=fp32",
             "experts.min_count=5",
             f"neighborhoods.method={request.param}",
             "neighborhoods.k=3",

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SYNTHETIC, run_cli
 from PIL import Image
 
 from ensemble.classes import CLASSES
-from ensemble.cli import main
 from ensemble.config import load_config
 from ensemble.errors import UserError
 from ensemble.predictors import FlatPredictor, HierarchicalPredictor
@@ -40,17 +40,9 @@ def trained(tmp_path_factory, one_thread):
     cfg = load_config(
         None,
         [
-            "data.format=synthetic",
-            "data.n_synthetic=240",
-            "data.synthetic_size=32",
+            *TINY_SYNTHETIC,
             f"data.image_size={SIZE}",
             f"data.cache_dir={root / 'cache'}",
-            "model.backbone=tinyvgg",
-            "model.hidden=32",
-            "train.epochs=1",
-            "train.batch_size=32",
-            "train.device=cpu",
-            "train.precision=fp32",
             "experts.min_count=5",
         ],
     )
@@ -323,14 +315,7 @@ def test_compare_report(trained):
 # --------------------------------------------------------------------------- ensemble predict
 
 
-def _cli(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of ensemble ARGV, in-process
 
 
 def test_cli_predict_good_and_broken_files(trained, tmp_path, capsys):

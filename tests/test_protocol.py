@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_SYNTHETIC, write_image
+from conftest import TINY_SYNTHETIC, run_cli, write_image
 
 from ensemble.classes import CLASS_INDEX
 from ensemble.config import load_config
@@ -62,16 +62,7 @@ def test_the_ferplus_config_follows_the_protocol():
 TINY = [*TINY_SYNTHETIC, "experts.min_count=5"]
 
 
-def _cli(argv, capsys):
-    from ensemble.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of ensemble ARGV, in-process
 
 
 @pytest.mark.slow

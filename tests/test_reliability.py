@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import sklearn
 import torch
+from conftest import run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ensemble.cli import main
 from ensemble.config import load_config
 from ensemble.data import CLASS_ALIASES, CLASSES, FERPLUS_VOTES, canonical_class, load_dataset
 from ensemble.errors import UserError
@@ -71,19 +71,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    """Run ``ensemble ARGV`` in-process; (exit code, stdout, stderr). Restores what main() changes."""
-    show, threads = warnings.showwarning, torch.get_num_threads()
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        warnings.showwarning = show
-        torch.set_num_threads(threads)
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of ensemble ARGV, in-process
 
 
 def _one_error_line(err: str) -> str:

@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import run_cli, write_image
 from PIL import Image
 
-from ensemble.cli import main
 from ensemble.config import load_config
 from ensemble.crop import FACE_CROP_MARGIN, crop_box, training_crop
 from ensemble.errors import UserError
@@ -129,14 +128,7 @@ def test_meta_records_the_training_crop(runs):
     assert runs["folder"]["meta"]["crop"] == {"box_source": "image", "margin": FACE_CROP_MARGIN}
 
 
-def _cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli  # (exit code, stdout, stderr) of ensemble ARGV, in-process
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,9 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
-from conftest import train_tiny_hierarchy  # noqa: E402
+from conftest import run_cli, train_tiny_hierarchy  # noqa: E402
 
 from ensemble.classes import CLASSES  # noqa: E402
-from ensemble.cli import main  # noqa: E402
 from ensemble.errors import UserError  # noqa: E402
 from ensemble.tracking import IoUTracker, iou, smooth  # noqa: E402
 from ensemble.video import (  # noqa: E402
@@ -372,14 +371,7 @@ def astronaut_clip(path, n=12, fps=6.0, width=520, height=220, faces=1):
     return write_clip(path, frames, fps)
 
 
-def _cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of ensemble ARGV, in-process
 
 
 def test_predict_video_cli_end_to_end(tiny_run, tmp_path, capsys):
