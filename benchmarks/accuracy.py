@@ -2,17 +2,24 @@
 
     python benchmarks/accuracy.py [--seeds 3] [--config configs/ferplus-cpu.toml]
                                   [--run artifacts/ferplus-cpu] [--split valid] [--set section.key=value ...]
+                                  [--reuse benchmarks/results/accuracy-….json]
 
 For each seed (``train.seed`` = 0, 1, …; it also draws the selection split held out of
 FER2013Train) runs fit-flat, fit-stage1, fit-experts (+ router, α and τ chosen on the selection
 split), then compare on a test split (FER2013Valid = ``valid`` by default: nothing was tuned on
 it), timing each stage. Saves per seed: accuracy, balanced accuracy, per-class recall of every
 model, the paired bootstrap intervals of hierarchy − flat; over seeds: mean ± standard deviation.
+
+``--reuse FILE`` takes the seeds already measured in an earlier result file of this benchmark (same
+config file, overrides and split, else it stops) and runs only the missing ones: one seed is about an
+hour on 2 CPU cores. Each seed records the commit it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -59,6 +66,7 @@ def one_seed(config: str, overrides: list, run: Path, split: str) -> dict:
     }
     return {
         "seed": cfg.train.seed,
+        "commit": _commit(),
         "run": str(run),
         "split": result["split"],
         "n": result["n"],
@@ -73,6 +81,30 @@ def one_seed(config: str, overrides: list, run: Path, split: str) -> dict:
         "seconds": seconds,
         "total_minutes": sum(seconds.values()) / 60,
     }
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def reused_runs(path: str, config: str, overrides: list, split: str) -> dict[int, dict]:
+    """Per-seed results of an earlier run of this benchmark, by seed; stops if it measured something else."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--reuse {path}: cannot read it ({e})") from None
+    if old.get("benchmark", "").split("-")[0] != "accuracy" or "runs" not in old:
+        raise SystemExit(f"--reuse {path}: not a result of benchmarks/accuracy.py")
+    mine = (Path(config).name, list(overrides), split)
+    theirs = (Path(old.get("config", "")).name, list(old.get("overrides", [])), old.get("split"))
+    if mine != theirs:
+        raise SystemExit(f"--reuse {path}: it measured config, overrides, split = {theirs}, not {mine}")
+    return {r["seed"]: {**r, "reused_from": str(path)} for r in old["runs"]}
 
 
 def over_seeds(runs: list[dict]) -> dict:
@@ -120,12 +152,18 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="accuracy")
+    ap.add_argument("--reuse", default=None, help="an earlier result file: its seeds are taken, not rerun")
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
 
+    earlier = reused_runs(args.reuse, args.config, args.overrides, args.split) if args.reuse else {}
     runs = []
     for seed in range(args.seeds):
+        if seed in earlier:
+            print(f"seed {seed}: taken from {args.reuse} (commit {earlier[seed].get('commit', 'not recorded')})")
+            runs.append(earlier[seed])
+            continue
         print(f"seed {seed}")
         runs.append(
             one_seed(args.config, [*args.overrides, f"train.seed={seed}"], Path(args.run) / f"seed{seed}", args.split)
@@ -136,7 +174,14 @@ def main() -> None:
         args.name,
         {
             "command": "python benchmarks/accuracy.py "
-            + " ".join([f"--seeds {args.seeds}", f"--split {args.split}", *(f"--set {o}" for o in args.overrides)]),
+            + " ".join(
+                [
+                    f"--seeds {args.seeds}",
+                    f"--split {args.split}",
+                    *(f"--set {o}" for o in args.overrides),
+                    *([f"--reuse {args.reuse}"] if args.reuse else []),
+                ]
+            ),
             "config": args.config,
             "overrides": args.overrides,
             "protocol": "choices on the selection split held out of the training data; reported on a test split",
