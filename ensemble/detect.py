@@ -1,8 +1,8 @@
 """Faces in photos: detect (MTCNN with five landmarks, or OpenCV's Haar cascade), then align and crop.
 
-``mtcnn`` (default): facenet-pytorch's MTCNN, whose weights (2 MB, MIT) install inside its
-wheel, so nothing is downloaded at run time. It returns a box and five landmarks per face
-(eyes, nose, mouth corners), so the face can be turned upright by its eyes.
+``mtcnn`` (default): MTCNN (:mod:`ensemble.mtcnn`), whose weights (2 MB, MIT) install inside
+facenet-pytorch's wheel, so nothing is downloaded at run time. It returns a box and five
+landmarks per face (eyes, nose, mouth corners), so the face can be turned upright by its eyes.
 ``haar``: OpenCV's frontal-face cascade (shipped in opencv-python-headless), boxes only.
 ``none``: the image is already a face crop.
 
@@ -88,17 +88,9 @@ def _load_haar():
 
 @lru_cache(maxsize=1)
 def _mtcnn():
-    try:
-        from facenet_pytorch.models.mtcnn import MTCNN
-    except ImportError:
-        raise UserError(
-            "the mtcnn detector needs facenet-pytorch (pip install facenet-pytorch==2.5.3 --no-deps), "
-            "or pass --detector haar"
-        ) from None
-    # the smallest face in the downscaled photo; the default thresholds of the paper
-    return MTCNN(
-        keep_all=True, min_face_size=MIN_FACE, thresholds=[0.6, 0.7, 0.7], post_process=False, device="cpu"
-    ).eval()
+    from .mtcnn import MTCNN
+
+    return MTCNN(min_face=MIN_FACE)  # the paper's thresholds; one instance serves every decode thread
 
 
 def detect_haar(image: Image.Image, max_side: int = MAX_SIDE, min_size: int = 24) -> list[Face]:
@@ -113,19 +105,14 @@ def detect_haar(image: Image.Image, max_side: int = MAX_SIDE, min_size: int = 24
 
 
 def detect_mtcnn(image: Image.Image, max_side: int = MAX_SIDE, min_score: float = 0.9) -> list[Face]:
-    import torch
-
     model = _mtcnn()
     small, scale = _downscale(image.convert("RGB"), max_side)
     if min(small.size) < MIN_FACE:  # no face of the smallest size fits (a 2 x 30000 strip)
         return []
-    with torch.no_grad():  # inference only: one MTCNN serves every decode thread
-        boxes, probs, points = model.detect(small, landmarks=True)
+    boxes, probs, points = model.detect(np.asarray(small))
     faces = []
-    for b, p, lm in zip(
-        boxes if boxes is not None else [], probs if probs is not None else [], points if points is not None else []
-    ):
-        if p is None or p < min_score:
+    for b, p, lm in zip(boxes, probs, points):
+        if p < min_score:
             continue
         x0, y0, x1, y1 = (float(v) / scale for v in b)
         x0, y0 = max(0.0, x0), max(0.0, y0)

@@ -28,6 +28,7 @@ LAYERS = {
         "ensemble.synthetic",
         "ensemble.prepare",
         "ensemble.detect",
+        "ensemble.mtcnn",
         "ensemble.artifacts",
         "ensemble.meta_schema",
     ],
