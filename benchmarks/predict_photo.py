@@ -3,8 +3,8 @@ photos/s on a folder of 256-px photos after loading.
 
     OMP_NUM_THREADS=1 python benchmarks/predict_photo.py [--run RUN] [--n-folder 256] [--repeats 3]
 
-Parts (one fresh process each repeat, medians): import (``import ensemble.api`` plus torch and
-torchvision, which loading needs), load (``ensemble.load``: verify, read,
+Parts (one fresh process each repeat, medians): import (``import ensemble.api`` plus torch,
+which loading needs; torchvision is not imported: the networks and MTCNN are built here), load (``ensemble.load``: verify, read,
 build the networks), detect (decode + detection +
 alignment of scikit-image's astronaut saved as a JPEG, first call: includes loading MTCNN), infer
 (the networks on its face). ``cli`` is the wall time of ``python -m ensemble predict photo.jpg``
@@ -33,7 +33,7 @@ PARTS = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import ensemble.api as api
-import torch, torchvision  # what loading needs (no pandas, no scikit-learn): timed apart from our own work
+import torch  # what loading needs (no torchvision, pandas or scikit-learn): timed apart from our own work
 t1 = time.perf_counter()
 model = api.load(sys.argv[1] if sys.argv[1] != "-" else None, detector=sys.argv[3])
 t2 = time.perf_counter()
@@ -44,7 +44,8 @@ t4 = time.perf_counter()
 with open("/proc/self/status") as f:
     peak = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "detect": t3 - t2, "infer": t4 - t3, "total": t4 - t0,
-                  "peak_mb": peak, "faces": len(faces)}))
+                  "peak_mb": peak, "faces": len(faces),
+                  "imported": sorted(m for m in ("torchvision", "torch._dynamo", "pandas", "sklearn") if m in sys.modules)}))
 """
 
 
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--n-folder", type=int, default=256)
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
     ap.add_argument("--detectors", default="mtcnn,haar")
+    ap.add_argument("--out", default=None, help="result file (default benchmarks/results/predict-photo.json)")
     args = ap.parse_args()
 
     from PIL import Image
@@ -133,7 +135,8 @@ def main() -> None:
             )
             for _ in range(args.repeats)
         ]
-        med = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
+        med = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0] if k != "imported"}
+        med["imported"] = parts[0]["imported"]
         med["cli_wall_s"] = round(statistics.median(cli), 3)
         figures["cold"][det] = med
         print(
@@ -164,7 +167,7 @@ def main() -> None:
     figures["fer"] = (
         "not measured: pip install fer pulls tensorflow 2.21 and opencv-contrib-python 5.1 (replaces OpenCV<5)"
     )
-    save("predict-photo", figures)
+    save("predict-photo", figures, args.out)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,61 @@ class TinyVGG(nn.Module):
         self.features = nn.Sequential(*layers)
 
 
+# VGG's layouts (Simonyan & Zisserman 2015, configurations A, B, D, E): channels, "M" = max-pool
+_VGG_LAYOUTS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    """torchvision's VGG, module for module (same state_dict keys, same initialisation from the
+    same seed), built here so that loading a trained run never imports torchvision: that import
+    pulls in torch._dynamo, over a second of a cold ``ensemble predict``."""
+
+    def __init__(self, name: str, num_classes: int = 1000):
+        super().__init__()
+        layers, c_in = [], 3
+        for v in _VGG_LAYOUTS[name.removesuffix("_bn")]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            layers.append(nn.Conv2d(c_in, v, kernel_size=3, padding=1))
+            layers += [nn.BatchNorm2d(v), nn.ReLU(inplace=True)] if name.endswith("_bn") else [nn.ReLU(inplace=True)]
+            c_in = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(True),
+            nn.Dropout(0.5),
+            nn.Linear(4096, 4096),
+            nn.ReLU(True),
+            nn.Dropout(0.5),
+            nn.Linear(4096, num_classes),
+        )
+        if self.classifier[0].weight.is_meta:
+            return  # built to be loaded (and torch's normal_ on the meta device imports torch._dynamo)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 def _torchvision_model(name: str, pretrained: str) -> nn.Module:
+    if pretrained in ("", "none") and name.removesuffix("_bn") in _VGG_LAYOUTS:
+        return VGG(name)
     import torchvision
 
     try:
@@ -127,6 +181,15 @@ def build_trunk(name: str, pretrained: str = "none") -> tuple[nn.Sequential, int
         classifier = None
     else:
         model = _torchvision_model(name, pretrained)
+        if isinstance(model, VGG):  # blocks end at each max-pool; no probe pass (on the meta device
+            # that imports torch._dynamo, a second of a cold predict)
+            blocks, block = [], []
+            for layer in model.features:
+                block.append(layer)
+                if isinstance(layer, nn.MaxPool2d):
+                    blocks.append(nn.Sequential(*block))
+                    block = []
+            return nn.Sequential(*blocks), 512, model.classifier
         if hasattr(model, "layer4"):  # ResNet family
             stem = nn.Sequential(*[m for n_, m in model.named_children() if n_ in ("conv1", "bn1", "relu", "maxpool")])
             blocks = [stem] + [getattr(model, f"layer{i}") for i in range(1, 5)]

@@ -344,3 +344,25 @@ def test_a_pickle_as_pretrained_file_is_one_line(tmp_path):
         warnings.simplefilter("ignore")  # torch's note on the pickle protocol
         build_model(ModelConfig(backbone="mobilenet_v2", pretrained=str(f)), 8)
     assert "\n" not in str(exc.value) and "weights_only=False" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg16_bn"])
+def test_own_vgg_is_torchvisions_module_for_module(name):
+    """Loading a run builds VGG without torchvision: same keys, same initialisation from the same
+    seed, same outputs, same trunk blocks."""
+    import torchvision
+
+    from stages.backbones import VGG, _out_channels, _split_by_resolution, build_trunk
+
+    torch.manual_seed(0)
+    ours = VGG(name)
+    torch.manual_seed(0)
+    theirs = torchvision.models.get_model(name, weights=None)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(ours.eval()(x), theirs.eval()(x))
+    trunk, channels, classifier = build_trunk(name, "none")
+    assert isinstance(classifier, torch.nn.Sequential) and channels == _out_channels(trunk) == 512
+    probed = _split_by_resolution(list(theirs.features))  # the rule every other backbone is cut by
+    assert [repr(b) for b in trunk] == [repr(b) for b in probed] and len(trunk) == 5
