@@ -1,7 +1,7 @@
 """A first answer on a photo: wall time of one cold ``predict`` and its parts, peak memory, and
 photos/s on a folder of 256-px photos after loading.
 
-    OMP_NUM_THREADS=1 python benchmarks/predict_photo.py [--run RUN] [--n-folder 256] [--repeats 3]
+    python benchmarks/predict_photo.py [--run RUN] [--n-folder 256] [--repeats 3] [--python PYTHON]
 
 Parts (one fresh process each repeat, medians): import (``import ensemble.api`` plus torch,
 which loading needs; torchvision is not imported: the networks and MTCNN are built here), load (``ensemble.load``: verify, read,
@@ -10,7 +10,9 @@ alignment of scikit-image's astronaut saved as a JPEG, first call: includes load
 (the networks on its face). ``cli`` is the wall time of ``python -m ensemble predict photo.jpg``
 as a user runs it; ``help`` that of ``python -m ensemble --help``. The folder is generated in
 a temp dir (never committed): the astronaut and the shared photos resized to 256 px, with
-flips and shifts, ``--n-folder`` files. ``fer`` is not measured: installing it pulls TensorFlow
+flips and shifts, ``--n-folder`` files (0: no folder).
+``--python`` times the cold start with another environment's interpreter in which the project is
+installed (e.g. one with torch's CPU wheel and no torchvision: predicting needs none). ``fer`` is not measured: installing it pulls TensorFlow
 and opencv-contrib-python 5, which replaces the OpenCV < 5 this project uses.
 """
 
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--n-folder", type=int, default=256)
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
     ap.add_argument("--detectors", default="mtcnn,haar")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for the cold-start parts and CLI")
     ap.add_argument("--out", default=None, help="result file (default benchmarks/results/predict-photo.json)")
     args = ap.parse_args()
 
@@ -108,22 +111,25 @@ def main() -> None:
         "cold": {},
         "folder": {},
     }
-    helps = [_wall([sys.executable, "-m", "ensemble", "--help"]) for _ in range(5)]
+    py = args.python
+    figures["python"] = py
+    figures["torch_of_python"] = subprocess.run(
+        [py, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    helps = [_wall([py, "-m", "ensemble", "--help"]) for _ in range(5)]
     figures["help_s"] = round(statistics.median(helps), 3)
     print(f"ensemble --help: {figures['help_s']:.3f} s (median of 5)")
     for det in args.detectors.split(","):
         parts = []
         for _ in range(args.repeats):
-            out = subprocess.run(
-                [sys.executable, "-c", PARTS, run_arg, str(photo), det], cwd=ROOT, capture_output=True, text=True
-            )
+            out = subprocess.run([py, "-c", PARTS, run_arg, str(photo), det], cwd=ROOT, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(out.stderr.strip()[-600:])
             parts.append(json.loads(out.stdout.strip().splitlines()[-1]))
         cli = [
             _wall(
                 [
-                    sys.executable,
+                    py,
                     "-m",
                     "ensemble",
                     "predict",
@@ -145,10 +151,13 @@ def main() -> None:
             f"(medians of {args.repeats})"
         )
 
+    import numpy as np
+    import torch
+
     from ensemble import api
 
-    files = _folder(tmp, args.n_folder, Path(args.photos))
-    for det in args.detectors.split(","):
+    files = _folder(tmp, args.n_folder, Path(args.photos)) if args.n_folder else []
+    for det in args.detectors.split(",") if files else []:
         model = api.load(args.run, detector=det)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a synthetic timing run says so once; not news here
@@ -156,13 +165,29 @@ def main() -> None:
         t = time.perf_counter()
         n_faces = sum(len(recs) for _, recs, _ in model.predict_many(files))
         dt = time.perf_counter() - t
+        # the two halves alone: decode + detect + align on one thread, the networks on the faces
+        t = time.perf_counter()
+        crops = [model.faces_in(f)[1] for f in files]
+        t_detect = (time.perf_counter() - t) / len(files)
+        crops = np.concatenate([c for c in crops if len(c)])
+        t = time.perf_counter()
+        for i in range(0, len(crops), 32):
+            model._infer(crops[i : i + 32])
+        t_infer = (time.perf_counter() - t) / max(1, len(crops))
         figures["folder"][det] = {
             "photos": len(files),
             "faces": n_faces,
             "seconds": round(dt, 2),
             "photos_per_s": round(len(files) / dt, 1),
+            "detect_ms_per_photo_one_thread": round(1000 * t_detect, 1),
+            "infer_ms_per_face_batch32": round(1000 * t_infer, 1),
+            "torch_threads": torch.get_num_threads(),
         }
-        print(f"folder of {len(files)} 256-px photos, {det}: {len(files) / dt:.1f} photos/s ({n_faces} faces)")
+        print(
+            f"folder of {len(files)} 256-px photos, {det}: {len(files) / dt:.1f} photos/s ({n_faces} faces); "
+            f"alone: decode+detect+align {1000 * t_detect:.1f} ms a photo (one thread), "
+            f"networks {1000 * t_infer:.1f} ms a face (batch 32, {torch.get_num_threads()} threads)"
+        )
     figures["load_average_at_end"] = os.getloadavg()
     figures["fer"] = (
         "not measured: pip install fer pulls tensorflow 2.21 and opencv-contrib-python 5.1 (replaces OpenCV<5)"
