@@ -188,6 +188,30 @@ def main() -> None:
             f"alone: decode+detect+align {1000 * t_detect:.1f} ms a photo (one thread), "
             f"networks {1000 * t_infer:.1f} ms a face (batch 32, {torch.get_num_threads()} threads)"
         )
+        if det == args.detectors.split(",")[0]:  # the networks in bf16 (--precision bf16) on the same faces
+            fast = api.load(args.run, detector=det, precision="bf16")
+            fast._infer(crops[:32])
+            t = time.perf_counter()
+            out16 = [o for i in range(0, len(crops), 32) for o in fast._infer(crops[i : i + 32])]
+            t16 = (time.perf_counter() - t) / max(1, len(crops))
+            out32 = [o for i in range(0, len(crops), 32) for o in model._infer(crops[i : i + 32])]
+            p16, p32 = np.array([o["proba"] for o in out16]), np.array([o["proba"] for o in out32])
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sum(len(recs) for _, recs, _ in fast.predict_many(files))
+            dt16 = time.perf_counter() - t
+            figures["folder"][f"{det}, bf16"] = {
+                "photos_per_s": round(len(files) / dt16, 1),
+                "infer_ms_per_face_batch32": round(1000 * t16, 1),
+                "same_label_as_fp32": round(float((p16.argmax(1) == p32.argmax(1)).mean()), 4),
+                "max_probability_difference": round(float(np.abs(p16 - p32).max()), 4),
+            }
+            print(
+                f"  bf16: {len(files) / dt16:.1f} photos/s, networks {1000 * t16:.1f} ms a face; same label as fp32 "
+                f"for {100 * (p16.argmax(1) == p32.argmax(1)).mean():.1f}% of {len(crops)} faces, "
+                f"largest probability difference {np.abs(p16 - p32).max():.3f}"
+            )
     figures["load_average_at_end"] = os.getloadavg()
     figures["fer"] = (
         "not measured: pip install fer pulls tensorflow 2.21 and opencv-contrib-python 5.1 (replaces OpenCV<5)"

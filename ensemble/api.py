@@ -40,13 +40,22 @@ def load(
     detector: str = DEFAULT_DETECTOR,
     min_confidence: float = 0.0,
     device: str = "cpu",
+    precision: str = "fp32",
     log=None,
 ) -> Model:
-    """A ready model: the bundled default when ``run`` is None, else the run folder ``run``."""
+    """A ready model: the bundled default when ``run`` is None, else the run folder ``run``.
+    ``precision``: fp32, or bf16/fp16 autocast for the networks (faster where the hardware has
+    those units; probabilities differ slightly from the figures, which are measured in fp32)."""
     from .bundle import resolve_run
 
     return Model(
-        resolve_run(run, log), flat=flat, router=router, detector=detector, min_confidence=min_confidence, device=device
+        resolve_run(run, log),
+        flat=flat,
+        router=router,
+        detector=detector,
+        min_confidence=min_confidence,
+        device=device,
+        precision=precision,
     )
 
 
@@ -68,20 +77,23 @@ class Model:
         detector: str = DEFAULT_DETECTOR,
         min_confidence: float = 0.0,
         device: str = "cpu",
+        precision: str = "fp32",
     ):
         from .bundle import read_card
         from .calibration import load_temperature
-        from .predictors import FlatPredictor, HierarchicalPredictor
+        from .predictors import FlatPredictor, HierarchicalPredictor, check_precision
 
         self.run = Path(run)
         if flat and router:
             raise UserError("router chooses how the hierarchy routes; the flat model has no router")
+        precision = check_precision(precision, device)
         self.flat = flat
         self.net = (
             FlatPredictor.load(self.run, device)
             if flat
             else HierarchicalPredictor.load(self.run, router=router, device=device)
         )
+        self.net.precision = precision
         self.temperature = load_temperature(self.run, "flat" if flat else "hierarchy")
         self.detector = check_detector(detector)
         self.min_confidence = _check_confidence(min_confidence)
@@ -95,7 +107,7 @@ class Model:
     def __repr__(self) -> str:
         return (
             f"Model(run={str(self.run)!r}, {'flat' if self.flat else 'hierarchy'}, detector={self.detector!r}, "
-            f"T={self.temperature:.3g}, min_confidence={self.min_confidence})"
+            f"T={self.temperature:.3g}, min_confidence={self.min_confidence}, precision={self.net.precision!r})"
         )
 
     # -- faces ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def run_predict(
     csv: Path | None = None,
     *,
     model=None,
+    precision: str = "fp32",
 ) -> int:
     """Predict every face; returns the number of files that failed (unreadable, not a regular
     file, or the detector failed on it: each named on stderr, the others still predicted).
@@ -56,7 +57,7 @@ def run_predict(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     from .video_cli import load_for_cli
 
-    model = model or load_for_cli(run, use_flat, router, detector, min_confidence)
+    model = model or load_for_cli(run, use_flat, router, detector, min_confidence, precision)
     files, skipped = walk(paths)
     if skipped:
         click.echo(

@@ -58,11 +58,25 @@ def uint8_to_input(batch: np.ndarray, mean, std) -> np.ndarray:
     return (x - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None]
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device) -> str:
+    """Inference precision: fp32 (default), bf16 (autocast; fast where the CPU or GPU has bf16
+    units) or fp16 (autocast, CUDA only)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise UserError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+    return precision
+
+
 class _Base:
     size: int
     mean: tuple
     std: tuple
     device: torch.device
+    precision: str = "fp32"  # set with check_precision; the networks run under autocast unless fp32
 
     def preprocess(self, images) -> np.ndarray:
         return _preprocess(images, self.size, self.mean, self.std)
@@ -70,6 +84,11 @@ class _Base:
     def _batches(self, x: np.ndarray, batch_size: int = 64):
         for s in range(0, len(x), batch_size):
             yield torch.from_numpy(x[s : s + batch_size]).to(self.device).contiguous(memory_format=torch.channels_last)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
 
 def _damaged_run_is_one_line(load):
@@ -120,7 +139,8 @@ class FlatPredictor(_Base):
 
     @torch.no_grad()
     def proba_from_input(self, x: np.ndarray) -> np.ndarray:
-        out = [torch.softmax(self.net(b).float(), 1).cpu().numpy() for b in self._batches(x)]
+        with self._autocast():
+            out = [torch.softmax(self.net(b).float(), 1).cpu().numpy() for b in self._batches(x)]
         return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
     def predict_proba(self, images) -> np.ndarray:
@@ -258,10 +278,11 @@ class HierarchicalPredictor(_Base):
     def parts_from_input(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """V/A (n, 2) and expert probabilities (k, n, 8) for preprocessed faces."""
         vas, eps = [], []
-        for b in self._batches(x):
-            va, ep = self.net.parts(b)
-            vas.append(va.cpu().numpy())
-            eps.append(ep.cpu().numpy())
+        with self._autocast():
+            for b in self._batches(x):
+                va, ep = self.net.parts(b)
+                vas.append(va.float().cpu().numpy())
+                eps.append(ep.float().cpu().numpy())
         if not vas:
             rows = len(self.net.expert_heads) + (self.net.flat_head is not None)
             return np.zeros((0, 2), np.float32), np.zeros((rows, 0, len(CLASSES)), np.float32)

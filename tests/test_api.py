@@ -152,6 +152,37 @@ def test_predict_record_from_path_pil_and_array(model, astronaut, tmp_path):
         model.predict(np.zeros((10, 10, 3), np.float32))
 
 
+def test_bf16_inference_is_close_to_fp32_and_fp16_needs_cuda(run, astronaut, tmp_path, capsys):
+    """--precision bf16 runs the networks under autocast: probabilities move a little (so it did
+    run in bf16), V/A too; fp16 is refused on a CPU, a bad name in one line."""
+    import ensemble
+
+    faces = [astronaut, astronaut.rotate(20), astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic-run warning
+        m32 = ensemble.load(run["run"], detector="none")
+        m16 = ensemble.load(run["run"], detector="none", precision="bf16")
+        crops = np.concatenate([m32.faces_in(f)[1] for f in faces])
+        a, b = m32._infer(crops), m16._infer(crops)
+    pa, pb = np.array([r["proba"] for r in a]), np.array([r["proba"] for r in b])
+    assert np.abs(pa - pb).max() < 0.05 and not np.array_equal(pa, pb)
+    assert max(abs(x["valence"] - y["valence"]) for x, y in zip(a, b)) < 0.05
+    assert "precision='bf16'" in repr(m16)
+    with pytest.raises(UserError, match="CUDA"):
+        ensemble.load(run["run"], precision="fp16")
+    with pytest.raises(UserError, match="precision must be one of"):
+        ensemble.load(run["run"], precision="int8")
+    astronaut.save(tmp_path / "a.jpg")
+    code, out, err = run_cli(
+        ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--precision", "bf16"], capsys
+    )
+    assert code == 0 and "a.jpg" in out, err
+    code, out, err = run_cli(
+        ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--precision", "fp16"], capsys
+    )
+    assert code == 2 and "needs a CUDA device" in err and "Traceback" not in err
+
+
 def test_min_confidence_marks_faces_uncertain(model, astronaut, run, capsys):
     import ensemble
 
