@@ -171,8 +171,7 @@ def main() -> None:
         t_detect = (time.perf_counter() - t) / len(files)
         crops = np.concatenate([c for c in crops if len(c)])
         t = time.perf_counter()
-        for i in range(0, len(crops), 32):
-            model._infer(crops[i : i + 32])
+        out32 = [o for i in range(0, len(crops), 32) for o in model._infer(crops[i : i + 32])]
         t_infer = (time.perf_counter() - t) / max(1, len(crops))
         figures["folder"][det] = {
             "photos": len(files),
@@ -194,7 +193,6 @@ def main() -> None:
             t = time.perf_counter()
             out16 = [o for i in range(0, len(crops), 32) for o in fast._infer(crops[i : i + 32])]
             t16 = (time.perf_counter() - t) / max(1, len(crops))
-            out32 = [o for i in range(0, len(crops), 32) for o in model._infer(crops[i : i + 32])]
             p16, p32 = np.array([o["proba"] for o in out16]), np.array([o["proba"] for o in out32])
             t = time.perf_counter()
             with warnings.catch_warnings():

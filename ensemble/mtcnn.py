@@ -5,10 +5,11 @@ scores 48-px crops and places the landmarks) are defined here and take their tra
 the ``facenet-pytorch`` wheel (``facenet_pytorch/data/{p,r,o}net.pt``, MIT, 2 MB), read as plain
 state dicts without importing that package, whose import pulls in torchvision (over a second of
 a cold ``predict``). Images are RGB uint8 arrays; the cascade's box arithmetic is in numpy, its
-resampling in OpenCV (``INTER_AREA``, as the TensorFlow port the weights come from).
+resampling torch's area interpolation, as in facenet-pytorch's cascade, whose detections this one
+reproduces (the project's crop margins and detector figures were measured on them).
 
 Several photos can be detected in one call (:meth:`MTCNN.detect_many`): the pyramid runs per
-photo, R-Net and O-Net once over the candidates of all of them, which is what a folder needs.
+photo, R-Net and O-Net once over the candidates of all of them.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def _crops(images: list[torch.Tensor], boxes: np.ndarray, owner: np.ndarray, size: int) -> torch.Tensor:
-    """(n, 3, size, size): each box's part of its (normalised) image, resized to ``size`` by area.
+    """(n, 3, size, size), normalised: each box's part of its image, resized to ``size`` by area.
 
     Boxes count pixels from 1 (the cascade's MATLAB origins): box x0..x1 covers columns x0-1..x1-1.
     A box past the image's edge is clipped to it and its inside stretched to the square, as in
@@ -240,12 +241,12 @@ class MTCNN:
         images = [_as_tensor(im) for im in images]
         props = [self._propose(im) for im in images]
         owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(props)]).astype(np.int64)
-        cand = np.concatenate(props) if props else np.zeros((0, 9))
+        cand = np.concatenate(props)
         boxes = _square(_regress(cand[:, :4], cand[:, 5:9], plus=0))
         if len(boxes):  # R-Net refines
-            score, reg = self.rnet(_crops(images, boxes, owner, 24))
-            ok = score.numpy() > self.thresholds[1]
-            boxes, owner, score, reg = boxes[ok], owner[ok], score.numpy()[ok], reg.numpy()[ok]
+            score, reg = (t.numpy() for t in self.rnet(_crops(images, boxes, owner, 24)))
+            ok = score > self.thresholds[1]
+            boxes, owner, score, reg = boxes[ok], owner[ok], score[ok], reg[ok]
             keep = _nms_per_image(boxes, score, owner, 0.7)
             boxes = _square(_regress(boxes[keep], reg[keep]))
             owner = owner[keep]
