@@ -153,6 +153,7 @@ class ExpertsConfig(StageOverrides):
     )
     oof_folds: int = 3  # routed: stage-1 V/A on training data predicted out-of-fold by this many refits
     min_count: int = 20  # a class needs this many samples in a region to be part of its expert
+    keep_min_faces: int = 10  # keep rule: classes with this many selection faces decide an expert vs restricted flat
 
 
 @dataclass
@@ -377,7 +378,7 @@ _RULES: dict[type, dict[str, Any]] = {
         "max_fit_samples": _range(10),
         "route_share": _range(0, 1, hi_open=True),
     },
-    ExpertsConfig: {"oof_folds": _range(2, 20), "min_count": _range(1)},
+    ExpertsConfig: {"oof_folds": _range(2, 20), "min_count": _range(1), "keep_min_faces": _range(1)},
     RouterConfig: {
         "temperature": _range(0),
         "alpha": lambda v: (

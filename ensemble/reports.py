@@ -247,14 +247,16 @@ def _expert_lines(result: dict) -> list[str]:
     if result.get("experts"):
         lines.append(
             f"experts inside their true neighborhood, balanced accuracy % (expert vs the flat model "
-            f"restricted to its classes) on {result['split']}, and on the selection split that kept one:"
+            f"restricted to its classes) on {result['split']}, and on the selection split the keep rule's figure:"
         )
     for e in result.get("experts", []):
         sel = e.get("selection") or {}
         lines.append(
             f"  {e['region']} {'/'.join(c[:4] for c in e['classes'])} ({e['trainable']}, kept {e['kept'] or '-'}): "
             f"{_pct(e['expert'])} vs {_pct(e['restricted_flat'])} (n={e['n']}); "
-            f"selection {_pct(sel.get('expert'))} vs {_pct(sel.get('restricted_flat'))} (n={sel.get('n', '-')})"
+            f"selection {_pct(sel.get('expert'))} vs {_pct(sel.get('restricted_flat'))} (n={sel.get('n', '-')}"
+            + (f"; {sel['rule']}" if sel.get("rule") else "")
+            + ")"
         )
     return lines
 

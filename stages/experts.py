@@ -324,10 +324,22 @@ def restricted_flat_head(run: Path, cfg, classes: list[int]) -> dict | None:
     return head
 
 
+def keep_score(m: dict, y: np.ndarray, names: list, min_faces: int) -> tuple[float, str]:
+    """The figure the keep rule compares: balanced accuracy over the classes with at least
+    ``min_faces`` selection faces in the neighborhood (a class with one face would swing it by
+    its single answer), or plain accuracy where fewer than two classes have that many."""
+    counts = np.bincount(y, minlength=len(names))
+    judged = [c for c, n in zip(names, counts) if n >= min_faces]
+    if len(judged) >= 2:
+        return float(np.mean([m["per_class_recall"][c] for c in judged])), f"balanced accuracy over {', '.join(judged)}"
+    return float(m["accuracy"]), f"accuracy (fewer than 2 classes with {min_faces}+ selection faces)"
+
+
 def _keep_or_restricted_flat(exp, out: Path, r: int, names, init_head: dict, idx, y, eval_sets: dict, log) -> dict:
     """Keep the trained expert only if it beats the flat model restricted to its classes on the
-    selection faces of its true neighborhood; else publish the restricted flat model as the
-    expert. Both figures go into the expert's metrics.json; returns them."""
+    selection faces of its true neighborhood (``keep_score``: classes with too few faces there do
+    not decide); else publish the restricted flat model as the expert. Both figures go into the
+    expert's metrics.json; returns them."""
     trained, meta = load_network(out, exp.run)
     mean, std = meta["mean"], meta["std"]
     flat_r, _ = load_network(out, exp.run)
@@ -343,16 +355,21 @@ def _keep_or_restricted_flat(exp, out: Path, r: int, names, init_head: dict, idx
         log(f"expert {r}: no selection faces in its true neighborhood to compare with the restricted flat model; kept")
     else:
         e, f = (evaluate(n, CLASSIFY, exp.images, idx, y, names, mean, std, exp.rt) for n in (trained, flat_r))
-        kept = "expert" if e["balanced_accuracy"] > f["balanced_accuracy"] else "restricted flat"
+        min_faces = exp.cfg.experts.keep_min_faces
+        (se, rule), (sf, _) = (keep_score(m, y, names, min_faces) for m in (e, f))
+        kept = "expert" if se > sf else "restricted flat"
         fig = {
             "n": int(len(idx)),
-            "expert": e["balanced_accuracy"],
-            "restricted_flat": f["balanced_accuracy"],
+            "rule": rule,
+            "expert": se,
+            "restricted_flat": sf,
+            "expert_balanced_accuracy": e["balanced_accuracy"],
+            "restricted_flat_balanced_accuracy": f["balanced_accuracy"],
             "kept": kept,
         }
         log(
-            f"expert {r}: balanced accuracy in its true neighborhood (selection split) {e['balanced_accuracy']:.4f}, "
-            f"the flat model restricted to its classes {f['balanced_accuracy']:.4f} -> "
+            f"expert {r}: in its true neighborhood (selection split, {len(idx)} faces), {rule}: {se:.4f}, "
+            f"the flat model restricted to its classes {sf:.4f} -> "
             + ("the trained expert" if kept == "expert" else "the restricted flat model replaces it")
         )
     metrics = json.loads((out / "metrics.json").read_text())

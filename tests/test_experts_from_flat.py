@@ -96,9 +96,7 @@ def test_an_expert_is_kept_only_if_it_beats_the_restricted_flat_model(run_from_f
             assert fig["kept"] == "expert" and not same
         else:  # ties go to the flat model: nothing gained by training
             assert fig["kept"] == "restricted flat" and same
-        said = [
-            m for m in run_from_flat["logs"] if m.startswith(f"expert {e['region']}: balanced accuracy in its true")
-        ]
+        said = [m for m in run_from_flat["logs"] if m.startswith(f"expert {e['region']}: in its true neighborhood")]
         assert len(said) == 1 and ("replaces it" in said[0]) == (fig["kept"] == "restricted flat")
 
 
@@ -110,7 +108,7 @@ def test_a_worse_expert_is_replaced_by_the_restricted_flat_model(run_from_flat, 
     from ensemble.classes import CLASSES
     from ensemble.engine import evaluate
     from ensemble.tasks import CLASSIFY
-    from stages.experts import _keep_or_restricted_flat, restricted_flat_head
+    from stages.experts import _keep_or_restricted_flat, keep_score, restricted_flat_head
 
     run, exp = tmp_path / "run", run_from_flat["exp"]
     shutil.copytree(run_from_flat["run"], run)
@@ -134,13 +132,14 @@ def test_a_worse_expert_is_replaced_by_the_restricted_flat_model(run_from_flat, 
     restricted = restricted_flat_head(run, exp.cfg.for_stage("experts"), cls)
     logs = []
     fig = _keep_or_restricted_flat(exp, folder, r, e["classes"], restricted, idx, y, {"val": (idx, y)}, logs.append)
-    constant = 1 / len(np.unique(y))
-    assert fig["expert"] == pytest.approx(constant)
+    assert fig["expert_balanced_accuracy"] == pytest.approx(1 / len(np.unique(y)))
     net.head.load_state_dict(restricted)
     want = evaluate(net, CLASSIFY, exp.images, idx, y, e["classes"], meta["mean"], meta["std"], exp.rt)
-    assert fig["restricted_flat"] == pytest.approx(want["balanced_accuracy"])
+    assert fig["restricted_flat_balanced_accuracy"] == pytest.approx(want["balanced_accuracy"])
+    score, rule = keep_score(want, y, e["classes"], exp.cfg.experts.keep_min_faces)
+    assert (fig["restricted_flat"], fig["rule"]) == (pytest.approx(score), rule)
     weights = load_weights(folder)
-    if fig["restricted_flat"] >= constant:
+    if fig["restricted_flat"] >= fig["expert"]:
         assert fig["kept"] == "restricted flat"
         assert all(torch.equal(weights[f"head.{k}"], v) for k, v in restricted.items())
         saved = json.loads((folder / "metrics.json").read_text())
