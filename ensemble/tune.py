@@ -61,6 +61,9 @@ class TuneConfig:
     repeats: int = 0  # re-train the top configurations with this many new seeds; the best mean wins
     top: int = 3  # configurations that repeats re-trains
     keep: str = "best"  # best | all | none: which trial run folders stay
+    heartbeat: int = (
+        60  # seconds between a running trial's heartbeats; one silent for twice this (killed) is failed and redone
+    )
     space: dict = field(default_factory=dict)  # config key -> distribution (module docstring)
 
 
@@ -74,6 +77,7 @@ _TUNE_RULES = {
     "repeats": lambda v: v >= 0,
     "top": lambda v: v >= 1,
     "keep": lambda v: v in ("best", "all", "none"),
+    "heartbeat": lambda v: v >= 1,
 }
 
 
@@ -474,14 +478,20 @@ def storage_url(url: str | None, out: Path) -> str:
     return url or f"sqlite:///{(out / 'study.db').resolve()}"
 
 
-def open_storage(url: str):
-    """Optuna RDB storage; SQLite waits for a busy database instead of failing at once."""
+def open_storage(url: str, heartbeat: int = 60):
+    """Optuna RDB storage; SQLite waits for a busy database instead of failing at once. A running
+    trial records a heartbeat every ``heartbeat`` seconds (``_heartbeat``); one silent for twice
+    that belongs to a process that was killed (SIGKILL, a lost machine)."""
     import optuna
     import sqlalchemy.exc
 
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat
+            )
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:  # a driver, URL or server
         raise UserError(f"--storage {url}: cannot open it: {str(exc).splitlines()[0]}") from None
 
@@ -497,14 +507,58 @@ def _claim_lock(url: str):
 
 
 def counted(study) -> list:
-    """Trials that count towards ``trials``: all but those interrupted (they are redone)."""
+    """Trials that count towards ``trials``: all but those interrupted or whose process died
+    (they are redone). A trial that failed by its own error has ``error`` and counts."""
     from optuna.trial import TrialState
 
     return [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted")
+        if t.state != TrialState.WAITING
+        and not t.user_attrs.get("interrupted")
+        and not (t.state == TrialState.FAIL and "error" not in t.user_attrs)
     ]
+
+
+def fail_stale(study, log) -> list[int]:
+    """Mark failed the running trials whose heartbeat stopped (their process was killed without
+    a word): they no longer count, so the study runs them again. Returns their numbers."""
+    import optuna
+    from optuna.trial import TrialState
+
+    def running():
+        return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+    before = running()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    stale = sorted(before - running())
+    for n in stale:
+        log(f"trial {n}: its process stopped without a word (no heartbeat): marked failed, it will be run again")
+    return stale
+
+
+@contextlib.contextmanager
+def _heartbeat(storage, trial_id: int, every: float):
+    """Record the trial's heartbeat now and every ``every`` seconds until the block ends."""
+    import threading
+
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # a busy database: the next beat comes soon enough
+                storage.record_heartbeat(trial_id)
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _pruner(tc: TuneConfig):
@@ -564,7 +618,7 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     space_json = json.dumps([dataclasses.asdict(p) for p in params], sort_keys=True)
     sampler = optuna.samplers.TPESampler(seed=None if tc.sampler_seed < 0 else tc.sampler_seed)
     with lock:  # two processes creating the tables of a new database at once would collide
-        storage = open_storage(url)
+        storage = open_storage(url, tc.heartbeat)
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
@@ -606,9 +660,12 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
                 log(f"tune: {tc.minutes:g} minutes are up; no new trial started")
                 break
             with lock:
+                fail_stale(study, log)
                 if len(counted(study)) >= tc.trials:
                     break
-                trial = study.ask()
+                with warnings.catch_warnings():  # ask/tell with heartbeats: _run_trial records them
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                    trial = study.ask()
             try:
                 _run_trial(study, trial, job, log)
                 n_failed_row = 0
@@ -675,7 +732,8 @@ def _run_trial(study, trial, job: _Job, log) -> None:
         trial.set_user_attr("seed", load_config(job.config_file, list(job.overrides) + as_overrides(values)).train.seed)
         # the experts are several fits: no single per-epoch curve to prune on
         hook = _epoch_reporter(trial, job.tc.pruner != "none") if job.tc.stage != "experts" else None
-        value = job.train(values, folder, hook=hook)
+        with _heartbeat(study._storage, trial._trial_id, job.tc.heartbeat):
+            value = job.train(values, folder, hook=hook)
     except optuna.TrialPruned as exc:
         study.tell(trial, state=TrialState.PRUNED)
         log(f"trial {trial.number}: {exc} ({_shown(values)}), {(time.time() - t0) / 60:.2f} min")

@@ -469,6 +469,54 @@ def test_sigterm_marks_the_trial_failed_and_the_study_continues(tmp_path, cache)
     assert [t.state.name for t in _study(out, "x").trials] == ["FAIL", "COMPLETE"]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_trial_whose_heartbeat_stops_is_failed_and_redone(tmp_path):
+    """A process killed without a word (SIGKILL, a lost machine) leaves its trial RUNNING: once
+    its heartbeat is older than twice the interval, the next process marks it failed, it stops
+    counting, and the study runs another in its place; a trial still beating is left alone."""
+    from ensemble.tune import _heartbeat, counted, fail_stale, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
+    study = optuna.create_study(study_name="h", storage=storage, direction="maximize")
+    said = []
+    alive = study.ask()
+    with _heartbeat(storage, alive._trial_id, 0.3):
+        time.sleep(2.5)
+        assert fail_stale(study, said.append) == [] and not said  # beating: left alone
+    dead = study.ask()  # its process "dies" at once after one beat
+    storage.record_heartbeat(dead._trial_id)
+    study.tell(alive, 0.5)
+    time.sleep(3.5)  # SQLite's clock counts whole seconds
+    assert fail_stale(study, said.append) == [dead.number]
+    assert said == [
+        f"trial {dead.number}: its process stopped without a word (no heartbeat): marked failed, it will be run again"
+    ]
+    assert [t.number for t in counted(study)] == [alive.number]
+    study.ask()  # the study goes on
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_trial_running_forever(tmp_path, cache):
+    cfg = write_config(tmp_path, cache, epochs=40, tune="heartbeat = 1")
+    out = tmp_path / "tune"
+    cmd, env = _tune_cmd(cfg, out, "--trials", "1", "--pruner", "none")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "trials" / "0000" / "log.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and "flat epoch 1/40" in log.read_text()):
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert [t.state.name for t in _study(out, "x").trials] == ["RUNNING"]
+    time.sleep(3.5)  # twice the heartbeat, on SQLite's clock of whole seconds
+    cmd, env = _tune_cmd(cfg, out, "--trials", "1", "--pruner", "none", "--set", "train.epochs=1")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "trial 0: its process stopped without a word" in done.stdout + done.stderr
+    assert "Warning" not in done.stdout + done.stderr
+    assert [t.state.name for t in _study(out, "x").trials] == ["FAIL", "COMPLETE"]
+
+
 @pytest.mark.parametrize("name", ["tune-demo.toml", "tune-ferplus-cpu.toml"])
 def test_shipped_tune_configs_are_valid(name):
     from ensemble.tune import check_space, tune_config
