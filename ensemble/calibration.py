@@ -1,7 +1,10 @@
 """How sure the model is: temperature scaling of the final probabilities, fitted on the selection split.
 
 One temperature per model (flat, hierarchy), fitted by minimising the negative log-likelihood
-of the selection (``val``) split, written to ``RUN/calibration`` (``calibration.json`` + a
+of the selection (``val``) split and kept only where it also lowers that split's expected
+calibration error (else T = 1: with hard routing a routing error leaves the true class almost
+no probability, and the NLL's T then flattens every answer until the model says it is far
+less sure than it is), written to ``RUN/calibration`` (``calibration.json`` + a
 ``meta.json`` with its sha256, like every stage) with the expected calibration error before
 and after on val and, where there is one, on the held-out test split.
 
@@ -74,6 +77,15 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
     return t if f(np.log(t)) <= f(0.0) else 1.0  # never worse than leaving it alone
 
 
+def choose_temperature(proba: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
+    """The NLL's temperature where it lowers the ECE of the same faces, else 1; and the refused
+    temperature (None when nothing was refused)."""
+    t = fit_temperature(proba, y)
+    if t != 1.0 and ece(apply_temperature(proba, t), y) >= ece(proba, y):
+        return 1.0, t
+    return t, None
+
+
 def _figures(proba, y, t) -> dict:
     after = apply_temperature(proba, t)
     return {
@@ -120,7 +132,9 @@ def calibrate(exp, log=print) -> dict:
             log(f"calibration: no validation faces; the {name} model keeps T = 1")
             result["models"][name] = {"temperature": 1.0}
             continue
-        t = fit_temperature(*out["val"])
+        t, refused = choose_temperature(*out["val"])
+        if refused:
+            log(f"calibration: {name} T={refused:.3g} (by NLL) would not lower the selection split's ECE; T = 1")
         entry = {"temperature": round(t, 4), **{s: _figures(p, y, t) for s, (p, y) in out.items()}}
         result["models"][name] = entry
         shown_split = next((s for s in ("test", "valid") if s in entry), "val")

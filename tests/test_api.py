@@ -333,6 +333,34 @@ def test_temperature_scaling_lowers_ece_on_a_held_out_split():
     assert got[0, 3] == 0
 
 
+def test_a_temperature_that_would_raise_the_ece_is_refused():
+    """Hard routing's answers: right 80% of the time at 0.8, and on a routing error the true class
+    gets almost nothing. The NLL wants T of several (it flattens everything to pay for those
+    errors), which makes a model that is as sure as it is right say it is far less sure."""
+    from ensemble.calibration import apply_temperature, choose_temperature, ece, fit_temperature
+
+    n, c = 1000, 8
+    y = np.arange(n) % c
+    pred = np.where(np.arange(n) % 5 == 0, (y + 1) % c, y)  # one in five wrong
+    p = np.full((n, c), 0.2 / (c - 1))
+    p[np.arange(n), pred] = 0.8
+    wrong = pred != y
+    p[np.flatnonzero(wrong), y[wrong]] = 1e-9
+    p /= p.sum(1, keepdims=True)
+    t_nll = fit_temperature(p, y)
+    assert t_nll > 2 and ece(apply_temperature(p, t_nll), y) > ece(p, y) + 0.1
+    assert choose_temperature(p, y) == (1.0, t_nll)
+    # a calibrated model (labels drawn from its own softmax) made overconfident (logits × 3):
+    # the NLL's T undoes it, lowers the ECE, and is kept
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, (n, c))
+    calibrated = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(c, p=q) for q in calibrated])
+    sharp = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)
+    t, refused = choose_temperature(sharp, y)
+    assert refused is None and 2 < t < 4.5 and ece(apply_temperature(sharp, t), y) < ece(sharp, y) - 0.1
+
+
 def test_the_run_stores_its_calibration_hashed(run, model, tmp_path):
     import shutil
 
@@ -344,6 +372,7 @@ def test_the_run_stores_its_calibration_hashed(run, model, tmp_path):
     for c in cal["models"].values():
         assert c["temperature"] > 0 and {"ece_before", "ece_after"} <= set(c["val"])
         assert c["val"]["nll_after"] <= c["val"]["nll_before"] + 1e-6  # fitted there: never worse
+        assert c["val"]["ece_after"] <= c["val"]["ece_before"]  # kept only where it helps
     meta = read_meta(run["run"] / "calibration")
     assert "calibration.json" in meta["files"]
     assert model.temperature == pytest.approx(cal["models"]["hierarchy"]["temperature"], rel=1e-3)
