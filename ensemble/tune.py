@@ -478,10 +478,11 @@ def storage_url(url: str | None, out: Path) -> str:
     return url or f"sqlite:///{(out / 'study.db').resolve()}"
 
 
-def open_storage(url: str, heartbeat: int = 60):
+def open_storage(url: str, heartbeat: int = 60, on_stale=None):
     """Optuna RDB storage; SQLite waits for a busy database instead of failing at once. A running
     trial records a heartbeat every ``heartbeat`` seconds (``_heartbeat``); one silent for twice
-    that belongs to a process that was killed (SIGKILL, a lost machine)."""
+    that belongs to a process that was killed (SIGKILL, a lost machine): ``fail_stale`` marks it
+    failed and calls ``on_stale(number)`` for each trial it failed."""
     import optuna
     import sqlalchemy.exc
 
@@ -490,7 +491,11 @@ def open_storage(url: str, heartbeat: int = 60):
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=(lambda study, t: on_stale(t.number)) if on_stale else None,
             )
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:  # a driver, URL or server
         raise UserError(f"--storage {url}: cannot open it: {str(exc).splitlines()[0]}") from None
@@ -520,23 +525,18 @@ def counted(study) -> list:
     ]
 
 
-def fail_stale(study, log) -> list[int]:
+STALE = "trial {}: its process stopped without a word (no heartbeat): marked failed, it will be run again"
+
+
+def fail_stale(study) -> None:
     """Mark failed the running trials whose heartbeat stopped (their process was killed without
-    a word): they no longer count, so the study runs them again. Returns their numbers."""
+    a word): they no longer count, so the study runs them again. The storage's ``on_stale``
+    hears of each (``open_storage``)."""
     import optuna
-    from optuna.trial import TrialState
 
-    def running():
-        return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-
-    before = running()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    stale = sorted(before - running())
-    for n in stale:
-        log(f"trial {n}: its process stopped without a word (no heartbeat): marked failed, it will be run again")
-    return stale
 
 
 @contextlib.contextmanager
@@ -618,7 +618,7 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
     space_json = json.dumps([dataclasses.asdict(p) for p in params], sort_keys=True)
     sampler = optuna.samplers.TPESampler(seed=None if tc.sampler_seed < 0 else tc.sampler_seed)
     with lock:  # two processes creating the tables of a new database at once would collide
-        storage = open_storage(url, tc.heartbeat)
+        storage = open_storage(url, tc.heartbeat, on_stale=lambda n: log(STALE.format(n)))
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
@@ -648,6 +648,8 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
         _Data(cfg0, out, log),
         any(p.key.startswith("data.") for p in params),
     )
+    with lock:
+        fail_stale(study)  # before counting what is done
     log(
         f"tune: study {study_name!r} ({url}), stage {tc.stage}, {len(params)} parameters, "
         f"{len(counted(study))}/{tc.trials} trials done, pruner {tc.pruner}"
@@ -660,12 +662,13 @@ def run_tune(config_file, overrides, opts: TuneOptions, log=print) -> dict:
                 log(f"tune: {tc.minutes:g} minutes are up; no new trial started")
                 break
             with lock:
-                fail_stale(study, log)
+                fail_stale(study)
                 if len(counted(study)) >= tc.trials:
                     break
                 with warnings.catch_warnings():  # ask/tell with heartbeats: _run_trial records them
                     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                     trial = study.ask()
+                storage.record_heartbeat(trial._trial_id)  # from the start: a kill before training is seen too
             try:
                 _run_trial(study, trial, job, log)
                 n_failed_row = 0
@@ -716,7 +719,30 @@ class _Job:
 
 def _run_trial(study, trial, job: _Job, log) -> None:
     """Sample, train, tell the study; a trial's own error (UserError) marks it failed and is
-    raised again after logging; an interruption marks it failed and not counted."""
+    raised again after logging; an interruption marks it failed and not counted. A trial that
+    another process failed as stale meanwhile (this one was paused past twice the heartbeat)
+    is dropped with one line: it will be run again."""
+    import optuna
+
+    try:
+        _run_trial_once(study, trial, job, log)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+        stolen = isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or str(exc).startswith("Cannot tell a")
+        if not stolen or not study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise
+        from .engine import TrainingInterrupted
+
+        if isinstance(exc.__context__, (KeyboardInterrupt, TrainingInterrupted)):
+            raise TrainingInterrupted(
+                f"tune interrupted; the study in {job.url} is intact: rerun to continue"
+            ) from None
+        log(
+            f"trial {trial.number}: another process marked it failed while it ran (no heartbeat for "
+            f"{2 * job.tc.heartbeat} s: was this process paused?); its result is dropped, it will be run again"
+        )
+
+
+def _run_trial_once(study, trial, job: _Job, log) -> None:
     import optuna
     from optuna.trial import TrialState
 
@@ -734,6 +760,8 @@ def _run_trial(study, trial, job: _Job, log) -> None:
         hook = _epoch_reporter(trial, job.tc.pruner != "none") if job.tc.stage != "experts" else None
         with _heartbeat(study._storage, trial._trial_id, job.tc.heartbeat):
             value = job.train(values, folder, hook=hook)
+        if not math.isfinite(value):
+            raise UserError(f"{METRIC_NAME[job.tc.stage]} is {value}: no validation face could be scored")
     except optuna.TrialPruned as exc:
         study.tell(trial, state=TrialState.PRUNED)
         log(f"trial {trial.number}: {exc} ({_shown(values)}), {(time.time() - t0) / 60:.2f} min")

@@ -83,9 +83,7 @@ def test_an_expert_is_kept_only_if_it_beats_the_restricted_flat_model(run_from_f
     networks = _networks(run)
     assert networks, "no expert network to check"
     for e, _, meta in networks:
-        fig = json.loads((run / "experts" / str(e["region"]) / "metrics.json").read_text())[
-            "true_neighborhood_val_balanced_accuracy"
-        ]
+        fig = json.loads((run / "experts" / str(e["region"]) / "metrics.json").read_text())["true_neighborhood_val"]
         assert fig == index["experts"][e["region"]]["true_neighborhood_val"] and meta["kept"] == fig["kept"]
         assert fig["n"] > 0
         cls = [CLASSES.index(c) for c in e["classes"]]
@@ -107,6 +105,7 @@ def test_a_worse_expert_is_replaced_by_the_restricted_flat_model(run_from_flat, 
 
     from ensemble.classes import CLASSES
     from ensemble.engine import evaluate
+    from ensemble.metrics import classification_metrics
     from ensemble.tasks import CLASSIFY
     from stages.experts import _keep_or_restricted_flat, keep_score, restricted_flat_head
 
@@ -133,10 +132,12 @@ def test_a_worse_expert_is_replaced_by_the_restricted_flat_model(run_from_flat, 
     logs = []
     fig = _keep_or_restricted_flat(exp, folder, r, e["classes"], restricted, idx, y, {"val": (idx, y)}, logs.append)
     assert fig["expert_balanced_accuracy"] == pytest.approx(1 / len(np.unique(y)))
+    says_first = classification_metrics(y, np.zeros_like(y), e["classes"])  # what the constant expert scores
+    assert fig["expert"] == pytest.approx(keep_score(says_first, e["classes"], exp.cfg.experts.keep_min_faces)[0])
     net.head.load_state_dict(restricted)
     want = evaluate(net, CLASSIFY, exp.images, idx, y, e["classes"], meta["mean"], meta["std"], exp.rt)
     assert fig["restricted_flat_balanced_accuracy"] == pytest.approx(want["balanced_accuracy"])
-    score, rule = keep_score(want, y, e["classes"], exp.cfg.experts.keep_min_faces)
+    score, rule = keep_score(want, e["classes"], exp.cfg.experts.keep_min_faces)
     assert (fig["restricted_flat"], fig["rule"]) == (pytest.approx(score), rule)
     weights = load_weights(folder)
     if fig["restricted_flat"] >= fig["expert"]:

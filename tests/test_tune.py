@@ -474,25 +474,72 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_redone(tmp_path):
     """A process killed without a word (SIGKILL, a lost machine) leaves its trial RUNNING: once
     its heartbeat is older than twice the interval, the next process marks it failed, it stops
     counting, and the study runs another in its place; a trial still beating is left alone."""
-    from ensemble.tune import _heartbeat, counted, fail_stale, open_storage
+    from ensemble.tune import STALE, _heartbeat, counted, fail_stale, open_storage
 
-    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
-    study = optuna.create_study(study_name="h", storage=storage, direction="maximize")
     said = []
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, on_stale=said.append)
+    study = optuna.create_study(study_name="h", storage=storage, direction="maximize")
     alive = study.ask()
     with _heartbeat(storage, alive._trial_id, 0.3):
-        time.sleep(2.5)
-        assert fail_stale(study, said.append) == [] and not said  # beating: left alone
+        time.sleep(3.5)
+        fail_stale(study)
+        assert not said  # beating: left alone
     dead = study.ask()  # its process "dies" at once after one beat
     storage.record_heartbeat(dead._trial_id)
     study.tell(alive, 0.5)
     time.sleep(3.5)  # SQLite's clock counts whole seconds
-    assert fail_stale(study, said.append) == [dead.number]
-    assert said == [
-        f"trial {dead.number}: its process stopped without a word (no heartbeat): marked failed, it will be run again"
-    ]
+    fail_stale(study)
+    assert said == [dead.number] and STALE.format(dead.number).startswith(f"trial {dead.number}: its process stopped")
     assert [t.number for t in counted(study)] == [alive.number]
-    study.ask()  # the study goes on
+
+
+def _bare_job(tmp_path, train):
+    from types import SimpleNamespace
+
+    from ensemble.tune import TuneConfig
+
+    tc = TuneConfig(stage="flat", pruner="none", heartbeat=60)
+    return SimpleNamespace(tc=tc, params=[], config_file=None, overrides=(), out=tmp_path, url="u", train=train)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_nan_score_is_the_trials_own_failure_and_counts(tmp_path):
+    """A metric of nan (no validation face could be scored) would make Optuna fail the trial
+    without a reason, and an uncounted trial is run again and again: it is a failure of its own."""
+    from ensemble.tune import _run_trial, counted, open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), direction="maximize")
+    trial = study.ask()
+    with pytest.raises(UserError, match="val balanced accuracy is nan"):
+        _run_trial(study, trial, _bare_job(tmp_path, lambda values, folder, hook: float("nan")), print)
+    (t,) = study.trials
+    assert t.state.name == "FAIL" and "nan" in t.user_attrs["error"] and counted(study) == [t]
+
+
+@pytest.mark.parametrize("when", ["during training", "after training"])
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_trial_failed_as_stale_by_another_process_is_dropped_in_one_line(tmp_path, when):
+    """A process paused past twice the heartbeat finds its trial failed by another process: its
+    next report or its tell would raise; it drops the trial with one line and goes on."""
+    from ensemble.tune import _run_trial, counted, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(storage=storage, direction="maximize")
+    trial = study.ask()
+
+    def train(values, folder, hook):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # the other process
+        if when == "during training":
+            trial.report(0.4, 1)
+        return 0.5
+
+    said = []
+    _run_trial(study, trial, _bare_job(tmp_path, train), said.append)
+    assert said == [
+        "trial 0: another process marked it failed while it ran (no heartbeat for 120 s: was this process "
+        "paused?); its result is dropped, it will be run again"
+    ]
+    assert study.trials[0].state.name == "FAIL" and counted(study) == []
 
 
 @pytest.mark.slow
