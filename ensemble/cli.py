@@ -255,7 +255,7 @@ def tune_cmd(config_file, overrides, **opts):
 )
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 @click.option("--flat", "use_flat", is_flag=True, help="Use the run's flat model instead of the hierarchy.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Faces per network batch.")
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "bf16", "fp16"]),
