@@ -134,7 +134,7 @@ def calibrate(exp, log=print) -> dict:
             continue
         t, refused = choose_temperature(*out["val"])
         if refused:
-            log(f"calibration: {name} T={refused:.3g} (by NLL) would not lower the selection split's ECE; T = 1")
+            log(f"calibration: {name} T={refused:.4g} (by NLL) would not lower the selection split's ECE; T = 1")
         entry = {"temperature": round(t, 4), **{s: _figures(p, y, t) for s, (p, y) in out.items()}}
         result["models"][name] = entry
         shown_split = next((s for s in ("test", "valid") if s in entry), "val")
