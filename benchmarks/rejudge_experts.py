@@ -25,7 +25,6 @@ MODELS = ("flat", "hard", "soft", "mixed", "flat+la", "mixed+la", "oracle")
 
 
 def rejudge(result: dict, seed: int, work: Path, split: str) -> dict:
-    from ensemble.artifacts import sha256_file, write_json
     from ensemble.calibration import calibrate
     from ensemble.classes import CLASSES
     from ensemble.config import load_config
@@ -33,7 +32,7 @@ def rejudge(result: dict, seed: int, work: Path, split: str) -> dict:
     from ensemble.predictors import HierarchicalPredictor
     from ensemble.reports import compare
     from ensemble.routing import calibrate_router
-    from stages.experts import _keep_or_restricted_flat, read_index, restricted_flat_head
+    from stages.experts import _keep_or_restricted_flat, read_index, restricted_flat_head, write_index
 
     old = next(r for r in result["runs"] if r["seed"] == seed)
     run = work / f"seed{seed}"
@@ -57,10 +56,7 @@ def rejudge(result: dict, seed: int, work: Path, split: str) -> dict:
         fig = _keep_or_restricted_flat(exp, run / "experts" / str(r), r, e["classes"], head, idx, y, {}, print)
         judged.append({"region": r, "classes": e["classes"], "before": e["true_neighborhood_val"], "now": fig})
         e["true_neighborhood_val"] = fig
-    write_json(run / "experts" / "index.json", index)
-    meta = json.loads((run / "experts" / "meta.json").read_text())
-    meta["files"]["index.json"] = sha256_file(run / "experts" / "index.json")
-    write_json(run / "experts" / "meta.json", meta)
+    write_index(run / "experts", index)
     calibrate_router(exp)
     calibrate(exp)
     new = compare(exp, split, log=lambda *a: None)

@@ -61,9 +61,7 @@ class TuneConfig:
     repeats: int = 0  # re-train the top configurations with this many new seeds; the best mean wins
     top: int = 3  # configurations that repeats re-trains
     keep: str = "best"  # best | all | none: which trial run folders stay
-    heartbeat: int = (
-        60  # seconds between a running trial's heartbeats; one silent for twice this (killed) is failed and redone
-    )
+    heartbeat: int = 60  # seconds between a trial's heartbeats; one silent for twice this is failed, redone
     space: dict = field(default_factory=dict)  # config key -> distribution (module docstring)
 
 

@@ -451,15 +451,7 @@ def fit_experts(exp, resume: bool = False, log=print) -> dict:
         if nbh_folder != exp.run / "neighborhoods":  # a new fit: it goes in with its experts
             swap_into_place(nbh_folder, exp.run / "neighborhoods")
             shutil.rmtree(exp.run / "router", ignore_errors=True)  # calibrated for the old ones
-        write_json(staging / "index.json", index)
-        write_json(
-            staging / "meta.json",
-            {  # index.json is checked like every artifact file
-                "stage": "experts",
-                "files": {"index.json": sha256_file(staging / "index.json")},
-                "versions": versions(),
-            },
-        )
+        write_index(staging, index)
         swap_into_place(staging, final)
     return index
 
@@ -507,6 +499,16 @@ def neighborhoods_sha(folder: Path) -> str:
     """Identifies the neighborhoods (``RUN/neighborhoods``) the experts and the router were fitted
     for: the digest of model.npz that its meta.json records (checked whenever they are loaded)."""
     return _recorded_meta(folder)["files"]["model.npz"]
+
+
+def write_index(folder: Path, index: dict) -> None:
+    """``folder/index.json`` and the ``meta.json`` that records its sha256 (checked like every
+    artifact file by ``read_index``)."""
+    write_json(folder / "index.json", index)
+    write_json(
+        folder / "meta.json",
+        {"stage": "experts", "files": {"index.json": sha256_file(folder / "index.json")}, "versions": versions()},
+    )
 
 
 def read_index(run: Path) -> dict:
