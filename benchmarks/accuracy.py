@@ -1,8 +1,8 @@
 """Accuracy end to end: the FER+ CPU pipeline, flat vs hierarchical, over seeds.
 
-    python benchmarks/accuracy.py [--seeds 3] [--config configs/ferplus-cpu.toml]
+    python benchmarks/accuracy.py [--seeds 3] [--first-seed 0] [--config configs/ferplus-cpu.toml]
                                   [--run artifacts/ferplus-cpu] [--split valid] [--set section.key=value ...]
-                                  [--reuse benchmarks/results/accuracy-….json]
+                                  [--reuse benchmarks/results/accuracy-….json ...]
 
 For each seed (``train.seed`` = 0, 1, …; it also draws the selection split held out of
 FER2013Train) runs fit-flat, fit-stage1, fit-experts (+ router, α and τ chosen on the selection
@@ -10,9 +10,11 @@ split), then compare on a test split (FER2013Valid = ``valid`` by default: nothi
 it), timing each stage. Saves per seed: accuracy, balanced accuracy, per-class recall of every
 model, the paired bootstrap intervals of hierarchy − flat; over seeds: mean ± standard deviation.
 
-``--reuse FILE`` takes the seeds already measured in an earlier result file of this benchmark (same
+``--reuse FILE ...`` takes the seeds already measured in earlier result files of this benchmark (same
 config file, overrides and split, else it stops) and runs only the missing ones: one seed is about an
-hour on 2 CPU cores. Each seed records the commit it ran on.
+hour on 2 CPU cores. ``--first-seed K`` runs seeds K … K + seeds − 1, so that seeds can train in
+parallel (one process each, e.g. on one GPU) and be summed up by a last call that reuses their files.
+Each seed records the commit it ran on.
 """
 
 from __future__ import annotations
@@ -145,23 +147,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "ferplus-cpu.toml"))
     ap.add_argument("--run", default=str(ROOT / "artifacts" / "ferplus-cpu"), help="one run folder per seed beneath")
-    ap.add_argument("--seeds", type=int, default=1, help="runs with train.seed = 0 .. seeds-1")
+    ap.add_argument("--seeds", type=int, default=1, help="runs with train.seed = first-seed .. first-seed+seeds-1")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument(
         "--split", default="valid", help="valid = FER2013Valid, a test split (the selection split is held out of train)"
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="accuracy")
-    ap.add_argument("--reuse", default=None, help="an earlier result file: its seeds are taken, not rerun")
+    ap.add_argument("--reuse", nargs="+", default=[], help="earlier result files: their seeds are taken, not rerun")
     args = ap.parse_args()
-    if args.seeds < 1:
-        ap.error("--seeds must be at least 1")
+    if args.seeds < 1 or args.first_seed < 0:
+        ap.error("--seeds must be at least 1 and --first-seed at least 0")
 
-    earlier = reused_runs(args.reuse, args.config, args.overrides, args.split) if args.reuse else {}
+    earlier = {}
+    for path in args.reuse:
+        earlier.update(reused_runs(path, args.config, args.overrides, args.split))
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         if seed in earlier:
-            print(f"seed {seed}: taken from {args.reuse} (commit {earlier[seed].get('commit', 'not recorded')})")
+            print(
+                f"seed {seed}: taken from {earlier[seed]['reused_from']} (commit {earlier[seed].get('commit', 'not recorded')})"
+            )
             runs.append(earlier[seed])
             continue
         print(f"seed {seed}")
@@ -177,9 +184,10 @@ def main() -> None:
             + " ".join(
                 [
                     f"--seeds {args.seeds}",
+                    *([f"--first-seed {args.first_seed}"] if args.first_seed else []),
                     f"--split {args.split}",
                     *(f"--set {o}" for o in args.overrides),
-                    *([f"--reuse {args.reuse}"] if args.reuse else []),
+                    *([f"--reuse {' '.join(args.reuse)}"] if args.reuse else []),
                 ]
             ),
             "config": args.config,

@@ -5,6 +5,12 @@ alone; τ·log(prior) is post-hoc logit adjustment for class priors (Menon et al
 Both are chosen on the selection split (:func:`choose_alpha`, :func:`choose_tau`), α before τ;
 the grids hold the "do nothing" values, so the selection split can never prefer a
 combination worse than the flat model or an adjustment worse than none.
+
+The rule (``router.select``): ``one_se`` (default) takes the simplest value — the flat model
+(α = 1), no adjustment (τ = 0), then the nearest to them — whose balanced accuracy is within one
+paired standard error of the best on the selection faces (the "one standard error" rule of
+model selection, Breiman et al. 1984); ``best`` takes the best score outright. A gain of a
+hundredth of a point on a few thousand faces is noise, and noise must not buy a change of model.
 """
 
 from __future__ import annotations
@@ -45,17 +51,35 @@ def _balanced_accuracy(y, p) -> float:
     return classification_metrics(y, np.asarray(p).argmax(1), list(range(np.asarray(p).shape[1])))["balanced_accuracy"]
 
 
-def choose_alpha(y, p_flat, p_hier, grid=ALPHA_GRID) -> tuple[float, dict]:
-    """The flat model's weight with the best balanced accuracy on (selection) faces ``y``; a tie
-    goes to the larger weight (the flat model, the simpler model). Returns (alpha, {alpha: score})."""
-    scores = {float(a): _balanced_accuracy(y, final_proba(p_hier, p_flat, float(a))) for a in grid}
-    best = max(scores, key=lambda a: (scores[a], a))
-    return best, scores
+def paired_se(y, pred_a, pred_b) -> float:
+    """Standard error of balanced accuracy(a) − balanced accuracy(b) on the same faces: per class,
+    the variance of the mean of the paired differences in correctness, summed, over the classes."""
+    y = np.asarray(y, int)
+    d = (np.asarray(pred_a) == y).astype(float) - (np.asarray(pred_b) == y).astype(float)
+    var = [d[y == c].var(ddof=1) / (y == c).sum() for c in np.unique(y) if (y == c).sum() > 1]
+    return float(np.sqrt(np.sum(var)) / len(np.unique(y))) if var else 0.0
 
 
-def choose_tau(y, p, log_prior, grid=TAU_GRID) -> tuple[float, dict]:
-    """The logit adjustment with the best balanced accuracy on (selection) faces ``y``; a tie goes
-    to the smaller tau (no adjustment). Returns (tau, {tau: score})."""
-    scores = {float(t): _balanced_accuracy(y, final_proba(p, tau=float(t), log_prior=log_prior)) for t in grid}
-    best = max(scores, key=lambda t: (scores[t], -t))
-    return best, scores
+def _select(y, probas: dict, simplest_first: list, rule: str) -> tuple[float, dict, dict]:
+    """(value, {value: balanced accuracy}, {value: paired SE vs the best}) under ``rule``."""
+    preds = {v: np.asarray(p).argmax(1) for v, p in probas.items()}
+    scores = {v: _balanced_accuracy(y, p) for v, p in probas.items()}
+    best = max(simplest_first, key=lambda v: scores[v])  # ties: the simpler
+    se = {v: paired_se(y, preds[v], preds[best]) for v in simplest_first}
+    if rule == "best":
+        return best, scores, se
+    return next(v for v in simplest_first if scores[v] >= scores[best] - se[v]), scores, se
+
+
+def choose_alpha(y, p_flat, p_hier, grid=ALPHA_GRID, rule: str = "one_se") -> tuple[float, dict, dict]:
+    """The flat model's weight on (selection) faces ``y`` under ``rule`` (module doc); simplest is
+    the largest weight (α = 1: the flat model). Returns (alpha, {alpha: score}, {alpha: paired SE})."""
+    grid = sorted((float(a) for a in grid), reverse=True)
+    return _select(y, {a: final_proba(p_hier, p_flat, a) for a in grid}, grid, rule)
+
+
+def choose_tau(y, p, log_prior, grid=TAU_GRID, rule: str = "one_se") -> tuple[float, dict, dict]:
+    """The logit adjustment on (selection) faces ``y`` under ``rule`` (module doc); simplest is the
+    smallest (τ = 0: no adjustment). Returns (tau, {tau: score}, {tau: paired SE})."""
+    grid = sorted(float(t) for t in grid)
+    return _select(y, {t: final_proba(p, tau=t, log_prior=log_prior) for t in grid}, grid, rule)

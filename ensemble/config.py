@@ -167,6 +167,9 @@ class RouterConfig:
     logit_adjust: Literal["auto", "off"] = (
         "auto"  # auto: subtract tau * log(class prior), tau chosen on the selection split (0 allowed), for flat and hierarchy alike | off
     )
+    select: Literal["one_se", "best"] = (
+        "one_se"  # how alpha and tau are chosen: the simplest within one paired standard error of the best | the best
+    )
 
 
 @dataclass

@@ -47,9 +47,10 @@ def calibrate_router(exp, log=print) -> dict:
     In order: the soft router's temperature (``router.temperature`` when not 0, else fitted), what
     routes and how (``router.inputs``: V/A, or V/A with the flat model's class evidence;
     ``router.mode``; ``auto`` picks the better), the flat model's weight α in the final
-    distribution (``router.alpha``; -1: chosen, ties to the flat model) and the logit adjustment
-    τ (``router.logit_adjust = "auto"``: chosen, for the hierarchy and, separately, for the flat
-    model; ties to none). Without selection faces nothing can be fitted or compared: the
+    distribution (``router.alpha``; -1: chosen) and the logit adjustment τ
+    (``router.logit_adjust = "auto"``: chosen, for the hierarchy and, separately, for the flat
+    model); α and τ by ``router.select``: the simplest (α = 1, τ = 0, then nearest) within one
+    paired standard error of the best, or the best. Without selection faces nothing can be fitted or compared: the
     configured values (else the defaults: soft, α = 0, τ = 0) are recorded, and the log says so."""
     import shutil
 
@@ -137,21 +138,23 @@ def _choose_final(exp, result: dict, y: np.ndarray, p_hier: np.ndarray, p_flat: 
         if rc.alpha > 0:
             log(f"router: router.alpha = {rc.alpha:g} but the run has no flat model to mix in: the hierarchy alone")
     elif rc.alpha == -1:
-        result["alpha"], scores = choose_alpha(y, p_flat, p_hier)
-        result["val_alpha"] = scores
+        result["alpha"], result["val_alpha"], result["val_alpha_se"] = choose_alpha(y, p_flat, p_hier, rule=rc.select)
     else:
         result["alpha"] = rc.alpha
     p = final_proba(p_hier, p_flat, result["alpha"])
     if rc.logit_adjust == "auto":
         lp = np.array(result["log_prior"])
-        result["tau"], result["val_tau"] = choose_tau(y, p, lp)
+        result["tau"], result["val_tau"], result["val_tau_se"] = choose_tau(y, p, lp, rule=rc.select)
         if p_flat is not None:
-            result["flat_tau"], result["val_flat_tau"] = choose_tau(y, p_flat, lp)
+            result["flat_tau"], result["val_flat_tau"], result["val_flat_tau_se"] = choose_tau(
+                y, p_flat, lp, rule=rc.select
+            )
+    result["select"] = rc.select
     final = classification_metrics(
         y, final_proba(p, tau=result["tau"], log_prior=result["log_prior"]).argmax(1), CLASSES
     )
     result["val_final"] = final["balanced_accuracy"]  # the run's output on the selection split
     log(
-        f"router: flat weight alpha {result['alpha']:g}, logit adjustment tau {result['tau']:g} "
+        f"router: flat weight alpha {result['alpha']:g}, logit adjustment tau {result['tau']:g} ({rc.select}) "
         f"(flat alone: tau {result['flat_tau']:g}) -> validation balanced accuracy {final['balanced_accuracy']:.4f}"
     )

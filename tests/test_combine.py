@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ensemble.combine import choose_alpha, choose_tau, final_proba, log_prior
+from ensemble.combine import choose_alpha, choose_tau, final_proba, log_prior, paired_se
 from ensemble.metrics import paired_bootstrap
 
 
@@ -59,7 +59,7 @@ def test_alpha_one_is_chosen_when_the_hierarchy_is_worse_on_selection():
     y = np.repeat([0, 1], 10)
     pf = np.eye(2)[y] * 0.8 + 0.1  # the flat model is right
     ph = np.eye(2)[1 - y] * 0.8 + 0.1  # the hierarchy is wrong on every face
-    alpha, scores = choose_alpha(y, pf, ph)
+    alpha, scores, _ = choose_alpha(y, pf, ph)
     assert alpha == 1.0 and scores[1.0] == 1.0 and scores[0.0] == 0.0
 
 
@@ -69,7 +69,7 @@ def test_alpha_below_a_half_when_the_hierarchy_is_right_and_the_flat_model_is_no
     y = np.repeat([0, 1], 10)
     pf = np.tile([0.9, 0.1], (20, 1))
     ph = np.eye(2)[y] * 0.8 + 0.1
-    alpha, scores = choose_alpha(y, pf, ph)
+    alpha, scores, _ = choose_alpha(y, pf, ph)
     assert alpha == 0.4 and scores[0.5] == 0.5
 
 
@@ -79,6 +79,37 @@ def test_tau_is_the_smallest_adjustment_that_helps():
     y = np.repeat([0, 1], 10)
     p = np.where(y[:, None] == 0, [0.97, 0.03], [0.6, 0.4])
     lp = np.log([0.9, 0.1])
-    tau, scores = choose_tau(y, p, lp)
+    tau, scores, _ = choose_tau(y, p, lp)
     assert tau == 0.25 and scores[0.0] == 0.5 and scores[1.5] == 1.0 and scores[2.0] == 0.5
     assert choose_tau(y, np.eye(2)[y] * 0.8 + 0.1, lp)[0] == 0.0  # nothing to fix: no adjustment
+
+
+def test_a_gain_within_one_paired_standard_error_buys_no_change():
+    """τ = 0.25 makes three class-1 faces right and two class-0 faces wrong (of 100 each): +0.5 points
+    of balanced accuracy, within one paired standard error (1.1). ``one_se`` keeps τ = 0, ``best`` takes it."""
+    y = np.repeat([0, 1], 100)
+    p = np.where(y[:, None] == 0, [0.99, 0.01], [0.3, 0.7])
+    p[100:130] = [0.6, 0.4]  # class 1, wrong at any τ on the grid
+    p[130:133] = [0.52, 0.48]  # class 1, right once τ·log 3 > log(52/48), i.e. τ = 0.25
+    p[:2] = [0.55, 0.45]  # class 0, wrong once τ·log 3 > log(55/45), i.e. τ = 0.25
+    lp = np.log([0.75, 0.25])
+    tau, scores, se = choose_tau(y, p, lp, grid=(0.0, 0.25), rule="one_se")
+    assert scores[0.25] - scores[0.0] == pytest.approx(0.005) and se[0.0] == pytest.approx(0.0111, abs=1e-4)
+    assert tau == 0.0
+    assert choose_tau(y, p, lp, grid=(0.0, 0.25), rule="best")[0] == 0.25
+    # and α: a hierarchy with the same noise-level gain is not taken over the flat model
+    ph = p.copy()
+    ph[130:133] = [0.4, 0.6]
+    ph[:2] = [0.4, 0.6]
+    assert choose_alpha(y, p, ph, grid=(0.0, 1.0))[0] == 1.0
+    assert choose_alpha(y, p, ph, grid=(0.0, 1.0), rule="best")[0] == 0.0
+
+
+def test_paired_se_is_the_per_class_standard_error_of_the_difference():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    a = np.array([0, 0, 0, 1, 1, 1, 1, 0])  # right on 3 + 3
+    b = np.array([0, 0, 1, 1, 1, 1, 0, 0])  # right on 2 + 2
+    d0, d1 = np.array([0, 0, 1, 0]), np.array([0, 0, 1, 0])
+    want = np.sqrt(d0.var(ddof=1) / 4 + d1.var(ddof=1) / 4) / 2
+    assert paired_se(y, a, b) == pytest.approx(want)
+    assert paired_se(y, a, a) == 0.0
