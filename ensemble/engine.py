@@ -141,8 +141,9 @@ def predict_outputs(
     workers: int = 0,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw outputs (n, n_out) float32 for faces ``idx``, and a mask of those that decoded."""
-    net.eval()
+    """Raw outputs (n, n_out) float32 for faces ``idx``, and a mask of those that decoded. The
+    network runs where the runtime puts the faces (a network just loaded from disk is on the CPU)."""
+    net.to(rt.device).eval()
     outs = []
     ok_all = np.zeros(len(idx), dtype=bool)
     loader = make_loader(images, idx, batch_size, rt.single_process(), None, workers)
@@ -163,7 +164,8 @@ def evaluate(net, task, images, idx, y, class_names, mean, std, rt, features=Non
     are left out. ``features``: the faces' cached frozen-trunk output, run through the tail."""
     if features is not None:
         with torch.no_grad(), rt.autocast():
-            out = torch.cat([net.eval().tail(v.to(rt.device)).float().cpu() for v in torch.split(features, 1024)])
+            net.to(rt.device).eval()
+            out = torch.cat([net.tail(v.to(rt.device)).float().cpu() for v in torch.split(features, 1024)])
         out = out.numpy()
     else:
         out, ok = predict_outputs(net, images, idx, mean, std, rt)

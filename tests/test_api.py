@@ -68,6 +68,17 @@ def test_detector_choice(astronaut):
     assert detect(blank, "mtcnn") == [] and detect(blank, "haar") == []
 
 
+def test_an_opencv_without_haar_cascades_is_one_line(monkeypatch):
+    """OpenCV 5 has no CascadeClassifier (the pin is <5; a machine may have 5 all the same)."""
+    import types
+
+    from ensemble.detect import _load_haar
+
+    monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="5.0.0"))
+    with pytest.raises(UserError, match=r"OpenCV 5.0.0 has no Haar cascades: pip install 'opencv-python-headless<5'"):
+        _load_haar()
+
+
 def test_large_photos_are_downscaled_before_detection_and_boxes_come_back_in_full_size(astronaut):
     from ensemble.detect import detect
 
