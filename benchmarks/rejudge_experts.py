@@ -1,4 +1,5 @@
-"""Re-judge the experts of finished runs by the current keep rule, without retraining.
+"""Re-judge the experts of finished runs by the current keep rule, and re-make the router's
+choices by the current selection rule (α and τ: ``router.select``), without retraining.
 
     python benchmarks/rejudge_experts.py [--result benchmarks/results/accuracy-ferplus-3seeds.json]
                                          [--seeds 1 2] [--work artifacts/rejudge] [--split valid]
@@ -22,6 +23,11 @@ import numpy as np
 from common import ROOT, save
 
 MODELS = ("flat", "hard", "soft", "mixed", "flat+la", "mixed+la", "oracle")
+
+
+def _rel(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
 
 
 def rejudge(result: dict, seed: int, work: Path, split: str) -> dict:
@@ -100,8 +106,9 @@ def main() -> None:
         args.name,
         {
             "command": "python benchmarks/rejudge_experts.py "
-            + (" ".join(["--seeds", *map(str, seeds)]) if args.seeds is not None else "")
-            + f" --split {args.split}",
+            + f"--result {Path(args.result).relative_to(ROOT)} "
+            + (" ".join(["--seeds", *map(str, seeds)]) + " " if args.seeds is not None else "")
+            + f"--work {_rel(args.work)} --split {args.split} --name {args.name}",
             "result": str(Path(args.result).relative_to(ROOT))
             if Path(args.result).is_relative_to(ROOT)
             else args.result,
