@@ -44,6 +44,7 @@ def load(
     log=None,
 ) -> Model:
     """A ready model: the bundled default when ``run`` is None, else the run folder ``run``.
+    ``device``: cpu (default), cuda, cuda:N, mps, or auto (the first of those this machine has).
     ``precision``: fp32, or bf16/fp16 autocast for the networks (faster where the hardware has
     those units; probabilities differ slightly from the figures, which are measured in fp32)."""
     from .bundle import resolve_run
@@ -81,11 +82,12 @@ class Model:
     ):
         from .bundle import read_card
         from .calibration import load_temperature
-        from .predictors import FlatPredictor, HierarchicalPredictor, check_precision
+        from .predictors import FlatPredictor, HierarchicalPredictor, check_device, check_precision
 
         self.run = Path(run)
         if flat and router:
             raise UserError("router chooses how the hierarchy routes; the flat model has no router")
+        device = check_device(device)
         precision = check_precision(precision, device)
         self.flat = flat
         self.net = (

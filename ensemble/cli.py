@@ -264,6 +264,12 @@ def tune_cmd(config_file, overrides, **opts):
     help="The networks' arithmetic: bf16 (or fp16, CUDA only) autocast is faster where the hardware has "
     "those units; probabilities differ slightly from the fp32 the figures were measured in.",
 )
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the networks run: cpu, cuda, cuda:N, mps, or auto (the first of those this machine has).",
+)
 @video_options
 def predict_cmd(
     paths,
@@ -278,6 +284,7 @@ def predict_cmd(
     use_flat,
     batch_size,
     precision,
+    device,
     **video,
 ):
     """Detect every face (MTCNN with landmarks by default), turn it upright by its eyes, crop it
@@ -308,6 +315,7 @@ def predict_cmd(
         annotate=annotate,
         csv_file=csv_file,
         precision=precision,
+        device=device,
     )
     if paths:
         n_failed += run_predict(
@@ -323,6 +331,7 @@ def predict_cmd(
             csv_file,
             model=model,
             precision=precision,
+            device=device,
         )
     if n_failed:
         sys.exit(1)

@@ -46,6 +46,7 @@ def run_predict(
     *,
     model=None,
     precision: str = "fp32",
+    device: str = "cpu",
 ) -> int:
     """Predict every face; returns the number of files that failed (unreadable, not a regular
     file, or the detector failed on it: each named on stderr, the others still predicted).
@@ -57,7 +58,7 @@ def run_predict(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     from .video_cli import load_for_cli
 
-    model = model or load_for_cli(run, use_flat, router, detector, min_confidence, precision)
+    model = model or load_for_cli(run, use_flat, router, detector, min_confidence, precision, device)
     files, skipped = walk(paths)
     if skipped:
         click.echo(

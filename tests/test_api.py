@@ -163,6 +163,27 @@ def test_predict_record_from_path_pil_and_array(model, astronaut, tmp_path):
         model.predict(np.zeros((10, 10, 3), np.float32))
 
 
+def test_device_is_checked_against_the_machine(run, astronaut, tmp_path, capsys):
+    """--device / load(device=...): auto picks what is there; a device the machine lacks, or a
+    name torch does not know, is one line (exit 2), not torch's traceback."""
+    from ensemble.predictors import check_device
+
+    assert check_device("cpu") == "cpu"
+    assert check_device("auto") == "cuda" if torch.cuda.is_available() else check_device("auto") in ("mps", "cpu")
+    if torch.cuda.is_available():
+        assert check_device("cuda:0") == "cuda:0"
+    else:
+        with pytest.raises(UserError, match="no CUDA device"):
+            check_device("cuda")
+    with pytest.raises(UserError, match=r"cuda:N or mps, got 'tpu'"):
+        check_device("tpu")
+    astronaut.save(tmp_path / "a.jpg")
+    code, out, err = run_cli(["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--device", "tpu"], capsys)
+    assert code == 2 and "got 'tpu'" in err and "Traceback" not in err
+    code, out, err = run_cli(["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--device", "auto"], capsys)
+    assert code == 0 and "a.jpg" in out, err
+
+
 def test_bf16_inference_is_close_to_fp32_and_fp16_needs_cuda(run, astronaut, tmp_path, capsys):
     """--precision bf16 runs the networks under autocast: probabilities move a little (so it did
     run in bf16), V/A too; fp16 is refused on a CPU, a bad name in one line."""
