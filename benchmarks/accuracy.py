@@ -155,14 +155,19 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="accuracy")
-    ap.add_argument("--reuse", nargs="+", default=[], help="earlier result files: their seeds are taken, not rerun")
+    ap.add_argument(
+        "--reuse", nargs="+", action="extend", default=[], help="earlier result files: their seeds are taken, not rerun"
+    )
     args = ap.parse_args()
     if args.seeds < 1 or args.first_seed < 0:
         ap.error("--seeds must be at least 1 and --first-seed at least 0")
 
     earlier = {}
     for path in args.reuse:
-        earlier.update(reused_runs(path, args.config, args.overrides, args.split))
+        for seed, r in reused_runs(path, args.config, args.overrides, args.split).items():
+            if seed in earlier:
+                ap.error(f"seed {seed} is in both {earlier[seed]['reused_from']} and {path}")
+            earlier[seed] = r
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         if seed in earlier:
@@ -188,6 +193,9 @@ def main() -> None:
                     f"--split {args.split}",
                     *(f"--set {o}" for o in args.overrides),
                     *([f"--reuse {' '.join(args.reuse)}"] if args.reuse else []),
+                    f"--config {args.config}",
+                    f"--run {args.run}",
+                    f"--name {args.name}",
                 ]
             ),
             "config": args.config,

@@ -106,12 +106,10 @@ def main() -> None:
         args.name,
         {
             "command": "python benchmarks/rejudge_experts.py "
-            + f"--result {Path(args.result).relative_to(ROOT)} "
+            + f"--result {_rel(args.result)} "
             + (" ".join(["--seeds", *map(str, seeds)]) + " " if args.seeds is not None else "")
             + f"--work {_rel(args.work)} --split {args.split} --name {args.name}",
-            "result": str(Path(args.result).relative_to(ROOT))
-            if Path(args.result).is_relative_to(ROOT)
-            else args.result,
+            "result": _rel(args.result),
             "split": args.split,
             "seeds": rows,
         },

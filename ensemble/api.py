@@ -109,7 +109,7 @@ class Model:
     def __repr__(self) -> str:
         return (
             f"Model(run={str(self.run)!r}, {'flat' if self.flat else 'hierarchy'}, detector={self.detector!r}, "
-            f"T={self.temperature:.3g}, min_confidence={self.min_confidence}, precision={self.net.precision!r})"
+            f"T={self.temperature:.3g}, min_confidence={self.min_confidence}, precision={self.net.precision!r}, device={str(self.net.device)!r})"
         )
 
     # -- faces ---------------------------------------------------------------------------------

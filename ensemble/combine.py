@@ -9,7 +9,8 @@ combination worse than the flat model or an adjustment worse than none.
 The rule (``router.select``): ``one_se`` (default) takes the simplest value — the flat model
 (α = 1), no adjustment (τ = 0), then the nearest to them — whose balanced accuracy is within one
 paired standard error of the best on the selection faces (the "one standard error" rule of
-model selection, Breiman et al. 1984); ``best`` takes the best score outright. A gain of a
+model selection, Breiman et al. 1984) among the values that score at least as well as every
+simpler one; ``best`` takes the best score outright. A gain of a
 hundredth of a point on a few thousand faces is noise, and noise must not buy a change of model.
 """
 
@@ -56,8 +57,9 @@ def paired_se(y, pred_a, pred_b) -> float:
     the variance of the mean of the paired differences in correctness, summed, over the classes."""
     y = np.asarray(y, int)
     d = (np.asarray(pred_a) == y).astype(float) - (np.asarray(pred_b) == y).astype(float)
-    var = [d[y == c].var(ddof=1) / (y == c).sum() for c in np.unique(y) if (y == c).sum() > 1]
-    return float(np.sqrt(np.sum(var)) / len(np.unique(y))) if var else 0.0
+    # a class with one face has no variance to estimate: its squared difference stands in (0 or 1)
+    var = [(dc.var(ddof=1) if len(dc) > 1 else dc[0] ** 2) / len(dc) for dc in (d[y == c] for c in np.unique(y))]
+    return float(np.sqrt(np.sum(var)) / len(var)) if var else 0.0
 
 
 def _select(y, probas: dict, simplest_first: list, rule: str) -> tuple[float, dict, dict]:
@@ -68,7 +70,14 @@ def _select(y, probas: dict, simplest_first: list, rule: str) -> tuple[float, di
     se = {v: paired_se(y, preds[v], preds[best]) for v in simplest_first}
     if rule == "best":
         return best, scores, se
-    return next(v for v in simplest_first if scores[v] >= scores[best] - se[v]), scores, se
+    # the first value within one SE of the best that also scores at least as well as every simpler
+    # value: a rejected simpler value never gives way to a worse one with a wider interval
+    floor = -np.inf
+    for v in simplest_first:
+        if scores[v] >= floor and scores[v] >= scores[best] - se[v]:
+            return v, scores, se
+        floor = max(floor, scores[v])
+    return best, scores, se
 
 
 def choose_alpha(y, p_flat, p_hier, grid=ALPHA_GRID, rule: str = "one_se") -> tuple[float, dict, dict]:

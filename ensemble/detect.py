@@ -79,10 +79,15 @@ def _load_haar():
             "face detection needs opencv-python-headless<5 (pip install 'opencv-python-headless<5'), "
             "or pass --detector none for images that are face crops"
         ) from None
-    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):  # OpenCV 5 dropped the cascades
+    if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 dropped the cascades
         raise UserError(
             f"OpenCV {getattr(cv2, '__version__', '?')} has no Haar cascades: pip install 'opencv-python-headless<5', "
             "or pass --detector mtcnn"
+        )
+    if not hasattr(cv2, "data"):  # a distribution's build (apt, conda) without the cascade files
+        raise UserError(
+            f"this OpenCV build ({getattr(cv2, '__version__', '?')}) ships no cascade files (cv2.data): "
+            "pip install 'opencv-python-headless<5', or pass --detector mtcnn"
         )
     path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
     cascade = cv2.CascadeClassifier(path)

@@ -113,3 +113,28 @@ def test_paired_se_is_the_per_class_standard_error_of_the_difference():
     want = np.sqrt(d0.var(ddof=1) / 4 + d1.var(ddof=1) / 4) / 2
     assert paired_se(y, a, b) == pytest.approx(want)
     assert paired_se(y, a, a) == 0.0
+
+
+def test_one_se_never_takes_a_value_worse_than_a_simpler_one_it_passed_over():
+    """200 faces of class 0, 3 of class 1. α = 1 (0.88) is out of reach of the best, α = 0 (0.90),
+    by more than its SE; α = 0.5 scores below α = 1 (0.83) but disagrees with the best on a rare
+    face, so its own SE is wide enough to reach: it must not be taken; the best is."""
+    from ensemble.combine import _select
+
+    y = np.repeat([0, 1], [200, 3])
+    pred = {a: y.copy() for a in (1.0, 0.5, 0.0)}
+    pred[0.0][:40] = 1  # class 0: 160 of 200, class 1: 3 of 3 -> 0.90
+    pred[1.0][:48] = 1  # class 0: 152 of 200 -> 0.88
+    pred[0.5][200] = 0  # class 0: 200 of 200, class 1: 2 of 3 -> 0.83
+    probas = {a: np.eye(2)[p] * 0.8 + 0.1 for a, p in pred.items()}
+    v, scores, se = _select(y, probas, [1.0, 0.5, 0.0], "one_se")
+    assert scores[0.5] < scores[1.0] < scores[0.0] - se[1.0]  # α = 1 rejected
+    assert scores[0.5] >= scores[0.0] - se[0.5]  # α = 0.5 within its own (wide) SE of the best
+    assert v == 0.0
+
+
+def test_paired_se_counts_a_one_face_class():
+    y = np.array([0, 0, 0, 0, 1])
+    a = np.array([0, 0, 0, 0, 1])
+    b = np.array([0, 0, 0, 0, 0])  # differs only on the one class-1 face
+    assert paired_se(y, a, b) == pytest.approx(np.sqrt(0 / 4 + 1 / 1) / 2)
