@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,49 @@ def _check_confidence(p) -> float:
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
         raise UserError(f"min_confidence must be a probability between 0 and 1, got {p!r}")
     return float(p)
+
+
+def faces_and_crops(im, detector: str, size: int, crop: dict, grayscale: bool) -> tuple[list, np.ndarray]:
+    """Detected faces of a PIL image and their aligned crops (n, size, size, 3) uint8, framed like
+    the run's training faces (``crop``: detector -> (box source, margin)), gray where it learned gray."""
+    from .detect import Face
+
+    if detector == "none":
+        faces, crops = [Face((0, 0, im.width, im.height), None, 1.0, "none")], [face_array(im, None, size)]
+    else:
+        faces = detection.detect(im, detector)
+        for f in faces:  # the region the model sees, framed like its training faces (detect.run_crop)
+            f.region = face_region(f.box, im.size, *crop[detector])
+        crops = [align_crop(im, f.region, f.landmarks, 0.0, size) for f in faces]
+    arr = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+    if grayscale and len(arr):
+        gray = (arr @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
+        arr = np.repeat(gray[..., None], 3, axis=3)
+    return faces, arr
+
+
+def _prepare(src, detector: str, size: int, crop: dict, grayscale: bool):
+    """(source, faces, crops, error) for one image: read, detect, align; a failure is the error."""
+    if isinstance(src, (str, Path)) and (why := not_regular(src)):
+        return src, [], None, why  # a FIFO or a device is named, never opened
+    try:
+        im = open_image(src)
+    except ImageError as exc:
+        return src, [], None, str(exc)
+    try:
+        return src, *faces_and_crops(im, detector, size, crop, grayscale), None
+    except UserError:
+        raise  # no detector at all: one line for the whole command
+    except Exception as exc:  # noqa: BLE001 - a detector failing on one image must not stop the others
+        last = (str(exc).strip().splitlines() or [""])[-1][:120]
+        return src, [], None, f"face detection failed ({type(exc).__name__}: {last})"
+
+
+def _one_thread() -> None:
+    """A detection process's start: one torch thread, so that N processes use N cores."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 class Model:
@@ -136,21 +181,7 @@ class Model:
         return self._faces_in_image(im, detector)
 
     def _faces_in_image(self, im, detector: str) -> tuple[list, np.ndarray]:
-        from .detect import Face
-
-        size = self.net.size
-        if detector == "none":
-            faces, crops = [Face((0, 0, im.width, im.height), None, 1.0, "none")], [face_array(im, None, size)]
-        else:
-            faces = detection.detect(im, detector)
-            for f in faces:  # the region the model sees, framed like its training faces (detect.run_crop)
-                f.region = face_region(f.box, im.size, *self.crop[detector])
-            crops = [align_crop(im, f.region, f.landmarks, 0.0, size) for f in faces]
-        arr = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
-        if self.grayscale and len(arr):
-            gray = (arr @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
-            arr = np.repeat(gray[..., None], 3, axis=3)
-        return faces, arr
+        return faces_and_crops(im, detector, self.net.size, self.crop, self.grayscale)
 
     # -- the networks --------------------------------------------------------------------------
     def _infer(self, crops: np.ndarray) -> list[dict]:
@@ -226,30 +257,21 @@ class Model:
         min_confidence: float | None = None,
         batch_size: int = 32,
         workers: int | None = None,
+        processes: int = 0,
     ):
         """Yield ``(source, records, error)`` per source in order; decoding and detection run in a
-        thread pool while the network works on batches of faces from earlier images."""
+        thread pool (``workers`` threads) while the network works on batches of faces from earlier
+        images, or, with ``processes`` > 0, in that many worker processes (one torch thread each;
+        each starts by importing torch, about a second, so it pays on large folders)."""
         mc = self.min_confidence if min_confidence is None else _check_confidence(min_confidence)
         detector = check_detector(detector or self.detector)
         sources = list(sources)
         if sources:
             self._warn_synthetic(detector)
         workers = workers or min(4, os.cpu_count() or 1)
-
-        def prepare(src):
-            if isinstance(src, (str, Path)) and (why := not_regular(src)):
-                return src, [], None, why  # a FIFO or a device is named, never opened
-            try:
-                im = open_image(src)
-            except ImageError as exc:
-                return src, [], None, str(exc)
-            try:
-                return src, *self._faces_in_image(im, detector), None
-            except UserError:
-                raise  # no detector at all: one line for the whole command
-            except Exception as exc:  # noqa: BLE001 - a detector failing on one image must not stop the others
-                last = (str(exc).strip().splitlines() or [""])[-1][:120]
-                return src, [], None, f"face detection failed ({type(exc).__name__}: {last})"
+        if processes < 0:
+            raise UserError(f"processes must be 0 (threads) or more, got {processes}")
+        prepare = partial(_prepare, detector=detector, size=self.net.size, crop=self.crop, grayscale=self.grayscale)
 
         pending = []  # (source, faces, crops, error), waiting for their batch to be inferred
 
@@ -264,9 +286,13 @@ class Model:
                 yield src, recs, err
             pending.clear()
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        if processes:  # spawned, not forked: a fork of a process that has run torch can hang
+            pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_one_thread)
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers)
+        with pool:
             n_faces = 0
-            for item in pool.map(prepare, sources):
+            for item in pool.map(prepare, sources, chunksize=4 if processes else 1):
                 pending.append(item)
                 n_faces += 0 if item[2] is None else len(item[2])
                 if n_faces >= batch_size:
@@ -275,16 +301,23 @@ class Model:
             yield from flush()
 
     def predict_folder(
-        self, path, *, detector: str | None = None, min_confidence: float | None = None, batch_size: int = 32
+        self,
+        path,
+        *,
+        detector: str | None = None,
+        min_confidence: float | None = None,
+        batch_size: int = 32,
+        processes: int = 0,
     ):
         """A pandas DataFrame, one row per face, for every image under ``path`` (walked); images
-        without a face get one row with ``emotion`` None, unreadable ones a row with ``error``."""
+        without a face get one row with ``emotion`` None, unreadable ones a row with ``error``.
+        ``processes``: detect in that many worker processes (see :meth:`predict_many`)."""
         import pandas as pd
 
         files, _ = walk([path])
         rows = []
         for src, recs, err in self.predict_many(
-            files, detector=detector, min_confidence=min_confidence, batch_size=batch_size
+            files, detector=detector, min_confidence=min_confidence, batch_size=batch_size, processes=processes
         ):
             rows += [flat_row(r) for r in recs] or [
                 {

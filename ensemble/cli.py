@@ -270,6 +270,13 @@ def tune_cmd(config_file, overrides, **opts):
     show_default=True,
     help="Where the networks run: cpu, cuda, cuda:N, mps, or auto (the first of those this machine has).",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Detect faces in N worker processes (0: threads in this process); for large folders on many cores.",
+)
 @video_options
 def predict_cmd(
     paths,
@@ -285,6 +292,7 @@ def predict_cmd(
     batch_size,
     precision,
     device,
+    processes,
     **video,
 ):
     """Detect every face (MTCNN with landmarks by default), turn it upright by its eyes, crop it
@@ -332,6 +340,7 @@ def predict_cmd(
             model=model,
             precision=precision,
             device=device,
+            processes=processes,
         )
     if n_failed:
         sys.exit(1)

@@ -47,6 +47,7 @@ def run_predict(
     model=None,
     precision: str = "fp32",
     device: str = "cpu",
+    processes: int = 0,
 ) -> int:
     """Predict every face; returns the number of files that failed (unreadable, not a regular
     file, or the detector failed on it: each named on stderr, the others still predicted).
@@ -77,7 +78,7 @@ def run_predict(
     if csv is not None:  # refused before any face is predicted: a FIFO, a device or a folder
         check_target(make_dir(csv.parent, "the --csv folder") / csv.name, "--csv table")
     failed, rows, written = 0, [], set()
-    for src, recs, err in model.predict_many(files, batch_size=batch_size):
+    for src, recs, err in model.predict_many(files, batch_size=batch_size, processes=processes):
         if err is not None:
             click.echo(f"error: {shown(src)}: {err}", err=True)
             failed += 1

@@ -184,6 +184,30 @@ def test_device_is_checked_against_the_machine(run, astronaut, tmp_path, capsys)
     assert code == 0 and "a.jpg" in out, err
 
 
+def test_detection_in_worker_processes_gives_the_same_records(run, astronaut, tmp_path, capsys):
+    """predict_many(processes=2) (CLI --processes 2): spawned detection processes, the same faces,
+    crops and answers in the same order as the threads, a bad file still named, not fatal."""
+    import ensemble
+
+    astronaut.save(tmp_path / "a.jpg")
+    astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "b.jpg")
+    (tmp_path / "c.jpg").write_text("not an image")
+    files = [tmp_path / "a.jpg", tmp_path / "c.jpg", tmp_path / "b.jpg"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic-run warning
+        m = ensemble.load(run["run"], detector="haar")
+        threads = list(m.predict_many(files))
+        procs = list(m.predict_many(files, processes=2))
+    assert [s for s, _, _ in procs] == files and procs[1][2] and not procs[1][1]
+    for (_, r1, e1), (_, r2, e2) in zip(threads, procs):
+        assert e1 == e2 and [r["box"] for r in r1] == [r["box"] for r in r2]
+        np.testing.assert_allclose([r["confidence"] for r in r1], [r["confidence"] for r in r2], atol=1e-6)
+    code, out, err = run_cli(
+        ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--processes", "-1"], capsys
+    )
+    assert code == 2 and "--processes" in err
+
+
 def test_bf16_inference_is_close_to_fp32_and_fp16_needs_cuda(run, astronaut, tmp_path, capsys):
     """--precision bf16 runs the networks under autocast: probabilities move a little (so it did
     run in bf16), V/A too; fp16 is refused on a CPU, a bad name in one line."""
