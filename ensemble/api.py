@@ -262,7 +262,9 @@ class Model:
         """Yield ``(source, records, error)`` per source in order; decoding and detection run in a
         thread pool (``workers`` threads) while the network works on batches of faces from earlier
         images, or, with ``processes`` > 0, in that many worker processes (one torch thread each;
-        each starts by importing torch, about a second, so it pays on large folders)."""
+        each starts by importing torch, about a second, so it pays on large folders; a script that
+        asks for processes must guard its entry point with ``if __name__ == "__main__":``, as
+        Python's spawned processes import it again)."""
         mc = self.min_confidence if min_confidence is None else _check_confidence(min_confidence)
         detector = check_detector(detector or self.detector)
         sources = list(sources)
