@@ -63,28 +63,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def check_device(device) -> str:
     """``auto`` (CUDA, then MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked
-    against this machine: one line instead of torch's traceback for a device it does not have."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device}: this machine has no CUDA device that torch {torch.__version__} can use")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise UserError(f"device {device}: this machine has no MPS device")
-    elif dev.type != "cpu":
-        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-    return str(dev)
+    against this machine (``runtime.resolve_device``): one line instead of torch's traceback."""
+    from .runtime import resolve_device
+
+    return resolve_device(device, "device")
 
 
 def check_precision(precision: str, device) -> str:

@@ -39,23 +39,29 @@ class Runtime:
         return Runtime(self.device, self.amp_dtype, self.channels_last)
 
 
+def resolve_device(name, what: str) -> str:
+    """``auto`` -> cuda, then mps, then cpu; ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` checked against
+    this machine. ``what`` names the setting in the one-line error (``train.device``, ``--device``)."""
+    from .config import _device as device_problem
+
+    if not isinstance(name, str) or device_problem(name):
+        raise UserError(f"{what} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{what} = {name!r} but no CUDA device is available to torch {torch.__version__}")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"{what} = {name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not mps:
+        raise UserError(f"{what} = 'mps' but this machine has no Apple GPU available to torch")
+    return name
+
+
 def runtime(train_cfg) -> Runtime:
     """Pick device and precision once: cuda, then mps, then cpu; bf16 where it is supported."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    name = train_cfg.device
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device = {name!r} but no CUDA device is available")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"train.device = {name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("train.device = 'mps' but this machine has no Apple GPU available to torch")
+    name = resolve_device(train_cfg.device, "train.device")
     if name == "cuda" and world > 1:
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(name)
