@@ -104,6 +104,42 @@ def _prepare(src, detector: str, size: int, crop: dict, grayscale: bool):
         return src, [], None, f"face detection failed ({type(exc).__name__}: {last})"
 
 
+# --processes auto: worker processes where they were measured to pay (benchmarks/batch.py): on 16
+# cores 8 processes read 112 photos/s against 64 with 4 threads; on 2 cores 2 processes read 35
+# against 47. Each starts by importing torch (a second or two), so only for folders of hundreds.
+AUTO_MIN_CORES = 8
+AUTO_MIN_IMAGES = 256
+AUTO_MAX_PROCESSES = 8
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_processes(n_images: int, cores: int | None = None) -> int:
+    """How many detection processes ``processes="auto"`` starts for ``n_images``: 0 (threads)
+    below :data:`AUTO_MIN_CORES` cores or :data:`AUTO_MIN_IMAGES` images, else one per core
+    but one, at most :data:`AUTO_MAX_PROCESSES`."""
+    cores = usable_cores() if cores is None else cores
+    if cores < AUTO_MIN_CORES or n_images < AUTO_MIN_IMAGES:
+        return 0
+    return min(cores - 1, AUTO_MAX_PROCESSES)
+
+
+def check_processes(processes) -> int | str:
+    if processes == "auto":
+        return processes
+    if isinstance(processes, str) and processes.isdigit():
+        processes = int(processes)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
+        raise UserError(f"processes must be 0 (threads), a number of worker processes or 'auto', got {processes!r}")
+    return processes
+
+
 def _one_thread() -> None:
     """A detection process's start: one torch thread, so that N processes use N cores."""
     import torch
@@ -257,22 +293,24 @@ class Model:
         min_confidence: float | None = None,
         batch_size: int = 32,
         workers: int | None = None,
-        processes: int = 0,
+        processes: int | str = 0,
     ):
         """Yield ``(source, records, error)`` per source in order; decoding and detection run in a
         thread pool (``workers`` threads) while the network works on batches of faces from earlier
         images, or, with ``processes`` > 0, in that many worker processes (one torch thread each;
         each starts by importing torch, about a second, so it pays on large folders; a script that
         asks for processes must guard its entry point with ``if __name__ == "__main__":``, as
-        Python's spawned processes import it again)."""
+        Python's spawned processes import it again). ``processes="auto"`` (the CLI's default):
+        :func:`auto_processes` decides from the machine's cores and the number of images."""
         mc = self.min_confidence if min_confidence is None else _check_confidence(min_confidence)
         detector = check_detector(detector or self.detector)
         sources = list(sources)
         if sources:
             self._warn_synthetic(detector)
         workers = workers or min(4, os.cpu_count() or 1)
-        if processes < 0:
-            raise UserError(f"processes must be 0 (threads) or more, got {processes}")
+        processes = check_processes(processes)
+        if processes == "auto":
+            processes = auto_processes(len(sources))
         prepare = partial(_prepare, detector=detector, size=self.net.size, crop=self.crop, grayscale=self.grayscale)
 
         pending = []  # (source, faces, crops, error), waiting for their batch to be inferred
@@ -309,11 +347,11 @@ class Model:
         detector: str | None = None,
         min_confidence: float | None = None,
         batch_size: int = 32,
-        processes: int = 0,
+        processes: int | str = 0,
     ):
         """A pandas DataFrame, one row per face, for every image under ``path`` (walked); images
         without a face get one row with ``emotion`` None, unreadable ones a row with ``error``.
-        ``processes``: detect in that many worker processes (see :meth:`predict_many`)."""
+        ``processes``: detect in that many worker processes, or ``"auto"`` (see :meth:`predict_many`)."""
         import pandas as pd
 
         files, _ = walk([path])

@@ -26,6 +26,21 @@ SET = click.option(
 OUT = click.option(
     "--out", "run", type=click.Path(file_okay=False), default="artifacts/run", show_default=True, help="Run folder."
 )
+
+
+class ProcessesType(click.ParamType):
+    """--processes: a number of worker processes (0: threads) or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        self.fail(f"{value!r} is not a number of processes (0 or more) nor 'auto'", param, ctx)
+
+
 RESUME = click.option("--resume", is_flag=True, help="Continue from the last complete epoch's checkpoint.")
 
 
@@ -272,10 +287,11 @@ def tune_cmd(config_file, overrides, **opts):
 )
 @click.option(
     "--processes",
-    type=click.IntRange(0),
-    default=0,
+    type=ProcessesType(),
+    default="auto",
     show_default=True,
-    help="Detect faces in N worker processes (0: threads in this process); for large folders on many cores.",
+    help="Detect faces in N worker processes (0: threads in this process); auto: worker processes "
+    "(one per core but one, at most 8) on machines with 8 or more cores for 256 or more images, else threads.",
 )
 @video_options
 def predict_cmd(

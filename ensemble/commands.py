@@ -47,7 +47,7 @@ def run_predict(
     model=None,
     precision: str = "fp32",
     device: str = "cpu",
-    processes: int = 0,
+    processes: int | str = 0,
 ) -> int:
     """Predict every face; returns the number of files that failed (unreadable, not a regular
     file, or the detector failed on it: each named on stderr, the others still predicted).

@@ -202,10 +202,31 @@ def test_detection_in_worker_processes_gives_the_same_records(run, astronaut, tm
     for (_, r1, e1), (_, r2, e2) in zip(threads, procs):
         assert e1 == e2 and [r["box"] for r in r1] == [r["box"] for r in r2]
         np.testing.assert_allclose([r["confidence"] for r in r1], [r["confidence"] for r in r2], atol=1e-6)
+    assert [r for _, r, _ in m.predict_many(files, processes="auto")] == [r for _, r, _ in threads]
+    for bad in ("-1", "two"):
+        code, out, err = run_cli(
+            ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--processes", bad], capsys
+        )
+        assert code == 2 and "--processes" in err and "Traceback" not in err
     code, out, err = run_cli(
-        ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--processes", "-1"], capsys
+        ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--processes", "auto"], capsys
     )
-    assert code == 2 and "--processes" in err
+    assert code == 0 and "a.jpg" in out, err
+
+
+def test_auto_processes_follow_the_measured_rule():
+    """processes="auto" (the CLI's default): threads on small machines and small inputs, where
+    processes were measured slower; one process per core but one, at most 8, otherwise."""
+    from ensemble.api import auto_processes, check_processes
+
+    assert auto_processes(10_000, cores=2) == 0  # 2 cores: threads read 47 photos/s, processes 35
+    assert auto_processes(10_000, cores=16) == 8  # 16 cores: 8 processes 112, 4 threads 64
+    assert auto_processes(10_000, cores=8) == 7
+    assert auto_processes(100, cores=16) == 0  # starting processes costs more than it saves
+    assert [check_processes(v) for v in ("auto", 0, 3, "3")] == ["auto", 0, 3, 3]
+    for bad in (-1, "x", True, 1.5):
+        with pytest.raises(UserError, match="processes must be"):
+            check_processes(bad)
 
 
 def test_bf16_inference_is_close_to_fp32_and_fp16_needs_cuda(run, astronaut, tmp_path, capsys):

@@ -1,0 +1,98 @@
+"""Batch inference on a folder: photos/s of ``predict_many`` with detection in threads or in worker
+processes, on the machine it runs on.
+
+    python benchmarks/batch.py [--run RUN] [--device cpu|cuda] [--precision fp32|bf16]
+                               [--n 1024] [--modes threads:4,processes:4,processes:8]
+
+The folder is built as in ``benchmarks/predict_photo.py`` (scikit-image's astronaut and the shared
+photos resized to 256 px, flips and shifts; generated in a temp dir, never committed). Each mode
+runs once over the whole folder after a warm-up on 16 photos, the time includes starting the
+worker processes (each imports torch), and every mode must give the same emotion for every face
+as the first mode (the run stops otherwise). ``mtcnn_ms_per_photo_one_thread``: detection alone,
+decoded photos, one torch thread, the first 64 photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, save
+from predict_photo import _folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=None, help="run folder (default: the bundled model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--n", type=int, default=1024, help="photos in the folder")
+    ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
+    ap.add_argument("--modes", default="threads:4,processes:2", help="comma-separated threads:N or processes:N")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--name", default="batch")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+    from PIL import Image
+
+    import ensemble
+    from ensemble.detect import detect
+
+    modes = []
+    for m in args.modes.split(","):
+        kind, _, n = m.partition(":")
+        if kind not in ("threads", "processes") or not n.isdigit() or int(n) < 1:
+            sys.exit(f"mode must be threads:N or processes:N, got {m!r}")
+        modes.append((kind, int(n)))
+    tmp = Path(tempfile.mkdtemp(prefix="batch-"))
+    files = _folder(tmp, args.n, Path(args.photos))
+    model = ensemble.load(args.run, device=args.device, precision=args.precision)
+    list(model.predict_many(files[:16]))  # warm-up: MTCNN and the networks loaded, kernels chosen
+    figures = {
+        "command": "python benchmarks/batch.py " + " ".join(sys.argv[1:]),
+        "run": args.run or "bundled",
+        "device": args.device,
+        "precision": args.precision,
+        "photos": f"{len(files)} JPEGs, long side 256 px (astronaut + shared photos, flips, shifts)",
+        "load_average_at_start": os.getloadavg(),
+        "modes": {},
+    }
+    reference = None
+    for kind, n in modes:
+        kw = {"processes": n} if kind == "processes" else {"workers": n}
+        t = time.perf_counter()
+        results = list(model.predict_many(files, batch_size=args.batch_size, **kw))
+        dt = time.perf_counter() - t
+        labels = [f["emotion"] for _, recs, _ in results for f in recs]
+        errors = sum(err is not None for _, _, err in results)
+        if reference is None:
+            reference = labels
+        elif labels != reference:
+            sys.exit(f"{kind}:{n} gave other emotions than {modes[0][0]}:{modes[0][1]}")
+        key = f"{kind}:{n}"
+        figures["modes"][key] = {
+            "photos_per_s": round(len(files) / dt, 1),
+            "seconds": round(dt, 2),
+            "faces": len(labels),
+            "errors": errors,
+        }
+        print(f"{key}: {len(files) / dt:.1f} photos/s ({len(labels)} faces, {dt:.1f} s)", flush=True)
+    torch.set_num_threads(1)
+    images = [Image.open(f).convert("RGB") for f in files[:64]]
+    t = time.perf_counter()
+    for im in images:
+        detect(im)
+    figures["mtcnn_ms_per_photo_one_thread"] = round(1000 * (time.perf_counter() - t) / len(images), 1)
+    print(f"MTCNN alone: {figures['mtcnn_ms_per_photo_one_thread']} ms a photo on one thread")
+    figures["load_average_at_end"] = os.getloadavg()
+    save(args.name, figures, args.out)
+
+
+if __name__ == "__main__":  # the worker processes import this module again
+    main()
