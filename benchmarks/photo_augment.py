@@ -124,7 +124,9 @@ def main() -> None:
         run = Path(args.run) / name.replace("@", "-seed")
         t = time.time()
         exp = open_experiment(load_config(args.config, overrides), run)
-        fit_flat(exp, log=lambda *a, **k: None)
+        fit_flat(
+            exp, log=lambda msg, *a, v=name, **k: print(f"  {v}: {msg}", flush=True)
+        )  # progress, for runs cut short
         results[name] = {"overrides": overrides, "minutes": (time.time() - t) / 60, **score(run, exp, args.split)}
         r = results[name]
         print(
