@@ -2,20 +2,23 @@
 processes, on the machine it runs on.
 
     python benchmarks/batch.py [--run RUN] [--device cpu|cuda] [--precision fp32|bf16]
-                               [--n 1024] [--modes threads:4,processes:4,processes:8]
+                               [--n 1024] [--modes threads:4,processes:2,auto]
 
 The folder is built as in ``benchmarks/predict_photo.py`` (scikit-image's astronaut and the shared
 photos resized to 256 px, flips and shifts; generated in a temp dir, never committed). Each mode
-runs once over the whole folder after a warm-up on 16 photos, the time includes starting the
-worker processes (each imports torch), and every mode must give the same emotion for every face
-as the first mode (the run stops otherwise). ``mtcnn_ms_per_photo_one_thread``: detection alone,
-decoded photos, one torch thread, the first 64 photos.
+runs once over the whole folder after a warm-up on 16 photos (one run each: repeat the command
+for the spread), the time includes starting the worker processes (each imports torch), and every
+mode must give the same boxes, emotions and errors as the first mode (the run stops otherwise).
+``auto`` is the CLI's default (``--processes auto``: :func:`ensemble.api.auto_processes`).
+``mtcnn_ms_per_photo_one_thread``: detection alone, decoded photos, one torch thread, the first
+64 photos. The temporary folder is deleted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,29 +35,47 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--n", type=int, default=1024, help="photos in the folder")
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
-    ap.add_argument("--modes", default="threads:4,processes:2", help="comma-separated threads:N or processes:N")
+    ap.add_argument(
+        "--modes", default="threads:4,processes:2,auto", help="comma-separated threads:N, processes:N, auto"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--name", default="batch")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    modes = []
+    for m in args.modes.split(","):
+        kind, _, n = m.partition(":")
+        if m == "auto":
+            modes.append(("auto", 0))
+        elif kind not in ("threads", "processes") or not n.isdigit() or int(n) < 1:
+            sys.exit(f"mode must be threads:N, processes:N or auto, got {m!r}")
+        else:
+            modes.append((kind, int(n)))
+    tmp = Path(tempfile.mkdtemp(prefix="batch-"))
+    try:
+        figures = measure(args, modes, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save(args.name, figures, args.out)
+
+
+def measure(args, modes, tmp: Path) -> dict:
     import torch
     from PIL import Image
 
     import ensemble
+    from ensemble.api import auto_processes, usable_cores
     from ensemble.detect import detect
 
-    modes = []
-    for m in args.modes.split(","):
-        kind, _, n = m.partition(":")
-        if kind not in ("threads", "processes") or not n.isdigit() or int(n) < 1:
-            sys.exit(f"mode must be threads:N or processes:N, got {m!r}")
-        modes.append((kind, int(n)))
-    tmp = Path(tempfile.mkdtemp(prefix="batch-"))
     files = _folder(tmp, args.n, Path(args.photos))
     model = ensemble.load(args.run, device=args.device, precision=args.precision)
     list(model.predict_many(files[:16]))  # warm-up: MTCNN and the networks loaded, kernels chosen
     figures = {
+        "usable_cores": usable_cores(),
+        "torch_threads_main_process": torch.get_num_threads(),
+        "auto_processes": auto_processes(len(files)),
+        "batch_size": args.batch_size,
         "command": "python benchmarks/batch.py " + " ".join(sys.argv[1:]),
         "run": args.run or "bundled",
         "device": args.device,
@@ -65,17 +86,18 @@ def main() -> None:
     }
     reference = None
     for kind, n in modes:
-        kw = {"processes": n} if kind == "processes" else {"workers": n}
+        kw = {"processes": n} if kind == "processes" else {"processes": "auto"} if kind == "auto" else {"workers": n}
+        key = "auto" if kind == "auto" else f"{kind}:{n}"
         t = time.perf_counter()
         results = list(model.predict_many(files, batch_size=args.batch_size, **kw))
         dt = time.perf_counter() - t
         labels = [f["emotion"] for _, recs, _ in results for f in recs]
         errors = sum(err is not None for _, _, err in results)
+        answer = [(err, [(f["box"], f["emotion"]) for f in recs]) for _, recs, err in results]
         if reference is None:
-            reference = labels
-        elif labels != reference:
-            sys.exit(f"{kind}:{n} gave other emotions than {modes[0][0]}:{modes[0][1]}")
-        key = f"{kind}:{n}"
+            reference = answer
+        elif answer != reference:
+            sys.exit(f"{key} gave other boxes, emotions or errors than the first mode")
         figures["modes"][key] = {
             "photos_per_s": round(len(files) / dt, 1),
             "seconds": round(dt, 2),
@@ -91,7 +113,7 @@ def main() -> None:
     figures["mtcnn_ms_per_photo_one_thread"] = round(1000 * (time.perf_counter() - t) / len(images), 1)
     print(f"MTCNN alone: {figures['mtcnn_ms_per_photo_one_thread']} ms a photo on one thread")
     figures["load_average_at_end"] = os.getloadavg()
-    save(args.name, figures, args.out)
+    return figures
 
 
 if __name__ == "__main__":  # the worker processes import this module again

@@ -15,6 +15,7 @@ when the run is calibrated), and for the hierarchy ``valence``, ``arousal``, ``n
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -112,12 +113,20 @@ AUTO_MIN_IMAGES = 256
 AUTO_MAX_PROCESSES = 8
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (a container's share, not the host's)."""
+def usable_cores(cpu_max="/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may run on: its CPU affinity, and a container's CPU quota
+    (cgroup v2 ``cpu.max``, e.g. ``docker --cpus=2`` on a larger host) where one is set."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2, or no quota
+        pass
+    return cores
 
 
 def auto_processes(n_images: int, cores: int | None = None) -> int:
@@ -131,9 +140,9 @@ def auto_processes(n_images: int, cores: int | None = None) -> int:
 
 
 def check_processes(processes) -> int | str:
-    if processes == "auto":
-        return processes
-    if isinstance(processes, str) and processes.isdigit():
+    if isinstance(processes, str) and processes.strip().lower() == "auto":
+        return "auto"
+    if isinstance(processes, str) and processes.strip().isascii() and processes.strip().isdigit():
         processes = int(processes)
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
         raise UserError(f"processes must be 0 (threads), a number of worker processes or 'auto', got {processes!r}")
@@ -309,8 +318,8 @@ class Model:
             self._warn_synthetic(detector)
         workers = workers or min(4, os.cpu_count() or 1)
         processes = check_processes(processes)
-        if processes == "auto":
-            processes = auto_processes(len(sources))
+        if processes == "auto":  # face crops (detector none) need no detection worth a process
+            processes = auto_processes(len(sources)) if detector != "none" else 0
         prepare = partial(_prepare, detector=detector, size=self.net.size, crop=self.crop, grayscale=self.grayscale)
 
         pending = []  # (source, faces, crops, error), waiting for their batch to be inferred

@@ -31,13 +31,16 @@ OUT = click.option(
 class ProcessesType(click.ParamType):
     """--processes: a number of worker processes (0: threads) or ``auto``."""
 
-    name = "N|auto"
+    name = "n|auto"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value == "auto":
+        if isinstance(value, int):
             return value
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return "auto"
+        if text.isascii() and text.isdigit():
+            return int(text)
         self.fail(f"{value!r} is not a number of processes (0 or more) nor 'auto'", param, ctx)
 
 
@@ -291,7 +294,8 @@ def tune_cmd(config_file, overrides, **opts):
     default="auto",
     show_default=True,
     help="Detect faces in N worker processes (0: threads in this process); auto: worker processes "
-    "(one per core but one, at most 8) on machines with 8 or more cores for 256 or more images, else threads.",
+    "(one per core but one, at most 8) on machines with 8 or more cores for 256 or more images to detect in, "
+    "else threads.",
 )
 @video_options
 def predict_cmd(

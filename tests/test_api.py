@@ -203,7 +203,7 @@ def test_detection_in_worker_processes_gives_the_same_records(run, astronaut, tm
         assert e1 == e2 and [r["box"] for r in r1] == [r["box"] for r in r2]
         np.testing.assert_allclose([r["confidence"] for r in r1], [r["confidence"] for r in r2], atol=1e-6)
     assert [r for _, r, _ in m.predict_many(files, processes="auto")] == [r for _, r, _ in threads]
-    for bad in ("-1", "two"):
+    for bad in ("-1", "two", "\u00b2"):
         code, out, err = run_cli(
             ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--processes", bad], capsys
         )
@@ -223,10 +223,24 @@ def test_auto_processes_follow_the_measured_rule():
     assert auto_processes(10_000, cores=16) == 8  # 16 cores: 8 processes 112, 4 threads 64
     assert auto_processes(10_000, cores=8) == 7
     assert auto_processes(100, cores=16) == 0  # starting processes costs more than it saves
-    assert [check_processes(v) for v in ("auto", 0, 3, "3")] == ["auto", 0, 3, 3]
-    for bad in (-1, "x", True, 1.5):
+    assert [check_processes(v) for v in ("auto", "AUTO", 0, 3, "3")] == ["auto", "auto", 0, 3, 3]
+    for bad in (-1, "x", True, 1.5, "\u00b2"):
         with pytest.raises(UserError, match="processes must be"):
             check_processes(bad)
+
+
+def test_usable_cores_respect_a_container_quota(tmp_path):
+    """docker --cpus=2 on a larger host: cgroup v2's cpu.max caps the cores auto counts."""
+    import os
+
+    from ensemble.api import usable_cores
+
+    (tmp_path / "two").write_text("200000 100000\n")
+    (tmp_path / "half").write_text("50000 100000\n")
+    (tmp_path / "none").write_text("max 100000\n")
+    assert usable_cores(tmp_path / "two") == min(2, len(os.sched_getaffinity(0)))
+    assert usable_cores(tmp_path / "half") == 1
+    assert usable_cores(tmp_path / "none") == usable_cores(tmp_path / "missing") == len(os.sched_getaffinity(0))
 
 
 def test_bf16_inference_is_close_to_fp32_and_fp16_needs_cuda(run, astronaut, tmp_path, capsys):
