@@ -19,6 +19,7 @@ import math
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -340,13 +341,21 @@ class Model:
         else:
             pool = ThreadPoolExecutor(max_workers=workers)
         with pool:
-            n_faces = 0
-            for item in pool.map(prepare, sources, chunksize=4 if processes else 1):
-                pending.append(item)
-                n_faces += 0 if item[2] is None else len(item[2])
-                if n_faces >= batch_size:
-                    yield from flush()
-                    n_faces = 0
+            n_faces = received = 0
+            try:
+                for item in pool.map(prepare, sources, chunksize=4 if processes else 1):
+                    received += 1
+                    pending.append(item)
+                    n_faces += 0 if item[2] is None else len(item[2])
+                    if n_faces >= batch_size:
+                        yield from flush()
+                        n_faces = 0
+            except BrokenProcessPool:  # a worker killed (out of memory, a signal): what was done is kept
+                yield from flush()
+                raise UserError(
+                    f"a face-detection worker process died after {received} of {len(sources)} image(s) "
+                    "(out of memory?); rerun with --processes 0 (threads) or fewer processes"
+                ) from None
             yield from flush()
 
     def predict_folder(

@@ -214,6 +214,41 @@ def test_detection_in_worker_processes_gives_the_same_records(run, astronaut, tm
     assert code == 0 and "a.jpg" in out, err
 
 
+def test_a_dead_detection_worker_is_one_line_and_keeps_what_was_done(run, astronaut, tmp_path, monkeypatch):
+    """A worker process killed mid-folder (out of memory): the images finished before it are still
+    yielded, then one UserError naming the way out, not a BrokenProcessPool traceback."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import ensemble
+    import ensemble.api as api
+
+    class DiesAfterOne:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items, chunksize=1):
+            yield fn(items[0])
+            raise BrokenProcessPool("a child process terminated abruptly")
+
+    astronaut.save(tmp_path / "a.jpg")
+    astronaut.save(tmp_path / "b.jpg")
+    monkeypatch.setattr(api, "ProcessPoolExecutor", DiesAfterOne)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic-run warning
+        m = ensemble.load(run["run"], detector="haar")
+        got = []
+        with pytest.raises(UserError, match=r"worker process died after 1 of 2 image\(s\).*--processes 0"):
+            for item in m.predict_many([tmp_path / "a.jpg", tmp_path / "b.jpg"], processes=2):
+                got.append(item)
+    assert [s for s, _, _ in got] == [tmp_path / "a.jpg"] and got[0][1]
+
+
 def test_auto_processes_follow_the_measured_rule():
     """processes="auto" (the CLI's default): threads on small machines and small inputs, where
     processes were measured slower; one process per core but one, at most 8, otherwise."""
