@@ -184,7 +184,7 @@ def test_device_is_checked_against_the_machine(run, astronaut, tmp_path, capsys)
     assert code == 0 and "a.jpg" in out, err
 
 
-def test_detection_in_worker_processes_gives_the_same_records(run, astronaut, tmp_path, capsys):
+def test_detection_in_worker_processes_gives_the_same_records(run, astronaut, tmp_path, capsys, monkeypatch):
     """predict_many(processes=2) (CLI --processes 2): spawned detection processes, the same faces,
     crops and answers in the same order as the threads, a bad file still named, not fatal."""
     import ensemble
@@ -212,6 +212,11 @@ def test_detection_in_worker_processes_gives_the_same_records(run, astronaut, tm
         ["predict", str(tmp_path / "a.jpg"), "--run", str(run["run"]), "--processes", "auto"], capsys
     )
     assert code == 0 and "a.jpg" in out, err
+    import ensemble.api as api
+
+    monkeypatch.setattr(api, "usable_cores", lambda *a: 1)  # more processes than cores: said, not refused
+    with pytest.warns(UserWarning, match="2 detection processes on 1 usable cores"):
+        assert list(m.predict_many([], processes=2)) == []
 
 
 def test_a_dead_detection_worker_is_one_line_and_keeps_what_was_done(run, astronaut, tmp_path, monkeypatch):
@@ -259,6 +264,7 @@ def test_auto_processes_follow_the_measured_rule():
     assert auto_processes(10_000, cores=8) == 7
     assert auto_processes(100, cores=16) == 0  # starting processes costs more than it saves
     assert [check_processes(v) for v in ("auto", "AUTO", 0, 3, "3")] == ["auto", "auto", 0, 3, 3]
+
     for bad in (-1, "x", True, 1.5, "\u00b2"):
         with pytest.raises(UserError, match="processes must be"):
             check_processes(bad)
