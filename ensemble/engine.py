@@ -342,7 +342,9 @@ def _setup(net, task, data, cfg, mean, std, rt, desc, log) -> _Run:
     features = None
     # the frozen prefix of the trunk is computed once per (face, view); DDP trains through its wrapper
     if getattr(net, "n_frozen_blocks", 0) > 0 and tc.feature_cache and rt.world == 1:
-        features = feature_cache(net, data.images, kept.train_idx, kept.val_idx, mean, std, rt, tc, bc, desc, log)
+        features = feature_cache(
+            net, data.images, kept.train_idx, kept.val_idx, mean, std, rt, tc, bc, desc, log, train_y=kept.train_y
+        )
     return _Run(net, model, task, kept, task.targets(data, ok, tc), cfg, mean, std, rt, optim, steps, desc, features)
 
 

@@ -8,6 +8,7 @@ its out-of-fold refits and every expert built on one trunk share one cache.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -43,31 +44,62 @@ def feature_views(n: int, tc, bc) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return views
 
 
+class RowView:
+    """A view cached for some faces only: indexed by face like the full views; asking for a face
+    it does not hold is a bug and raises, so no uncomputed (zero) features can be trained on."""
+
+    def __init__(self, arr: np.ndarray, rows: np.ndarray, n: int):
+        self.arr, self.rows = arr, rows
+        self.where = np.full(n, -1, dtype=np.int64)
+        self.where[rows] = np.arange(len(rows))
+
+    def __getitem__(self, faces):
+        pos = self.where[faces]
+        if (pos < 0).any():
+            raise RuntimeError(f"feature cache: face {int(np.asarray(faces)[pos < 0][0])} is not in this view's rows")
+        return self.arr[pos]
+
+
 @torch.no_grad()
-def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: str = "") -> list[np.ndarray]:
+def feature_store(
+    net, images, mean, std, rt: Runtime, views, log=print, desc: str = "", rows: dict | None = None
+) -> list:
     """The frozen blocks' output for every face and view, fp16, memory-mapped from disk.
 
     Keyed by the trunk's weights, the faces and the view, so stage 1, its out-of-fold refits
-    and every expert built on one trunk share one cache. Returns one (n, C, h, w) array per view.
+    and every expert built on one trunk share one cache. Returns one (n, C, h, w) array per view;
+    a view named in ``rows`` is computed for those faces only (keyed by them too) and returned
+    as a :class:`RowView`.
     """
     root = Path(images.cache_dir) / "features"
     make_dir(root, "data.cache_dir")
     frozen = net.trunk[: net.n_frozen_blocks]
     trunk_key = f"{state_digest(frozen)[:16]}-b{net.n_frozen_blocks}"
+    rows = rows or {}
     out = []
     net.eval()
     for name, flip, angle in views:
-        path = root / f"{trunk_key}-{images.digest}-{name}.npy"
+        subset = np.unique(np.asarray(rows[name], dtype=np.int64)) if name in rows else None
+        if subset is not None:
+            key = hashlib.sha256(subset.tobytes()).hexdigest()[:12]
+            path = root / f"{trunk_key}-{images.digest}-{name}-rows{len(subset)}-{key}.npy"
+        else:
+            path = root / f"{trunk_key}-{images.digest}-{name}.npy"
+        faces = subset if subset is not None else np.arange(len(images))
+        if subset is not None and len(subset) == 0:
+            out.append(RowView(np.zeros((0,)), subset, len(images)))
+            continue
         if not path.is_file():
             t0 = time.time()
             tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
             arr = None
-            loader = make_loader(images, np.arange(len(images)), 256, rt.single_process(), None, 0)
+            loader = make_loader(images, faces, 256, rt.single_process(), None, 0)
             for xb, jb, _ in loader:
-                j = jb.numpy()
+                j = jb.numpy()  # positions in ``faces``: the rows of this view's array
+                face = faces[j]
                 x = to_input(xb, rt)
-                f = torch.as_tensor(flip[j], device=rt.device, dtype=torch.float32)
-                a = torch.as_tensor(np.radians(angle[j]), device=rt.device, dtype=torch.float32)
+                f = torch.as_tensor(flip[face], device=rt.device, dtype=torch.float32)
+                a = torch.as_tensor(np.radians(angle[face]), device=rt.device, dtype=torch.float32)
                 if bool((f != 0).any() or (a != 0).any()):
                     x = warp(x, a, 1 - 2 * f)
                 x = normalize(x, mean, std)
@@ -76,7 +108,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
                 with rt.autocast():
                     feat = frozen(x).to(torch.float16).cpu().numpy()  # halve the copy off the device
                 if arr is None:
-                    need = len(images) * feat[0].nbytes
+                    need = len(faces) * feat[0].nbytes
                     free = shutil.disk_usage(root).free
                     if need > 0.95 * free:
                         raise UserError(
@@ -85,7 +117,7 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
                             f"train.transform_views, or data.cache_dir on a larger disk"
                         )
                     arr = np.lib.format.open_memmap(
-                        tmp, mode="w+", dtype=np.float16, shape=(len(images),) + feat.shape[1:]
+                        tmp, mode="w+", dtype=np.float16, shape=(len(faces),) + feat.shape[1:]
                     )
                 arr[j] = feat
             arr.flush()
@@ -93,18 +125,35 @@ def feature_store(net, images, mean, std, rt: Runtime, views, log=print, desc: s
             os.replace(tmp, path)
             if rt.is_main:
                 log(
-                    f"{desc}: feature cache '{name}' of the frozen trunk for {len(images)} faces, "
+                    f"{desc}: feature cache '{name}' of the frozen trunk for {len(faces)} faces, "
                     f"{path.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s"
                 )
-        out.append(np.load(path, mmap_mode="r"))
+        arr = np.load(path, mmap_mode="r")
+        out.append(arr if subset is None else RowView(arr, subset, len(images)))
     return out
 
 
-def feature_cache(net, images, train_idx, val_idx, mean, std, rt, tc, bc, desc, log) -> dict:
+def copy_rows(train_idx: np.ndarray, train_y: np.ndarray, bc) -> np.ndarray:
+    """The faces that :func:`ensemble.batches.epoch_plan` can draw as transform copies: every
+    training face of a class below the up-sampling target (min(cap, largest class))."""
+    if bc.mode != "transform" or np.ndim(train_y) != 1 or len(train_y) == 0:
+        return np.zeros(0, dtype=np.int64)
+    classes, counts = np.unique(train_y, return_counts=True)
+    target = min(bc.cap, counts.max())
+    return np.asarray(train_idx)[np.isin(train_y, classes[counts < target])]
+
+
+def feature_cache(net, images, train_idx, val_idx, mean, std, rt, tc, bc, desc, log, train_y=None) -> dict:
     """The views of every face (:func:`feature_store`) and what the loop needs to draw from them:
-    the training rows, the validation features (plain view, float32) and which views are plain."""
+    the training rows, the validation features (plain view, float32) and which views are plain.
+    With ``train_y``, the rotated views of transform balancing are computed only for the faces
+    that can be drawn as copies (:func:`copy_rows`), not for every face."""
     views = feature_views(len(images), tc, bc)
-    store = feature_store(net, images, mean, std, rt, views, log, desc)
+    rows = {}
+    if train_y is not None:
+        eligible = copy_rows(train_idx, train_y, bc)
+        rows = {name: eligible for name, _, _ in views if name.startswith("transform")}
+    store = feature_store(net, images, mean, std, rt, views, log, desc, rows)
     val = torch.from_numpy(np.asarray(store[0][val_idx], dtype=np.float32)) if len(val_idx) else None
     return {
         "views": store,

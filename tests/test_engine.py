@@ -447,6 +447,29 @@ def test_head_only_training_uses_the_feature_cache(synth, tmp_path, monkeypatch)
     assert 0 <= res.best_metric <= 1
 
 
+def test_transform_views_are_cached_only_for_faces_that_can_be_copies(synth, tmp_path):
+    """The rotated views of transform balancing are computed for the training faces of classes
+    below the up-sampling target (what epoch_plan can copy), not for every face; the plain
+    views stay whole, and asking a partial view for another face raises instead of reading zeros."""
+    from ensemble.feature_cache import RowView, copy_rows
+
+    make_cfg, exp = synth
+    cfg = make_cfg("model.trainable=head", "balance.mode=transform", "balance.cap=40", "train.epochs=1")
+    net, res, logs = _fit(cfg, exp, tmp_path, net=_net(cfg, seed=5))  # its own trunk: a fresh cache
+    data = _flat_data(exp)
+    eligible = copy_rows(data.train_idx, data.train_y, cfg.balance)
+    assert 0 < len(eligible) < len(data.train_idx)
+    transform = [m for m in logs if "feature cache 'transform" in m]
+    plain = [m for m in logs if "feature cache 'plain'" in m]
+    assert transform and all(f"for {len(eligible)} faces" in m for m in transform), logs
+    assert plain and f"for {len(exp.images)} faces" in plain[0]
+    assert len(res.history) == 1 and math.isfinite(res.history[0]["train_loss"])
+    view = RowView(np.arange(6.0)[:, None], np.array([2, 5, 7, 8, 9, 11]), 12)
+    assert view[np.array([11, 2])].ravel().tolist() == [5.0, 0.0]
+    with pytest.raises(RuntimeError, match="face 3 is not in this view"):
+        view[np.array([2, 3])]
+
+
 def test_feature_cache_off_trains_through_images(synth, tmp_path):
     make_cfg, exp = synth
     cfg = make_cfg("model.trainable=head", "train.feature_cache=false")
