@@ -147,11 +147,13 @@ def feature_cache(net, images, train_idx, val_idx, mean, std, rt, tc, bc, desc, 
     """The views of every face (:func:`feature_store`) and what the loop needs to draw from them:
     the training rows, the validation features (plain view, float32) and which views are plain.
     With ``train_y``, the rotated views of transform balancing are computed only for the faces
-    that can be drawn as copies (:func:`copy_rows`), not for every face."""
+    that can be drawn as copies (:func:`copy_rows`) when they are at most half of all faces."""
     views = feature_views(len(images), tc, bc)
     rows = {}
-    if train_y is not None:
-        eligible = copy_rows(train_idx, train_y, bc)
+    eligible = copy_rows(train_idx, train_y, bc) if train_y is not None else None
+    # a few faces: their own small views; most of the data set: the whole views, shared by every
+    # stage on this trunk (several experts' subsets could otherwise add up to more than one pass)
+    if eligible is not None and len(eligible) <= len(images) // 2:
         rows = {name: eligible for name, _, _ in views if name.startswith("transform")}
     store = feature_store(net, images, mean, std, rt, views, log, desc, rows)
     val = torch.from_numpy(np.asarray(store[0][val_idx], dtype=np.float32)) if len(val_idx) else None

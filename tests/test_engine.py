@@ -464,6 +464,12 @@ def test_transform_views_are_cached_only_for_faces_that_can_be_copies(synth, tmp
     assert transform and all(f"for {len(eligible)} faces" in m for m in transform), logs
     assert plain and f"for {len(exp.images)} faces" in plain[0]
     assert len(res.history) == 1 and math.isfinite(res.history[0]["train_loss"])
+    # copies from most of the data set: the whole views, which every stage on the trunk shares
+    cfg = make_cfg("model.trainable=head", "balance.mode=transform", "balance.cap=1000", "train.epochs=1")
+    assert len(copy_rows(data.train_idx, data.train_y, cfg.balance)) > len(exp.images) // 2
+    _, _, logs = _fit(cfg, exp, tmp_path / "most", net=_net(cfg, seed=6))
+    transform = [m for m in logs if "feature cache 'transform" in m]
+    assert transform and all(f"for {len(exp.images)} faces" in m for m in transform), logs
     view = RowView(np.arange(6.0)[:, None], np.array([2, 5, 7, 8, 9, 11]), 12)
     assert view[np.array([11, 2])].ravel().tolist() == [5.0, 0.0]
     with pytest.raises(RuntimeError, match="face 3 is not in this view"):
