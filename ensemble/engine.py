@@ -345,6 +345,9 @@ def _setup(net, task, data, cfg, mean, std, rt, desc, log) -> _Run:
         features = feature_cache(
             net, data.images, kept.train_idx, kept.val_idx, mean, std, rt, tc, bc, desc, log, train_y=kept.train_y
         )
+        # building the cache draws from torch's generator (its loaders' seeds): training (dropout)
+        # must not depend on whether this run built the cache or found it on disk
+        torch.manual_seed(tc.seed)
     return _Run(net, model, task, kept, task.targets(data, ok, tc), cfg, mean, std, rt, optim, steps, desc, features)
 
 

@@ -476,6 +476,18 @@ def test_transform_views_are_cached_only_for_faces_that_can_be_copies(synth, tmp
         view[np.array([2, 3])]
 
 
+def test_a_head_trains_the_same_whether_its_feature_cache_was_built_now_or_before(synth, tmp_path):
+    """Building the cache draws from torch's generator (its loader's seed): the training after it
+    (dropout) must not depend on whether this run built the cache or found it."""
+    make_cfg, exp = synth
+    cfg = make_cfg("model.trainable=head", "model.dropout=0.5", "balance.mode=transform", "balance.cap=40")
+    built, _, logs = _fit(cfg, exp, tmp_path / "a", net=_net(cfg, seed=7))
+    assert any("feature cache 'plain'" in m for m in logs)  # built by this run
+    found, _, logs = _fit(cfg, exp, tmp_path / "b", net=_net(cfg, seed=7))
+    assert not any("feature cache" in m for m in logs)  # found on disk
+    assert state_digest(built.head) == state_digest(found.head)
+
+
 def test_feature_cache_off_trains_through_images(synth, tmp_path):
     make_cfg, exp = synth
     cfg = make_cfg("model.trainable=head", "train.feature_cache=false")
