@@ -476,6 +476,25 @@ def test_transform_views_are_cached_only_for_faces_that_can_be_copies(synth, tmp
         view[np.array([2, 3])]
 
 
+@pytest.mark.parametrize("cap", [1, 5, 40, 1000])
+def test_copy_rows_hold_every_face_epoch_plan_copies(cap):
+    """Whatever the class counts and the cap, every transform copy epoch_plan draws (any epoch)
+    is a face whose rotated views the partial cache holds."""
+    from types import SimpleNamespace
+
+    from ensemble.batches import epoch_plan
+    from ensemble.feature_cache import copy_rows
+
+    rng = np.random.default_rng(cap)
+    labels = rng.choice(8, size=300, p=[0.4, 0.25, 0.1, 0.1, 0.06, 0.04, 0.03, 0.02])
+    train_idx = rng.permutation(1000)[:300]
+    bc = SimpleNamespace(mode="transform", cap=cap, floor=0)
+    held = set(copy_rows(train_idx, labels, bc).tolist())
+    for epoch in range(3):
+        plan, copy = epoch_plan(labels, bc, 0, epoch)
+        assert set(train_idx[plan[copy]].tolist()) <= held
+
+
 def test_a_head_trains_the_same_whether_its_feature_cache_was_built_now_or_before(synth, tmp_path):
     """Building the cache draws from torch's generator (its loader's seed): the training after it
     (dropout) must not depend on whether this run built the cache or found it."""
