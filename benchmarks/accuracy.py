@@ -109,14 +109,15 @@ def reused_runs(path: str, config: str, overrides: list, split: str) -> dict[int
     return {r["seed"]: {**r, "reused_from": str(path)} for r in old["runs"]}
 
 
+def stats(values) -> dict:
+    """Mean and standard deviation (ddof 1; 0 for one value) of ``values``, and the values."""
+    v = np.array(values, float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+
 def over_seeds(runs: list[dict]) -> dict:
     """Mean and standard deviation (ddof 1; 0 for one seed) over seeds, per model and metric, and
     of each hierarchy − flat difference."""
-
-    def stats(values) -> dict:
-        v = np.array(values, float)
-        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
-
     out = {"models": {}, "vs_flat": {}}
     for m in runs[0]["models"]:
         out["models"][m] = {k: stats([r["models"][m][k] for r in runs]) for k in METRICS}

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+from accuracy import stats
 from common import save
 
 METRICS = ("accuracy", "balanced_accuracy")
@@ -61,17 +61,13 @@ def main() -> None:
         sys.exit(f"the files measured different splits: {sorted(map(str, splits))}")
     order = sorted(seeds)
     models = [m for m in seeds[order[0]]["models"] if all(m in seeds[s]["models"] for s in order)]
-    summary = {}
-    for m in models:
-        summary[m] = {}
-        for k in METRICS:
-            v = np.array([seeds[s]["models"][m][k] for s in order], float)
-            summary[m][k] = {"mean": v.mean(), "std": v.std(ddof=1) if len(v) > 1 else 0.0, "values": v.tolist()}
+    summary = {m: {k: stats([seeds[s]["models"][m][k] for s in order]) for k in METRICS} for m in models}
     gain = {}
     if "mixed+la" in models and "flat+la" in models:
-        for k in METRICS:
-            v = np.array([seeds[s]["models"]["mixed+la"][k] - seeds[s]["models"]["flat+la"][k] for s in order])
-            gain[k] = {"mean": v.mean(), "std": v.std(ddof=1) if len(v) > 1 else 0.0, "values": v.tolist()}
+        gain = {
+            k: stats([seeds[s]["models"]["mixed+la"][k] - seeds[s]["models"]["flat+la"][k] for s in order])
+            for k in METRICS
+        }
     print(f"{len(order)} seed(s) {order} on {splits.pop()}, %: mean ± std (ddof 1)")
     print(f"{'model':<10}{'accuracy':>16}{'balanced acc.':>18}")
     for m, s in summary.items():

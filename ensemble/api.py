@@ -321,9 +321,9 @@ class Model:
         processes = check_processes(processes)
         if processes == "auto":  # face crops (detector none) need no detection worth a process
             processes = auto_processes(len(sources)) if detector != "none" else 0
-        elif processes > usable_cores():
+        elif processes > (cores := usable_cores()):
             warnings.warn(
-                f"{processes} detection processes on {usable_cores()} usable cores: each imports torch "
+                f"{processes} detection processes on {cores} usable cores: each imports torch "
                 "(hundreds of MB); more processes than cores only add memory",
                 stacklevel=2,
             )

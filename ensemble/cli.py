@@ -34,14 +34,12 @@ class ProcessesType(click.ParamType):
     name = "n|auto"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        text = str(value).strip()
-        if text.lower() == "auto":
-            return "auto"
-        if text.isascii() and text.isdigit():
-            return int(text)
-        self.fail(f"{value!r} is not a number of processes (0 or more) nor 'auto'", param, ctx)
+        from .api import check_processes  # the API's own check: the two cannot drift
+
+        try:
+            return check_processes(value)
+        except UserError:
+            self.fail(f"{value!r} is not a number of processes (0 or more) nor 'auto'", param, ctx)
 
 
 RESUME = click.option("--resume", is_flag=True, help="Continue from the last complete epoch's checkpoint.")

@@ -49,7 +49,7 @@ class RowView:
     it does not hold is a bug and raises, so no uncomputed (zero) features can be trained on."""
 
     def __init__(self, arr: np.ndarray, rows: np.ndarray, n: int):
-        self.arr, self.rows = arr, rows
+        self.arr = arr
         self.where = np.full(n, -1, dtype=np.int64)
         self.where[rows] = np.arange(len(rows))
 
