@@ -11,8 +11,8 @@ it), timing each stage. Saves per seed: accuracy, balanced accuracy, per-class r
 model, the paired bootstrap intervals of hierarchy − flat; over seeds: mean ± standard deviation.
 
 ``--reuse FILE ...`` takes the seeds already measured in earlier result files of this benchmark (same
-config file, overrides and split, else it stops) and runs only the missing ones: one seed is about an
-hour on 2 CPU cores. ``--first-seed K`` runs seeds K … K + seeds − 1, so that seeds can train in
+config file, overrides and split, else it stops) and runs only the missing ones: one seed is about 45
+minutes on 2 idle CPU cores. ``--first-seed K`` runs seeds K … K + seeds − 1, so that seeds can train in
 parallel (one process each, e.g. on one GPU) and be summed up by a last call that reuses their files.
 Each seed records the commit it ran on.
 """
