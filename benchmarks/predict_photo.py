@@ -7,8 +7,9 @@ Parts (one fresh process each repeat, medians): import (``import ensemble.api`` 
 which loading needs; torchvision is not imported: the networks and MTCNN are built here), load (``ensemble.load``: verify, read,
 build the networks), detect (decode + detection +
 alignment of scikit-image's astronaut saved as a JPEG, first call: includes loading MTCNN), infer
-(the networks on its face). ``cli`` is the wall time of ``python -m ensemble predict photo.jpg``
-as a user runs it; ``help`` that of ``python -m ensemble --help``. The folder is generated in
+(the networks on its face), and the parts' peak memory (``peak_mb``). ``cli_wall_s`` and
+``cli_peak_mb``: wall time and peak memory of ``python -m ensemble predict photo.jpg`` as a user
+runs it (its detection threads and command line add to the parts' memory); ``help`` that of ``python -m ensemble --help``. The folder is generated in
 a temp dir (never committed): the astronaut and the shared photos resized to 256 px, with
 flips and shifts, ``--n-folder`` files (0: no folder).
 ``--python`` times the cold start with another environment's interpreter in which the project is
@@ -51,12 +52,20 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "detect": t3 - t2, "infer"
 """
 
 
-def _wall(cmd: list[str]) -> float:
+def _wall(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds of a command and its peak resident memory in MB (the child's own maximum RSS,
+    from ``wait4``: what ``/usr/bin/time -f %M`` reports)."""
     t = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()[-400:]}")
-    return time.perf_counter() - t
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {err.strip()[-400:]}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def _folder(dst: Path, n: int, photos: Path) -> list[Path]:
@@ -116,7 +125,7 @@ def main() -> None:
     figures["torch_of_python"] = subprocess.run(
         [py, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
     ).stdout.strip()
-    helps = [_wall([py, "-m", "ensemble", "--help"]) for _ in range(5)]
+    helps = [_wall([py, "-m", "ensemble", "--help"])[0] for _ in range(5)]
     figures["help_s"] = round(statistics.median(helps), 3)
     print(f"ensemble --help: {figures['help_s']:.3f} s (median of 5)")
     for det in args.detectors.split(","):
@@ -143,11 +152,13 @@ def main() -> None:
         ]
         med = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0] if k != "imported"}
         med["imported"] = parts[0]["imported"]
-        med["cli_wall_s"] = round(statistics.median(cli), 3)
+        med["cli_wall_s"] = round(statistics.median(c[0] for c in cli), 3)
+        med["cli_peak_mb"] = round(statistics.median(c[1] for c in cli), 1)
         figures["cold"][det] = med
         print(
             f"cold, {det}: cli {med['cli_wall_s']:.2f} s wall; import {med['import']:.2f} + load {med['load']:.2f} "
-            f"+ detect {med['detect']:.2f} + infer {med['infer']:.3f} s; peak {med['peak_mb']:.0f} MB "
+            f"+ detect {med['detect']:.2f} + infer {med['infer']:.3f} s; peak {med['cli_peak_mb']:.0f} MB for the cli, "
+            f"{med['peak_mb']:.0f} MB for the parts "
             f"(medians of {args.repeats})"
         )
 
