@@ -498,3 +498,35 @@ def main(argv=None) -> None:
             from .runtime import shutdown
 
             shutdown()
+
+
+def entry() -> None:
+    """The installed ``ensemble`` command (and ``python -m ensemble``): :func:`main`, then, once torch
+    has been imported, a quick exit. Python's exit handlers run (logging, worker processes,
+    temporary folders), the output is flushed, and the process ends without the interpreter's
+    teardown and the C++ destructors of torch's libraries, which with its CUDA build took 0.5 s
+    and raised the peak memory by about 130 MB after the answer was out (`import torch` alone:
+    2.2 s and 647 MB against 1.7 s and 519 MB). Exceptions other than exits keep the normal path.
+    Tests and scripts call :func:`main`, which returns or raises as before."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "torch" not in sys.modules:  # nothing slow to skip
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: Python would report it and exit 120
+            code = code or 120
+    os._exit(code)

@@ -169,6 +169,55 @@ def test_python_m_ensemble_help():
     assert proc.stderr == ""
 
 
+def _entry(body: str) -> subprocess.CompletedProcess:
+    """Run ensemble.cli.entry() in a fresh process with ``main`` replaced by ``body`` (torch imported,
+    so the quick exit is taken)."""
+    code = (
+        "import atexit, sys, torch\n"
+        "import ensemble.cli as c\n"
+        "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
+        f"def fake():\n    {body}\n"
+        "c.main = fake\n"
+        "c.entry()\n"
+        "print('not reached')\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "body, code, out, err",
+    [
+        ("print('answer', end='')", 0, "answer", ""),  # unflushed output still comes out
+        ("sys.exit(2)", 2, "", ""),
+        ("sys.exit(None)", 0, "", ""),
+        ("sys.exit('bad input')", 1, "", "bad input"),
+    ],
+)
+def test_entry_exits_quickly_with_mains_status_output_and_exit_handlers(body, code, out, err):
+    proc = _entry(body)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == out
+    assert err in proc.stderr and "exit handler ran" in proc.stderr
+
+
+def test_entry_lets_an_unexpected_exception_through_with_its_traceback():
+    proc = _entry("raise RuntimeError('a bug')")
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "RuntimeError: a bug" in proc.stderr
+
+
+def test_python_m_ensemble_predict_error_status_through_entry(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ensemble", "predict", str(tmp_path / "missing.jpg")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "missing.jpg" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_data_summary_drops_per_split_and_names_each_unreadable_file(tmp_path, capsys):
     root = _tree(tmp_path / "faces")
     write_broken_files(root / "test" / "sad")
