@@ -507,13 +507,17 @@ def entry() -> None:
     teardown and the C++ destructors of torch's libraries, which with its CUDA build took 0.5 s
     and raised the peak memory by about 130 MB after the answer was out (`import torch` alone:
     2.2 s and 647 MB against 1.7 s and 519 MB). Exceptions other than exits keep the normal path.
-    Tests and scripts call :func:`main`, which returns or raises as before."""
+    A thread still running that is not a daemon (which Python would wait for) keeps the normal
+    exit too. Tests and scripts call :func:`main`, which returns or raises as before."""
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = exc.code
-    if "torch" not in sys.modules:  # nothing slow to skip
+    import threading
+
+    busy = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if "torch" not in sys.modules or busy:  # nothing slow to skip, or threads Python must wait for
         sys.exit(code)
     if code is None:
         code = 0

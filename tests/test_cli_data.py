@@ -200,6 +200,14 @@ def test_entry_exits_quickly_with_mains_status_output_and_exit_handlers(body, co
     assert err in proc.stderr and "exit handler ran" in proc.stderr
 
 
+def test_entry_waits_for_a_running_thread_as_python_does():
+    proc = _entry(
+        "import threading, time; threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start()"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "thread done" and "exit handler ran" in proc.stderr
+
+
 def test_entry_lets_an_unexpected_exception_through_with_its_traceback():
     proc = _entry("raise RuntimeError('a bug')")
     assert proc.returncode == 1
