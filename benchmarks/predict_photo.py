@@ -54,17 +54,16 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "detect": t3 - t2, "infer"
 
 def _wall(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds of a command and its peak resident memory in MB (the child's own maximum RSS,
-    from ``wait4``: what ``/usr/bin/time -f %M`` reports)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {err.strip()[-400:]}")
+    from ``wait4``: what ``/usr/bin/time -f %M`` reports). Its output goes to files, not pipes, so
+    that a long output cannot block it while ``wait4`` waits."""
+    with tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed: {err.read().strip()[-400:]}")
     return seconds, usage.ru_maxrss / 1024
 
 

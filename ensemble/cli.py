@@ -516,7 +516,7 @@ def entry() -> None:
         code = exc.code
     import threading
 
-    busy = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    busy = any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate())
     if "torch" not in sys.modules or busy:  # nothing slow to skip, or threads Python must wait for
         sys.exit(code)
     if code is None:
