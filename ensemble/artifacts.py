@@ -160,10 +160,9 @@ def load_weights(folder: Path, name: str = "weights.pt") -> dict:
     except Exception as exc:
         raise UserError(f"cannot load {folder / name}: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict):  # bundled runs store float16; inference on the CPU runs in float32
-        state = {
-            k: v.float() if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
-            for k, v in state.items()
-        }
+        for k, v in state.items():  # one tensor at a time: never both whole copies in memory
+            if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16):
+                state[k] = v.float()
     return state
 
 

@@ -204,20 +204,24 @@ def train_network(
 def load_network(folder: Path, run: Path | None = None, sources: dict | None = None) -> tuple[EmotionNet, dict]:
     """A trained stage, verified, in eval mode on the CPU, and its meta.
 
-    ``sources``: a dict shared by the calls that load one run, so that a trunk several stages
-    borrow (the flat model's, for stage 1 and every expert) is verified and read once."""
-    meta = read_meta(folder)
-    state = load_weights(folder)
+    ``sources``: a dict shared by the calls that load one run, so that each stage folder is
+    verified and read once, and a trunk several stages borrow (the flat model's, for stage 1 and
+    every expert, and the flat model itself) is one set of tensors, not a copy per stage."""
+    sources = {} if sources is None else sources
+
+    def read(f: Path, what: str = "stage") -> tuple[dict, dict]:
+        if f not in sources:
+            meta = read_meta(f, what)
+            sources[f] = meta, load_weights(f)
+        return sources[f]
+
+    meta, state = read(folder)
     if meta.get("trunk_from"):
         src = (run or folder.parent) / meta["trunk_from"]
-        sources = {} if sources is None else sources
-        if src not in sources:
-            src_meta = read_meta(src, f"trunk stage {meta['trunk_from']!r} of {folder.name}")
-            sources[src] = src_meta, {k: v for k, v in load_weights(src).items() if k.startswith("trunk.")}
-        src_meta, trunk_state = sources[src]
+        src_meta, src_state = read(src, f"trunk stage {meta['trunk_from']!r} of {folder.name}")
         if src_meta.get("trunk_sha256") != meta.get("trunk_sha256"):
             raise UserError(f"{folder} was trained on another {meta['trunk_from']} trunk than the one in {src}")
-        state = {**trunk_state, **state}
+        state = {**{k: v for k, v in src_state.items() if k.startswith("trunk.")}, **state}
     from ensemble.config import ModelConfig
 
     mc = ModelConfig(

@@ -122,3 +122,28 @@ def test_cli_predict_on_a_photo_uses_the_bundle(astronaut_jpg):
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     assert len(rows) == 1 and rows[0]["emotion"] == "happy"
     assert "synthetic" not in out.stderr and "artifacts/demo" not in out.stderr
+
+
+def test_loading_reads_each_weights_file_once(bundled, monkeypatch):
+    """The flat model's trunk serves stage 1, every expert and the flat model itself: read and
+    converted to float32 once (a second read held a second 60 MB copy at the load's peak)."""
+    import collections
+
+    import torch
+
+    import ensemble
+
+    reads = collections.Counter()
+    real = torch.load
+
+    def counting(f, *a, **k):
+        reads[str(f)] += 1
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", counting)
+    model = ensemble.load()
+    assert reads and max(reads.values()) == 1, reads
+    assert str(bundled / "flat" / "weights.pt") in reads
+    net = model.net.net
+    assert net.flat_head is not None  # the bundle's answer mixes the flat model in
+    assert len({id(t) for t in net.trunks.values()}) == 1  # one trunk module for every stage
