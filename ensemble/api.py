@@ -31,9 +31,40 @@ from .classes import CLASSES
 from .detect import DEFAULT_DETECTOR, align_crop, check_detector, face_region, run_crop
 from .errors import UserError
 from .images import IMAGE_EXTENSIONS, ImageError, face_array, open_image
-from .paths import not_regular
+from .paths import not_regular, shown
 
 GRAYSCALE_FORMATS = ("ferplus",)  # data sets of grayscale faces: colour photos are shown to the model in gray
+
+
+def _one_image(image):
+    """One image for :meth:`Model.predict` / :meth:`Model.annotate`: a path, a PIL image, a
+    (H, W[, C]) uint8 array (as a PIL image) or an encoded image's bytes (as a file object);
+    anything else, a batch of arrays included, is a one-line error."""
+    import io
+
+    from PIL import Image
+
+    from .predictors import _as_image_list
+
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise UserError(
+                f"predict takes one image, an (H, W) or (H, W, C) array; got shape {image.shape} "
+                f"(for several images use predict_many, which takes a list)"
+            )
+        return _as_image_list(image)[0]
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(image))
+    if isinstance(image, (str, Path, Image.Image)) or hasattr(image, "read"):
+        return image
+    raise UserError(
+        f"an image is a path, a PIL image, a uint8 array or encoded bytes; got {type(image).__name__} "
+        f"(for several images use predict_many)"
+    )
+
+
+def _name(image) -> str:
+    return shown(image) if isinstance(image, (str, Path)) else "image"
 
 
 def load(
@@ -298,12 +329,10 @@ class Model:
 
     # -- public --------------------------------------------------------------------------------
     def predict(self, image, *, detector: str | None = None, min_confidence: float | None = None) -> list[dict]:
-        """One record per face in ``image`` (a path, a PIL image or an (H, W[, 3]) uint8 array)."""
-        from .predictors import _as_image_list
-
+        """One record per face in ``image`` (a path, a PIL image, an (H, W[, 3]) uint8 array, or
+        an encoded image's bytes)."""
         mc = self.min_confidence if min_confidence is None else _check_confidence(min_confidence)
-        if isinstance(image, np.ndarray):
-            image = _as_image_list(image)[0]
+        image = _one_image(image)
         detector = check_detector(detector or self.detector)
         self._warn_synthetic(detector)
         faces, crops = self.faces_in(image, detector)
@@ -392,23 +421,15 @@ class Model:
         """A pandas DataFrame, one row per face, for every image under ``path`` (walked); images
         without a face get one row with ``emotion`` None, unreadable ones a row with ``error``.
         ``processes``: detect in that many worker processes, or ``"auto"`` (see :meth:`predict_many`)."""
-        import pandas as pd
-
-        files, _ = walk([path])
+        files, skipped = walk([path])
+        if skipped:
+            warnings.warn(skipped_note(skipped), stacklevel=2)
         rows = []
         for src, recs, err in self.predict_many(
             files, detector=detector, min_confidence=min_confidence, batch_size=batch_size, processes=processes
         ):
-            rows += [flat_row(r) for r in recs] or [
-                {
-                    "file": str(src),
-                    "face": None,
-                    "emotion": None,
-                    "error": err or None,
-                    "note": None if err else "no face found",
-                }
-            ]
-        return pd.DataFrame(rows, columns=_columns(rows))
+            rows += [flat_row(r) for r in recs] or [no_face_row(src, err)]
+        return face_table(rows)
 
     def predict_video(
         self,
@@ -451,11 +472,11 @@ class Model:
         valence/arousal marker (the dot in a square whose axes are valence -1..1 and arousal -1..1)."""
         from PIL import ImageDraw
 
-        from .predictors import _as_image_list
-
-        if isinstance(image, np.ndarray):
-            image = _as_image_list(image)[0]
-        im = open_image(image).copy()
+        image = _one_image(image)
+        try:
+            im = open_image(image).copy()
+        except ImageError as exc:
+            raise UserError(f"{_name(image)}: {exc}") from None
         records = self.predict(image, detector=detector) if records is None else records
         draw = ImageDraw.Draw(im)
         lw = max(2, round(max(im.size) / 400))
@@ -483,16 +504,31 @@ class Model:
 
 
 def walk(paths) -> tuple[list[Path], list[Path]]:
-    """Files to predict, and files skipped in walked folders because of their name or kind."""
+    """Files to predict, and what walked folders hold that is not predicted: files without an
+    image extension, not regular files (FIFOs, devices: skipped by name, never opened), hidden
+    files and whatever is in hidden folders, and linked folders (not followed: no loops)."""
     files, skipped = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            for f in sorted(f for f in p.rglob("*") if not f.is_dir() and not f.name.startswith(".")):
-                # a FIFO or a link to a device is skipped by name, never opened
-                (files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() else skipped).append(f)
+            for f in sorted(p.rglob("*")):
+                if f.is_dir():
+                    if f.is_symlink():
+                        skipped.append(f)
+                    continue
+                hidden = any(part.startswith(".") for part in f.relative_to(p).parts)
+                ok = not hidden and f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                (files if ok else skipped).append(f)
         else:
             files.append(p)  # named explicitly: always tried
     return files, skipped
+
+
+def skipped_note(skipped: list[Path]) -> str:
+    """One line naming what :func:`walk` skipped (a count and the first three)."""
+    return (
+        f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} in folders: no image extension, "
+        f"hidden, not a regular file, or a linked folder (not followed) (e.g. {', '.join(shown(f) for f in skipped[:3])})"
+    )
 
 
 def flat_row(rec: dict) -> dict:
@@ -511,8 +547,30 @@ def flat_row(rec: dict) -> dict:
     return row
 
 
-def _columns(rows: list[dict]) -> list[str]:
+def no_face_row(src, err: str | None = None) -> dict:
+    """The table row of an image without a face (``note``) or that could not be read (``error``)."""
+    return {
+        "file": str(src),
+        "face": None,
+        "emotion": None,
+        "error": err or None,
+        "note": None if err else "no face found",
+    }
+
+
+def face_table(rows: list[dict]):
+    """A pandas DataFrame of :func:`flat_row` and :func:`no_face_row` rows: the faces' columns in
+    their order, then ``error`` and ``note``; integer columns (face, box, landmarks) stay integers
+    where a face-less row leaves them empty."""
+    import pandas as pd
+
     cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    return cols
+    for r in sorted(rows, key=lambda r: r.get("face") is None):  # face rows' keys first
+        cols += [k for k in r if k not in cols and k not in ("error", "note")]
+    cols += [k for k in ("error", "note") if any(k in r for r in rows)]
+    table = pd.DataFrame(rows, columns=cols)
+    for c in cols:
+        values = [r[c] for r in rows if r.get(c) is not None]
+        if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            table[c] = table[c].astype("Int64")
+    return table

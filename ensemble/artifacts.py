@@ -110,8 +110,9 @@ class StageWriter:
         return swap_into_place(self.tmp, self.final)
 
 
-def read_meta(folder: Path, what: str = "stage") -> dict:
-    """meta.json of a stage, after checking every listed file's sha256."""
+def read_meta(folder: Path, what: str = "stage", hashes: bool = True) -> dict:
+    """meta.json of a stage, after checking every listed file's sha256 (``hashes=False``: only
+    that each is there, for a quick look such as ``ensemble models``; loading always hashes)."""
     meta_file = folder / META
     if not meta_file.is_file():
         raise UserError(f"{what} not found: {folder} has no {META} (train it first)")
@@ -128,12 +129,13 @@ def read_meta(folder: Path, what: str = "stage") -> dict:
         f = folder / name
         if not f.is_file():
             raise UserError(f"{f} is missing; the artifact is incomplete")
-        if sha256_file(f) != digest:
+        if hashes and sha256_file(f) != digest:
             raise UserError(
                 f"{f} does not match the sha256 recorded in {meta_file}: refusing to load a "
                 f"truncated, swapped or tampered file"
             )
-    _warn_versions(meta, folder)
+    if hashes:
+        _warn_versions(meta, folder)
     return meta
 
 

@@ -210,12 +210,35 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
     return out
 
 
+RUN_STAGES = ("flat", "stage1", "neighborhoods", "experts", "router", "calibration", "model_card")
+
+
+def run_problem(run: Path) -> str | None:
+    """Why a listed run cannot be used as it stands (a stage's meta.json damaged, a listed file
+    missing, no flat model or stage 1), or None; files are not hashed here (loading does)."""
+    from .artifacts import read_meta
+
+    run = Path(run)
+    try:
+        for stage in RUN_STAGES:
+            if (run / stage / "meta.json").exists():
+                read_meta(run / stage, stage, hashes=False)
+        if not (run / "flat" / "meta.json").is_file() and not (run / "stage1" / "meta.json").is_file():
+            return "no trained flat model or stage 1"
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def list_models(artifacts: Path = Path("artifacts")) -> list[dict]:
     """Bundled models, then the runs under ``artifacts`` (any folder with flat/meta.json, two levels deep)."""
     rows = [{"where": "bundled", "run": p, "default": i == 0} for i, p in enumerate(bundled_models())]
     if artifacts.is_dir():
-        runs = {p.parent.parent for p in artifacts.glob("*/flat/meta.json")} | {
-            p.parent.parent for p in artifacts.glob("*/*/flat/meta.json")
+        runs = {  # a folder with any trained stage, one or two levels deep
+            p.parent.parent
+            for pattern in ("*/*/meta.json", "*/*/*/meta.json")
+            for p in artifacts.glob(pattern)
+            if p.parent.name in RUN_STAGES
         }
         rows += [{"where": "artifacts", "run": p, "default": False} for p in sorted(runs)]
     return rows
@@ -239,6 +262,9 @@ def render_models(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         try:
+            problem = run_problem(r["run"])
+            if problem:
+                raise UserError(problem)
             card = read_card(r["run"])
         except UserError as exc:
             lines.append(f"{r['run']}  [{r['where']}]  damaged: {exc}")

@@ -371,6 +371,8 @@ def models_cmd(artifacts):
     trained it, its figures (flat vs hierarchy, calibration) and what it is not for."""
     from .bundle import list_models, render_models
 
+    if artifacts != "artifacts" and not Path(artifacts).is_dir():  # the default may well not exist yet
+        raise UserError(f"--artifacts {artifacts}: no such folder")
     click.echo(render_models(list_models(Path(artifacts))))
 
 
@@ -398,17 +400,28 @@ def calibrate_cmd(config_file, overrides, run):
     calibrate(_experiment_for_run(config_file, overrides, run), _log)
 
 
+def _run_config(config_file, overrides, run_p: Path):
+    """The config a trained run was made with (its config.json) unless a config or overrides are given."""
+    from .config import config_from_dict, load_config
+
+    saved = run_p / "config.json"
+    if config_file or overrides or not saved.is_file():
+        return load_config(config_file, overrides)
+    try:
+        raw = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{saved} cannot be read ({exc}); pass the run's config with --config") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{saved} is not a config (a JSON object of sections); pass the run's config with --config")
+    return config_from_dict(raw)
+
+
 def _experiment_for_run(config_file, overrides, run):
     """An experiment on a trained run's own config (config.json) unless a config is given."""
-    from .config import config_from_dict, load_config
     from .experiment import open_experiment
 
     run_p = Path(run)
-    if config_file or overrides or not (run_p / "config.json").is_file():
-        cfg = load_config(config_file, overrides)
-    else:
-        cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
-    return open_experiment(cfg, run_p, _log, save=False)
+    return open_experiment(_run_config(config_file, overrides, run_p), run_p, _log, save=False)
 
 
 @cli.command("compare", short_help="Flat vs hierarchical (hard, soft, oracle) on the same faces.")
@@ -427,17 +440,13 @@ def compare_cmd(config_file, overrides, run, split, out):
     """Accuracy, balanced accuracy, macro-F1, per-class recall, confusion matrices, routing
     accuracy and stage-1 RMSE/CCC; writes report.md, metrics.csv and plots."""
     from .artifacts import read_meta
-    from .config import config_from_dict, load_config
     from .experiment import open_experiment
     from .reports import compare
 
     run_p = Path(run)
     if not (run_p / "flat" / "meta.json").is_file():  # before any data is read or prepared
         raise UserError(f"{run_p} holds no trained run (no flat/meta.json): train it first, or pass --run")
-    if config_file or overrides or not (run_p / "config.json").is_file():
-        cfg = load_config(config_file, overrides)
-    else:
-        cfg = config_from_dict(json.loads((run_p / "config.json").read_text()))
+    cfg = _run_config(config_file, overrides, run_p)
     trained = read_meta(run_p / "flat", "flat").get("input_size")
     if trained != cfg.data.image_size:
         raise UserError(
@@ -480,6 +489,14 @@ def main(argv=None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a wrong option or argument: one line too, and where to look
+        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # bare `ensemble`: the help
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+            sys.exit(0)
+        where = exc.ctx.command_path if exc.ctx is not None else "ensemble"
+        message = " ".join(exc.format_message().split())
+        click.echo(f"error: {message} (see {where} --help)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .paths import check_target, make_dir, shown, write_user_file
+from .paths import Protected, check_target, make_dir, shown, write_user_file
 
 
 def _line(rec: dict) -> str:
@@ -52,7 +52,7 @@ def run_predict(
     """Predict every face; returns the number of files that failed (unreadable, not a regular
     file, or the detector failed on it: each named on stderr, the others still predicted).
     ``model``: an already loaded :class:`ensemble.api.Model` (the videos of the same command)."""
-    from .api import flat_row, walk
+    from .api import face_table, flat_row, no_face_row, skipped_note, walk
     from .files import atomic_path
 
     if batch_size < 1:
@@ -62,25 +62,24 @@ def run_predict(
     model = model or load_for_cli(run, use_flat, router, detector, min_confidence, precision, device)
     files, skipped = walk(paths)
     if skipped:
-        click.echo(
-            f"skipped {len(skipped)} file(s) without an image extension (or not regular files) in folders "
-            f"(e.g. {', '.join(shown(f) for f in skipped[:3])})",
-            err=True,
-        )
+        click.echo(skipped_note(skipped), err=True)
     if not files:
         raise UserError("no image files to predict")
+    guard = Protected(files)  # no output may replace an input
     if annotate is not None:
         from .video_cli import VIDEO_SUFFIXES
 
         if annotate.suffix.lower() in VIDEO_SUFFIXES:
             raise UserError(f"--annotate {annotate} names a video file, but images are given: pass a folder")
         make_dir(annotate, "the --annotate folder")
-    if csv is not None:  # refused before any face is predicted: a FIFO, a device or a folder
-        check_target(make_dir(csv.parent, "the --csv folder") / csv.name, "--csv table")
+        annotated = _annotated_names(files, Path(annotate), guard)
+    if csv is not None:  # refused before any face is predicted: a FIFO, a device, a folder, an input
+        check_target(make_dir(csv.parent, "the --csv folder") / csv.name, "--csv table", guard)
     failed, rows, written = 0, [], set()
     for src, recs, err in model.predict_many(files, batch_size=batch_size, processes=processes):
         if err is not None:
             click.echo(f"error: {shown(src)}: {err}", err=True)
+            rows.append(no_face_row(src, err))  # the table has a row for every input
             failed += 1
             continue
         if not recs:
@@ -88,30 +87,42 @@ def run_predict(
                 click.echo(json.dumps({"file": str(src), "box": None, "emotion": None, "note": "no face found"}))
             else:
                 click.echo(f"{shown(src)}: no face found (use --detector none if the image is a face crop)")
-            rows.append({"file": str(src), "face": None, "emotion": None, "note": "no face found"})
+            rows.append(no_face_row(src))
         for rec in recs:
             click.echo(json.dumps(rec) if as_json else _line(rec))
             rows.append(flat_row(rec))
         if annotate is not None:
-            name = Path(src).stem
-            out = Path(annotate) / f"{name}.jpg"
-            i = 1
-            while out in written:  # two inputs with one name in different folders
-                out = Path(annotate) / f"{name}-{i}.jpg"
-                i += 1
+            out = annotated[src]
             written.add(out)
             with atomic_path(out) as tmp:
                 model.annotate(src, recs).save(tmp, format="JPEG", quality=90)
     if csv is not None:
-        import pandas as pd
-
-        from .api import _columns
-
-        table = pd.DataFrame(rows, columns=_columns(rows))
-        write_user_file(csv, lambda tmp: table.to_csv(tmp, index=False), "--csv table")
+        table = face_table(rows)
+        write_user_file(csv, lambda tmp: table.to_csv(tmp, index=False), "--csv table", guard)
         click.echo(f"wrote {shown(csv)} ({sum(r.get('face') is not None for r in rows)} faces)", err=True)
     if annotate is not None:
         click.echo(f"wrote {len(written)} annotated image(s) to {shown(annotate)}", err=True)
     if failed:
         click.echo(f"{failed} of {len(files)} file(s) could not be read", err=True)
     return failed
+
+
+def _annotated_names(files: list[Path], folder: Path, guard: Protected) -> dict[Path, Path]:
+    """Where each input's annotated copy goes: ``FOLDER/STEM.jpg`` (``STEM-1.jpg``, … for inputs
+    that share a name); refused before anything is predicted when one would replace an input."""
+    out, taken = {}, set()
+    for src in files:
+        name, i = Path(src).stem, 1
+        target = folder / f"{name}.jpg"
+        while target in taken:  # two inputs with one name in different folders
+            target = folder / f"{name}-{i}.jpg"
+            i += 1
+        taken.add(target)
+        clash = guard.clash(target)
+        if clash is not None:
+            raise UserError(
+                f"refusing to write the annotated {shown(src)} to {shown(target)}: it would replace {clash} "
+                f"(choose another --annotate folder)"
+            )
+        out[src] = target
+    return out

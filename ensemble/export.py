@@ -32,7 +32,7 @@ def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
     """The hierarchy of ``run`` as one ONNX or TorchScript file: faces (batch, 3, H, W) -> probabilities (batch, 8)."""
     if fmt not in ("onnx", "torchscript"):
         raise UserError(f"export format must be onnx or torchscript, got {fmt!r}")
-    check_target(out, "export")  # before the run is loaded: a bad --out costs nothing
+    check_target(out, "export", (run,))  # before the run is loaded: a bad --out costs nothing; never into the run
     hp = HierarchicalPredictor.load(run, router=router)
     model = ProbabilitiesOnly(hp.net).eval().requires_grad_(False)  # an inference graph: no autograd
     example = torch.zeros(2, 3, hp.size, hp.size)
@@ -59,4 +59,4 @@ def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
                 except ImportError as exc:
                     raise UserError(f"ONNX export needs the onnx package ({exc}); pip install onnx") from None
 
-    return write_user_file(out, write, "export")
+    return write_user_file(out, write, "export", (run,))

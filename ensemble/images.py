@@ -7,6 +7,7 @@ A leaf: numpy and Pillow only, so that predicting a photo never imports pandas.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,6 +31,9 @@ def open_image(source) -> Image.Image:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(source) as f:
+                    if getattr(f, "n_frames", 1) > 1:  # an animated GIF/WebP/PNG or a multi-page TIFF
+                        name = source if isinstance(source, (str, Path)) else "image"
+                        warnings.warn(f"{name}: {f.n_frames} frames; only the first is used", stacklevel=2)
                     f.load()
                     im = f.copy() if f.mode not in ("I;16", "I;16B", "I;16L", "I") else f.convert("I")
         im = ImageOps.exif_transpose(im)

@@ -19,8 +19,12 @@ from .errors import UserError
 from .files import atomic_path
 
 
-def check_target(path: Path, what: str = "output") -> Path:
-    """``path`` if a regular file may be written there; a one-line UserError otherwise."""
+def check_target(path: Path, what: str = "output", protect=()) -> Path:
+    """``path`` if a regular file may be written there; a one-line UserError otherwise.
+
+    ``protect``: the command's inputs (files, or folders such as a run), which an output must
+    never replace: a target that is one of those files, or lies inside one of those folders, is
+    refused (``predict a.jpg --csv a.jpg`` would otherwise turn the photo into a table)."""
     path = Path(path)
     try:
         st = os.stat(path)  # follows a link: what would be replaced is what it points to
@@ -28,6 +32,10 @@ def check_target(path: Path, what: str = "output") -> Path:
         st = None
     except OSError as exc:
         raise UserError(f"cannot use {path} as the {what}: {exc.strerror or exc}") from None
+    if protect:
+        clash = (protect if isinstance(protect, Protected) else Protected(protect)).clash(path, st)
+        if clash is not None:
+            raise UserError(f"refusing to write the {what} to {shown(path)}: it would replace {clash}")
     if st is not None and not stat.S_ISREG(st.st_mode):
         kind = (
             "a folder"
@@ -45,17 +53,53 @@ def check_target(path: Path, what: str = "output") -> Path:
     return path
 
 
-def write_user_file(path: Path, write: Callable[[Path], None], what: str = "output") -> Path:
-    """Check ``path``, call ``write(tmp)`` for a temporary file beside it, then rename it into
-    place (:func:`ensemble.files.atomic_path`, the one atomic write)."""
-    path = check_target(Path(path), what)
+def write_user_file(path: Path, write: Callable[[Path], None], what: str = "output", protect=()) -> Path:
+    """Check ``path`` (``protect``: see :func:`check_target`), call ``write(tmp)`` for a temporary
+    file beside it, then rename it into place (:func:`ensemble.files.atomic_path`, the one atomic write)."""
+    path = check_target(Path(path), what, protect)
     try:
         with atomic_path(path) as tmp:
             write(tmp)
-            check_target(path, what)  # nothing was put in its place meanwhile
+            check_target(path, what, protect)  # nothing was put in its place meanwhile
     except OSError as exc:
         raise UserError(f"cannot write the {what} to {path}: {exc.strerror or exc}") from None
     return path
+
+
+class Protected:
+    """The command's inputs, which no output may replace: files (known by device and inode, so a
+    link or another spelling of the path is the same file) and folders (a run: nothing inside).
+    Built once; :meth:`clash` is one ``stat`` per target."""
+
+    def __init__(self, paths=()):
+        self.files: dict[tuple[int, int], Path] = {}
+        self.dirs: list[tuple[Path, str]] = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:  # not there (yet): nothing to replace
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                self.dirs.append((Path(p), os.path.realpath(p)))
+            else:
+                self.files[(st.st_dev, st.st_ino)] = Path(p)
+
+    def clash(self, path: Path, st: os.stat_result | None = None) -> str | None:
+        """What writing ``path`` would replace ("the input a.jpg", "a file in runs/x, one of the
+        inputs"), or None."""
+        if st is None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+        if st is not None and (st.st_dev, st.st_ino) in self.files:
+            return f"the input {shown(self.files[(st.st_dev, st.st_ino)])}"
+        if self.dirs:
+            target = Path(os.path.realpath(path))
+            for p, real in self.dirs:
+                if target.is_relative_to(real):
+                    return f"a file in {shown(p)}, one of the inputs"
+        return None
 
 
 def not_regular(path: Path) -> str | None:

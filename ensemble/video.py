@@ -32,6 +32,7 @@ from .errors import UserError
 
 # FFmpeg's own messages ("moov atom not found") would be printed beside ours; we say it in one line
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # and OpenCV's ("[ WARN] cap.cpp: open VIDEOIO(FFMPEG) …")
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 PROBA_COLUMNS = [f"p_{c}" for c in CLASSES]

@@ -14,9 +14,12 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .paths import check_target, make_dir, shown, write_user_file
+from .paths import Protected, check_target, make_dir, shown, write_user_file
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # = video.VIDEO_EXTENSIONS, without importing it
+
+
+OPTION_NAMES = {"target_fps": "--fps", "summary_dir": "--summary"}  # parameter -> the option a user typed
 
 
 def video_options(f):
@@ -121,7 +124,11 @@ def predict_videos(
     """Predict the videos among ``paths``; returns (the other paths, the number of videos that
     failed, the loaded model or None) so that the images of the same command reuse the model."""
     videos, rest = split_paths(paths)
-    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None and k != "smooth_method"]
+    given = [
+        OPTION_NAMES.get(k, f"--{k.replace('_', '-')}")
+        for k, v in options.items()
+        if v is not None and k != "smooth_method"
+    ]
     if not videos:
         if given:
             raise UserError(
@@ -231,7 +238,9 @@ def run_videos(
         say(f"wrote {shown(path)}")
     if csv_file is not None and tables:
         table = pd.concat(tables)
-        write_user_file(csv_file, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"), "--csv table")
+        write_user_file(
+            csv_file, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"), "--csv table", videos
+        )
         say(f"wrote {shown(csv_file)}")
     if failed:
         click.echo(f"{failed} of {len(videos)} video(s) could not be (fully) read", err=True)
@@ -253,11 +262,12 @@ def check_video_outputs(videos: list[Path], options: dict, annotate: Path | None
     summary_dir = Path(options["summary_dir"]) if options.get("summary_dir") else None
     if summary_dir is not None:
         make_dir(summary_dir, "the --summary folder")
+    guard = Protected(videos)  # no output may replace an input
     for t in targets:
         if t is not None:
-            check_target(make_dir(t.parent, "the --annotate folder") / t.name, "--annotate video")
+            check_target(make_dir(t.parent, "the --annotate folder") / t.name, "--annotate video", guard)
     if csv_file is not None:
-        check_target(make_dir(csv_file.parent, "the --csv folder") / csv_file.name, "--csv table")
+        check_target(make_dir(csv_file.parent, "the --csv folder") / csv_file.name, "--csv table", guard)
     return selection, smooth, method, targets, summary_dir
 
 

@@ -181,7 +181,7 @@ def annotate_video(path, table, out, selection: FrameSelection | None = None) ->
     if codec is None:
         raise UserError(f"--annotate {out}: the annotated video must end in {', '.join(sorted(WRITER_CODECS))}")
     make_dir(out.parent, "the --annotate folder")
-    check_target(out, "--annotate video")  # a folder, FIFO or device is refused
+    check_target(out, "--annotate video", (path,))  # a folder, FIFO, device or the video itself is refused
     selection = selection or FrameSelection()
     cap, info = open_video(path)
     part = out.with_name(f".{out.stem}.part{out.suffix}")  # FFmpeg picks the container by the suffix

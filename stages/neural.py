@@ -240,7 +240,9 @@ def load_network(folder: Path, run: Path | None = None, sources: dict | None = N
     try:
         net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise UserError(f"{folder}/weights.pt does not fit its meta.json: {str(exc).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch"  # past "Error(s) in loading…:"
+        raise UserError(f"{folder}/weights.pt does not fit its meta.json: {detail}") from None
     if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):  # a buffer the state_dict does not hold
         net = build_model(mc, len(meta["classes"]))
         net.load_state_dict(state, strict=True)

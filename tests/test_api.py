@@ -562,6 +562,7 @@ def test_bundle_converts_to_float16_and_refuses_a_tampered_file(run, astronaut, 
     # the default of load / predict / models when it is installed
     monkeypatch.setattr(bundle, "PACKAGED", packaged)
     assert bundle.default_run() == b and ensemble.load().run == b
+    (tmp_path / "none").mkdir()
     code, so, se = _cli(["models", "--artifacts", str(tmp_path / "none")], capsys)
     assert code == 0 and f"{b}  [bundled, default]" in so and "not for" in so
     # a tampered weight file is refused in one line
@@ -584,8 +585,21 @@ def test_models_lists_runs_under_artifacts(run, tmp_path, monkeypatch, capsys):
     shutil.copytree(run["run"], tmp_path / "artifacts" / "tiny")
     code, so, _ = _cli(["models", "--artifacts", str(tmp_path / "artifacts")], capsys)
     assert code == 0 and "tiny  [artifacts]" in so and "synthetic" in so and "ECE" in so
-    code, so, _ = _cli(["models", "--artifacts", str(tmp_path / "nothing")], capsys)
+    (tmp_path / "empty").mkdir()
+    code, so, _ = _cli(["models", "--artifacts", str(tmp_path / "empty")], capsys)
     assert code == 0 and so.startswith("no models")
+    code, so, se = _cli(["models", "--artifacts", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "no such folder" in se
+    # a run whose flat model's meta.json is damaged, or that lacks one, is listed as damaged
+    shutil.copytree(run["run"], tmp_path / "artifacts" / "broken")
+    (tmp_path / "artifacts" / "broken" / "flat" / "meta.json").write_text("xx")
+    shutil.copytree(run["run"], tmp_path / "artifacts" / "noflat")
+    shutil.rmtree(tmp_path / "artifacts" / "noflat" / "flat")
+    shutil.rmtree(tmp_path / "artifacts" / "noflat" / "stage1")
+    code, so, _ = _cli(["models", "--artifacts", str(tmp_path / "artifacts")], capsys)
+    assert code == 0 and "tiny  [artifacts]  " in so
+    assert "broken  [artifacts]  damaged:" in so and "not valid JSON" in so
+    assert "noflat  [artifacts]  damaged: no trained flat model or stage 1" in so
 
 
 def test_loading_builds_on_the_meta_device_and_shares_one_trunk(run):
@@ -657,3 +671,31 @@ def test_help_imports_neither_torch_nor_pandas():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[-2:] == ["[]", "[]"], out.stdout
+
+
+def test_predict_and_annotate_refuse_what_is_not_one_image(model, astronaut, tmp_path):
+    import io
+
+    from PIL import Image
+
+    for bad in (123, None, ["a.jpg"], np.zeros((2, 16, 16, 3), np.uint8), np.zeros(5, np.uint8)):
+        for call in (model.predict, model.annotate):
+            with pytest.raises(UserError) as info:
+                call(bad)
+            assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="nope.jpg: file not found"):
+        model.annotate(str(tmp_path / "nope.jpg"))
+    buf = io.BytesIO()
+    astronaut.save(buf, format="JPEG")
+    from_bytes = model.predict(buf.getvalue(), detector="none")  # an encoded image's bytes
+    from_array = model.predict(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), detector="none")
+    assert len(from_bytes) == 1 and from_bytes[0]["emotion"] == from_array[0]["emotion"]
+
+
+def test_an_animated_image_says_only_its_first_frame_is_used(model, astronaut, tmp_path):
+    gif = tmp_path / "anim.gif"
+    frame = astronaut.resize((128, 128))
+    frame.save(gif, save_all=True, append_images=[frame.transpose(0)], duration=100, loop=0)
+    with pytest.warns(UserWarning, match="2 frames; only the first is used"):
+        faces = model.predict(str(gif), detector="none")
+    assert len(faces) == 1

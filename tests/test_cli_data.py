@@ -252,3 +252,20 @@ def test_data_summary_strict_refuses_an_unreadable_image(tmp_path, capsys):
     )  # one happy face: no validation face to warn about
     err = capsys.readouterr().err
     assert code == 2 and "unreadable image" in _one_error_line(err) and "data.strict" in err
+
+
+def test_usage_errors_are_one_line_naming_where_to_look(capsys):
+    from conftest import run_cli
+
+    for argv in (
+        ["predict", "a.jpg", "--detector", "bogus"],
+        ["predict", "a.jpg", "--min-confidence", "2"],
+        ["predict"],
+        ["predict", "a.jpg", "--bogus"],
+        ["bogus"],
+    ):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "--help)" in err, err
+    code, out, err = run_cli([], capsys)  # bare `ensemble`: the help, and no error
+    assert code == 0 and out.startswith("Usage: ensemble") and not err

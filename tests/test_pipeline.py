@@ -394,10 +394,77 @@ def test_cli_predict_skips_and_counts_non_image_names_in_folders(trained, tmp_pa
     shutil.copyfile(paths[0], d / "sub" / "face.png")
     (d / "README.txt").write_text("not an image")
     (d / ".DS_Store").write_bytes(b"\0")
+    (d / ".thumbs").mkdir()
+    shutil.copyfile(paths[0], d / ".thumbs" / "hidden.png")  # in a hidden folder: skipped, counted
+    (d / "linked").symlink_to(d / "sub", target_is_directory=True)  # a linked folder: not followed, counted
     code, out, err = _cli(["predict", str(d), "--run", str(trained["run"]), "--no-detect", "--json"], capsys)
     assert code == 0
     assert [Path(json.loads(line)["file"]).name for line in out.splitlines()] == ["face.png"]
-    assert "skipped 1 file(s) without an image extension" in err and "README.txt" in err
+    assert "skipped 4 entries in folders" in err and ".DS_Store" in err and "README.txt" in err
+
+
+def test_outputs_never_replace_inputs(trained, run_copy, tmp_path, capsys):
+    """--csv onto an input photo, --annotate into the folder of the inputs, export into the run:
+    each refused in one line before anything is written; the inputs are unchanged."""
+    paths, _ = _test_faces(trained, 1)
+    photo = tmp_path / "face.png"
+    shutil.copyfile(paths[0], photo)
+    link = tmp_path / "same.csv"
+    link.symlink_to(photo)  # another name for the same file
+    before = _sha256(photo)
+    for target in (photo, link):
+        code, out, err = _cli(["predict", str(photo), "--run", str(trained["run"]), "--csv", str(target)], capsys)
+        assert code == 2 and "would replace the input" in err and len(err.strip().splitlines()) == 1, err
+    jpg = tmp_path / "in" / "x.jpg"
+    jpg.parent.mkdir()
+    shutil.copyfile(photo, tmp_path / "in" / "x.png")
+    Image.open(photo).convert("RGB").save(jpg)
+    kept = _sha256(jpg)
+    code, out, err = _cli(
+        ["predict", str(jpg.parent), "--run", str(trained["run"]), "--annotate", str(jpg.parent)], capsys
+    )
+    assert code == 2 and "would replace the input" in err and "--annotate" in err, err
+    assert _sha256(jpg) == kept and not out  # refused before anything was predicted
+    weights = run_copy / "flat" / "weights.pt"
+    kept = _sha256(weights)
+    code, out, err = _cli(["export", "--run", str(run_copy), "--format", "torchscript", "--out", str(weights)], capsys)
+    assert code == 2 and "one of the inputs" in err, err
+    assert _sha256(weights) == kept
+    assert _sha256(photo) == before
+
+
+def test_csv_has_a_row_for_every_input(trained, tmp_path, capsys):
+    paths, _ = _test_faces(trained, 1)
+    bad = tmp_path / "text.jpg"
+    bad.write_text("not an image")
+    table = tmp_path / "out.csv"
+    args = [str(paths[0]), str(bad), "--run", str(trained["run"]), "--no-detect", "--csv", str(table)]
+    code, out, err = _cli(["predict", *args], capsys)
+    assert code == 1 and "1 of 2 file(s) could not be read" in err
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["file"]).name for r in rows] == [paths[0].name, "text.jpg"]
+    assert rows[1]["error"] and not rows[1]["emotion"] and rows[0]["face"] == "0"  # an integer, not "0.0"
+    assert list(rows[0])[0] == "file" and list(rows[0])[-2:] == ["error", "note"]
+
+
+def test_face_table_keeps_column_order_and_integers_with_face_less_rows():
+    from ensemble.api import face_table, no_face_row
+
+    face = {"file": "a.jpg", "face": 0, "emotion": "happy", "x": 3, "y": 4, "p_happy": 1.0}
+    table = face_table([no_face_row("b.jpg"), face, no_face_row("c.jpg", "cannot decode image")])
+    assert list(table.columns) == ["file", "face", "emotion", "x", "y", "p_happy", "error", "note"]
+    assert str(table["face"].dtype) == "Int64" and str(table["x"].dtype) == "Int64"
+    assert table["p_happy"].dtype == float
+    assert table["note"].tolist()[0] == "no face found" and table["error"].tolist()[2] == "cannot decode image"
+
+
+def test_damaged_config_json_of_a_run_is_one_line(run_copy, capsys):
+    for content in ("xx", "[]"):
+        (run_copy / "config.json").write_text(content)
+        code, out, err = _cli(["compare", "--run", str(run_copy)], capsys)
+        assert code == 2 and "config.json" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_predict_text_output_and_flat(trained, tmp_path, capsys):

@@ -289,4 +289,4 @@ def test_predict_names_fifos_and_device_links_and_escapes_newlines(runs, tmp_pat
     assert len(out.splitlines()) == 1 and "two\\nlines.png: " in out  # one line per face
     code, out, err = _cli(["predict", str(d), "--run", str(runs["folder"]["run"]), "--flat", "--no-detect"], capsys)
     assert code == 0 and len(out.splitlines()) == 1
-    assert "skipped 2 file(s)" in err and "pipe.png" in err and "zero.png" in err
+    assert "skipped 2 entries" in err and "pipe.png" in err and "zero.png" in err

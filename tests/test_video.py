@@ -488,6 +488,9 @@ def test_video_options_without_a_video(tmp_path, capsys):
     cv2.imwrite(str(img), astronaut_face())
     code, out, err = _cli(["predict", str(img), "--every", "2", "--run", str(tmp_path)], capsys)
     assert code == 2 and "--every applies to videos" in err
+    for args, name in ((["--fps", "2"], "--fps applies"), (["--summary", str(tmp_path / "s")], "--summary applies")):
+        code, out, err = _cli(["predict", str(img), *args, "--run", str(tmp_path)], capsys)
+        assert code == 2 and name in err, err  # the option as typed, not its parameter's name
 
 
 def test_one_annotated_file_for_several_videos_is_refused(tiny_run, tmp_path, capsys):
@@ -629,3 +632,12 @@ def test_model_predict_video_is_the_python_api(tiny_run, tmp_path):
     assert t.valence[0] == pytest.approx(rec["valence"]) and t.neighborhood[0] == rec["neighborhood"]
     whole = model.predict_video(clip, detector="none", progress=False)
     assert len(whole) == 6 and (whole.box_w == 520).all()  # each frame one face crop
+
+
+def test_video_outputs_never_replace_the_video(tmp_path, capsys):
+    clip = astronaut_clip(tmp_path / "a.avi", n=2)
+    before = clip.read_bytes()
+    for option in ("--csv", "--annotate"):
+        code, out, err = _cli(["predict", str(clip), option, str(clip), "--run", str(tmp_path)], capsys)
+        assert code == 2 and "would replace the input" in err, err  # refused before any model loads
+    assert clip.read_bytes() == before
