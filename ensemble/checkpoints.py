@@ -57,8 +57,11 @@ def resume_fingerprint(cfg, train_idx: np.ndarray, val_idx: np.ndarray, extra: d
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """``state`` (tensors, numbers, lists) to ``path``, atomically: a crash leaves the previous checkpoint."""
-    with atomic_write(path) as f:
+    """``state`` (tensors, numbers, lists) to ``path``, atomically: a crash leaves the previous
+    checkpoint, and a Ctrl-C or SIGTERM arriving meanwhile takes effect once it is written."""
+    from .runtime import signals_deferred
+
+    with signals_deferred(), atomic_write(path) as f:
         torch.save(state, f)
 
 

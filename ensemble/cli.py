@@ -147,10 +147,16 @@ def fit_stage1_cmd(config_file, overrides, run, resume):
 @RESUME
 def fit_flat_cmd(config_file, overrides, run, resume):
     """Train the flat 8-class classifier; writes RUN/flat."""
-    from stages.flat import fit_flat
+    from stages.flat import fit_flat, stages_on_flat_trunk
 
     from .calibration import calibrate
 
+    built_on = stages_on_flat_trunk(Path(run))  # before any data is read: nothing is replaced
+    if built_on:
+        raise UserError(
+            f"{run}/flat is the trunk of {', '.join(built_on)}: retraining it would leave "
+            f"{'them' if len(built_on) > 1 else 'it'} unusable; train into a new --out, or remove those stages first"
+        )
     exp = _experiment(config_file, overrides, run)
     metrics = fit_flat(exp, resume, _log)
     if exp.rt.is_main:

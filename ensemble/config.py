@@ -18,6 +18,7 @@ stage1.train.epochs=5`` targets one stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tomllib
@@ -503,3 +504,19 @@ def save_config(cfg: Config, path: Path) -> None:
     from .files import write_json
 
     write_json(path, json.loads(json.dumps(cfg.to_dict(), sort_keys=True)))  # atomically
+
+
+def records_config(fit):
+    """A stage's fit function (``fit(exp, …)``) that, once it has published, records the run's
+    config (:meth:`ensemble.experiment.Experiment.save_config`). Here, not in ``experiment``, so
+    that the stages import it without pandas (predicting loads them)."""
+
+    @functools.wraps(fit)
+    def wrapper(exp, *args, **kwargs):
+        out = fit(exp, *args, **kwargs)
+        save = getattr(exp, "save_config", None)
+        if callable(save):
+            save()
+        return out
+
+    return wrapper

@@ -349,6 +349,9 @@ def _read_folder(root: Path, drops: _Drops) -> list[dict]:
                 if not f.is_dir():  # a FIFO, a device, a broken link: named, never opened
                     drops.add(DROP_NOT_REGULAR, str(f), split)
                 continue
+            if any(part.startswith(".") for part in f.relative_to(class_dir).parts):
+                drops.add("hidden file (e.g. macOS ._ copies)", str(f), split)
+                continue
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
                 drops.add("not an image file name", str(f), split)
                 continue
@@ -359,12 +362,17 @@ def _read_folder(root: Path, drops: _Drops) -> list[dict]:
         return out
 
     rows: list[dict] = []
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for f in sorted(root.iterdir()):  # loose files beside the folders: counted, never silently left out
+        if not f.is_dir() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            drops.add("image outside the class folders", str(f))
     split_dirs = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
     if any(p.name.lower() in split_dirs for p in subdirs):
         for p in subdirs:
             split = split_dirs.get(p.name.lower())
-            if split is None:
+            if split is None:  # beside train/val/test: not read, and said so
+                n = sum(1 for f in p.rglob("*") if f.is_file())
+                drops.add(f"folder beside train/val/test folders, not read ({n} file(s) in it)", str(p))
                 continue
             for class_dir in sorted(q for q in p.iterdir() if q.is_dir()):
                 rows += scan(class_dir, split)
@@ -391,12 +399,13 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
     if path_col is None or label_col is None:
         raise UserError(f"{path} needs a 'path' and a 'label' column (found: {', '.join(table.columns)})")
     base = path.parent
-    rows = []
+    rows, numeric = [], 0
     for rec in table.to_dict("records"):
         raw_label = str(rec[label_col]).strip()
         c = canonical_class(raw_label)
         if c is None and raw_label.isascii() and raw_label.isdigit() and int(raw_label) < len(CLASSES):
-            c = CLASSES[int(raw_label)]
+            c = CLASSES[int(raw_label)]  # AffectNet's codes (FER2013's differ: 0 is angry there)
+            numeric += 1
         split = str(rec[cols["split"]]).strip().lower() if "split" in cols else "train"
         split = {"valid": "val", "validation": "val"}.get(split, split)
         drops.split = split if split in SPLITS else None
@@ -418,6 +427,20 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
                 continue
             row.update(valence=v, arousal=a, va_source="measured")
         rows.append(row)
+    if numeric:
+        codes = ", ".join(f"{i} {c}" for i, c in enumerate(CLASSES))
+        warnings.warn(
+            f"{path}: {numeric} label(s) given as numbers, read as AffectNet's codes ({codes}); "
+            f"FER2013's numbering differs (0 is angry there): write class names to be sure",
+            stacklevel=3,
+        )
+    if ("valence" in cols) != ("arousal" in cols):
+        have, lack = ("valence", "arousal") if "valence" in cols else ("arousal", "valence")
+        warnings.warn(
+            f"{path} has a {have} column but no {lack} column: valence and arousal are derived "
+            f"from the labels for every row",
+            stacklevel=3,
+        )
     return rows
 
 

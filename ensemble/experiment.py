@@ -23,6 +23,14 @@ class Experiment:
     manifest: pd.DataFrame
     images: ImageSource
     rt: Runtime
+    config_out: Path | None = None  # where the run's config.json goes once a stage succeeds
+
+    def save_config(self) -> None:
+        """Record the config in the run's ``config.json`` (what ``compare`` and ``calibrate``
+        read back). Called when a stage has been published: a command refused or failed part
+        way leaves the config of the run's last success in place."""
+        if self.config_out is not None:
+            save_config(self.cfg, self.config_out)
 
     def idx(self, split: str) -> np.ndarray:
         """Manifest positions of a split's faces (empty when the split is absent)."""
@@ -39,9 +47,10 @@ def open_experiment(
     cfg: Config, run: Path, log=print, progress: bool = True, out: Path | None = None, save: bool = True
 ) -> Experiment:
     """Check the output folder (``out``, by default the run), take the run's lock, load the data
-    set, prepare its images once, pick the device; the resolved config is written into the
-    output folder. ``save=False`` (the per-GPU expert workers of a parent that holds the run)
-    neither locks nor writes the config."""
+    set, prepare its images once, pick the device. The resolved config is written into the
+    output folder now if it holds none yet, else when a stage succeeds (:meth:`Experiment.save_config`).
+    ``save=False`` (the per-GPU expert workers of a parent that holds the run) neither locks nor
+    writes the config."""
     run = Path(run)
     out = Path(out) if out is not None else run
     check_output_dir(out)
@@ -64,6 +73,9 @@ def open_experiment(
             + (f"; dropped {sum(ds.dropped.values())}" if ds.dropped else "")
             + f"; device {rt.device}, precision {rt.amp_dtype or 'fp32'}"
         )
-        if save:  # not from the per-GPU expert workers: the parent's config is the run's
-            save_config(cfg, out / "config.json")
-    return Experiment(cfg, run, ds.manifest, images, rt)
+    exp = Experiment(cfg, run, ds.manifest, images, rt)
+    if rt.is_main and save:  # not from the per-GPU expert workers: the parent's config is the run's
+        exp.config_out = out / "config.json"
+        if not exp.config_out.is_file():
+            exp.save_config()
+    return exp

@@ -14,13 +14,14 @@ from .artifacts import StageWriter, read_meta
 from .calibration import calibrate
 from .classes import CLASSES
 from .combine import choose_alpha, choose_tau, final_proba, log_prior
-from .config import DEFAULT_TEMPERATURE
+from .config import DEFAULT_TEMPERATURE, records_config
 from .errors import UserError
 from .metrics import classification_metrics
 from .predictors import FlatPredictor, HierarchicalPredictor, flat_identity, uint8_to_input
 from .router import fit_temperature
 
 
+@records_config
 def fit_experts_and_router(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, experts, router: ``RUN/neighborhoods``, ``RUN/experts``, ``RUN/router``.
 

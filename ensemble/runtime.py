@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,31 @@ def shutdown() -> None:
     can abort at exit ("terminate called without an active exception") and fail the job."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM noted while the block runs and acted on after it, by the handlers that
+    were in place: an interruption lands after a checkpoint is written, not inside ``torch.save``,
+    whose zip writer then fails with its own error in place of the clean stop. (Blocking the
+    signals would not do: the kernel hands them to torch's worker threads, and Python still runs
+    the handler in the main thread.) Outside the main thread, nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(got):
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), s)  # its default action, now
 
 
 class StopOnSigterm:

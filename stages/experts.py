@@ -22,6 +22,7 @@ import torch
 from ensemble.artifacts import StageWriter, load_weights, read_meta, sha256_file, versions
 from ensemble.checkpoints import resume_fingerprint
 from ensemble.classes import CLASSES
+from ensemble.config import records_config
 from ensemble.engine import StageData, evaluate, fit, predict_outputs
 from ensemble.errors import UserError
 from ensemble.files import atomic_write, swap_into_place, write_json
@@ -408,6 +409,7 @@ def _expert_job(cfg_dict: dict, run: str, regions: list[dict], device: str, resu
     return [_train_expert(exp, reg, resume, print) for reg in regions]
 
 
+@records_config
 def fit_experts(exp, resume: bool = False, log=print) -> dict:
     """Neighborhoods, then one expert per neighborhood; write ``RUN/experts``."""
     if not (exp.run / "stage1" / "meta.json").is_file() and exp.cfg.experts.train_on != "true_va":

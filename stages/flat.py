@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ensemble.classes import CLASSES, VOTE_COLUMNS
+from ensemble.config import records_config
 from ensemble.engine import StageData
 from ensemble.tasks import CLASSIFY
 
@@ -19,6 +22,7 @@ def soft_targets(manifest) -> np.ndarray:
     return np.where(has[:, None], votes, onehot)
 
 
+@records_config
 def fit_flat(exp, resume: bool = False, log=print) -> dict:
     """Train the flat classifier; select on the selection split's balanced accuracy; write ``RUN/flat``."""
     cfg = exp.cfg.for_stage("flat")
@@ -49,3 +53,29 @@ def ensure_flat_trunk(exp, stage_cfg, stage: str, resume: bool = False, log=prin
             "has none: training the flat model first"
         )
         fit_flat(exp, resume, log)
+
+
+def stages_on_flat_trunk(run: Path) -> list[str]:
+    """The stages of ``run`` trained on its (finished) flat model's trunk: stage 1 and experts
+    that borrow it. Retraining the flat model would leave each of them unusable."""
+    import json
+
+    run = Path(run)
+
+    def meta(folder: Path) -> dict:
+        try:
+            m = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return m if isinstance(m, dict) else {}
+
+    sha = meta(run / "flat").get("trunk_sha256")
+    if not sha:
+        return []
+    experts = sorted(run.joinpath("experts").glob("*/meta.json"), key=lambda p: p.parent.name)
+    found = []
+    for folder in [run / "stage1", *(p.parent for p in experts)]:
+        m = meta(folder)
+        if m.get("trunk_from") == "flat" and m.get("trunk_sha256") == sha:
+            found.append(str(folder.relative_to(run)))
+    return found

@@ -149,6 +149,8 @@ def train_network(
             f"run the command without --resume to retrain it"
         )
     if not resume:
+        if (work / "checkpoint.pt").is_file():  # an interrupted run's epochs are replaced: said first
+            log(f"{name}: starting afresh over an interrupted run's checkpoint in {work} (--resume continues it)")
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     result: FitResult = fit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ensemble.config import records_config
 from ensemble.engine import StageData
 from ensemble.tasks import VA_REGRESSION
 
@@ -16,6 +17,7 @@ def va_targets(manifest) -> np.ndarray:
     return manifest[["valence", "arousal"]].to_numpy(np.float32)
 
 
+@records_config
 def fit_stage1(exp, resume: bool = False, log=print) -> dict:
     """Train stage 1 on the training split; select on validation CCC; write ``RUN/stage1``."""
     cfg = exp.cfg.for_stage("stage1")

@@ -699,3 +699,19 @@ def test_an_animated_image_says_only_its_first_frame_is_used(model, astronaut, t
     with pytest.warns(UserWarning, match="2 frames; only the first is used"):
         faces = model.predict(str(gif), detector="none")
     assert len(faces) == 1
+
+
+def test_fit_flat_refuses_to_orphan_the_stages_built_on_its_trunk(run, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    from conftest import TINY_HIERARCHY
+
+    copy = tmp_path / "run"
+    shutil.copytree(run["run"], copy)
+    weights = copy / "flat" / "weights.pt"
+    kept = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sets = [a for kv in TINY_HIERARCHY for a in ("--set", kv)]
+    code, out, err = _cli(["fit-flat", *sets, "--set", "train.seed=7", "--out", str(copy)], capsys)
+    assert code == 2 and "is the trunk of stage1, experts/" in err and "new --out" in err, err
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == kept

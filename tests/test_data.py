@@ -354,14 +354,14 @@ def test_folder_split_layout(tmp_path):
     write_image(root / "validation" / "neutral" / "d.png", seed=3)
     write_image(root / "test" / "scared" / "e.png", seed=4)
     write_image(root / "test" / "contempt" / "sub" / "f.webp", seed=5)  # nested files count
-    write_image(root / "other" / "happy" / "g.png", seed=6)  # not a split folder: ignored
+    write_image(root / "other" / "happy" / "g.png", seed=6)  # not a split folder: not read, counted
     ds = load_dataset(dcfg("folder", root))
     df = ds.manifest
     assert counts(df, "train") == {"happy": 2, "sad": 1}
     assert counts(df, "val") == {"neutral": 1}
     assert counts(df, "test") == {"fear": 1, "contempt": 1}
     assert not df["path"].str.contains("other").any()
-    assert sum(ds.dropped.values()) == 0
+    assert dict(ds.dropped) == {"folder beside train/val/test folders, not read (1 file(s) in it)": 1}
 
 
 def test_folder_empty(tmp_path):
@@ -729,3 +729,35 @@ def test_cache_modes_differ_and_auto_picks_memory_only_when_it_fits(tmp_path, mo
     assert prepare.load_images(ds.manifest, 16, cache, "auto").mode == "disk"
     monkeypatch.setattr(prepare, "available_memory", lambda: None)  # unknown: the safe choice
     assert prepare.load_images(ds.manifest, 16, cache, "auto").mode == "disk"
+
+
+def test_folder_layout_counts_what_it_does_not_read(tmp_path):
+    root = tmp_path / "faces"
+    for split in ("train", "test"):
+        for c, i in (("happy", 0), ("sad", 1)):
+            write_image(root / split / c / f"{c}{i}.png", seed=i)
+    write_image(root / "neutral" / "n0.png", seed=5)  # beside the split folders
+    write_image(root / "Training" / "anger" / "a0.png", seed=6)
+    write_image(root / "loose.png", seed=7)  # no class folder
+    write_image(root / "train" / "happy" / "._happy0.png", seed=8)  # a macOS resource fork copy
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset(dcfg("folder", root, val_fraction=0))
+    assert len(ds.manifest) == 4
+    dropped = dict(ds.dropped)
+    beside = [k for k in dropped if k.startswith("folder beside train/val/test folders")]
+    assert sum(dropped[k] for k in beside) == 2  # neutral/ and Training/, each named with its file count
+    assert dropped["image outside the class folders"] == 1
+    assert dropped["hidden file (e.g. macOS ._ copies)"] == 1
+    assert any("neutral" in str(w.message) for w in caught)
+
+
+def test_csv_numeric_labels_and_half_va_columns_are_said(tmp_path):
+    write_image(tmp_path / "a.png", seed=1)
+    write_image(tmp_path / "b.png", seed=2)
+    (tmp_path / "m.csv").write_text("path,label,valence\na.png,0,0.5\nb.png,happy,0.2\n")
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset(dcfg("csv", tmp_path / "m.csv", val_fraction=0))
+    text = " ".join(str(w.message) for w in caught)
+    assert "1 label(s) given as numbers, read as AffectNet's codes (0 neutral" in text
+    assert "has a valence column but no arousal column" in text
+    assert sorted(ds.manifest["label"].tolist()) == [0, 1]

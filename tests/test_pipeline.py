@@ -706,3 +706,43 @@ def test_fit_experts_without_stage1_is_refused_before_anything_trains(trained, t
     with pytest.raises(UserError, match="fit-experts needs stage 1.*fit-stage1 first"):
         fit_experts_and_router(exp, log=lambda m: None)
     assert not any((run / name).exists() for name in ("neighborhoods", "experts", ".experts.new", "router"))
+
+
+def test_a_refused_or_failed_command_leaves_the_runs_config(trained, run_copy):
+    """config.json is what compare and calibrate read back: written when a stage succeeds, not
+    when a command that then stops opens the run."""
+    from ensemble.config import records_config
+    from ensemble.experiment import open_experiment
+
+    before = _sha256(run_copy / "config.json")
+    cfg = dataclasses.replace(trained["exp"].cfg, train=dataclasses.replace(trained["exp"].cfg.train, seed=99))
+    exp = open_experiment(cfg, run_copy, log=lambda *a: None, progress=False)
+    assert _sha256(run_copy / "config.json") == before  # opening alone writes nothing over it
+
+    @records_config
+    def failing(exp):
+        raise UserError("refused")
+
+    with pytest.raises(UserError):
+        failing(exp)
+    assert _sha256(run_copy / "config.json") == before
+
+    @records_config
+    def succeeding(exp):
+        return {}
+
+    succeeding(exp)
+    assert json.loads((run_copy / "config.json").read_text())["train"]["seed"] == 99
+
+
+def test_a_fresh_fit_says_it_replaces_an_interrupted_checkpoint(tmp_path):
+    from ensemble.experiment import open_experiment
+    from stages.flat import fit_flat
+
+    cfg = load_config(None, [*TINY_SYNTHETIC, f"data.cache_dir={tmp_path / 'cache'}"])
+    run = tmp_path / "run"
+    (run / ".flat.work").mkdir(parents=True)
+    (run / ".flat.work" / "checkpoint.pt").write_bytes(b"epochs of an interrupted fit")
+    logs = []
+    fit_flat(open_experiment(cfg, run, log=logs.append, progress=False), log=logs.append)
+    assert any("starting afresh over an interrupted run's checkpoint" in line for line in logs), logs
