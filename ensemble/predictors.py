@@ -106,6 +106,11 @@ def _damaged_run_is_one_line(load):
 
     @functools.wraps(load)
     def wrapper(cls, run, *args, **kwargs):
+        r = Path(run)
+        if r.is_dir() and not any((r / stage / "meta.json").is_file() for stage in ("flat", "stage1")):
+            raise UserError(
+                f"{run} is not a trained run: it has no flat/ or stage1/ (train one, or pass another --run)"
+            )
         try:
             return load(cls, run, *args, **kwargs)
         except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as exc:
@@ -118,9 +123,9 @@ def _damaged_run_is_one_line(load):
 
 
 def flat_identity(meta: dict) -> dict:
-    """What identifies a trained flat model across float16 bundling (which rewrites its files):
-    its recorded trunk digest and training fingerprint. The router records it when it mixes
-    the flat model in, and the hierarchy refuses another flat model."""
+    """What identifies a trained stage (the flat model, stage 1) across float16 bundling (which
+    rewrites its files): its recorded trunk digest and training fingerprint. The router records
+    stage 1's, and the flat model's when it mixes it in; the hierarchy refuses others."""
     return {"trunk_sha256": meta.get("trunk_sha256"), "fingerprint": meta.get("fingerprint")}
 
 
@@ -182,6 +187,8 @@ class HierarchicalPredictor(_Base):
             raise UserError(f"run folder not found: {run}")
         sources: dict = {}  # a trunk borrowed by several stages is verified and read once
         stage1, m1 = load_network(run / "stage1", run, sources)
+        if not (run / "neighborhoods" / "meta.json").is_file():
+            raise UserError(f"{run} has stage 1 but no neighborhoods and experts yet (run ensemble fit-experts)")
         nbh = load_neighborhoods(run / "neighborhoods")
         index = read_index(run)
         if index["k"] != nbh.k_:
@@ -251,6 +258,11 @@ class HierarchicalPredictor(_Base):
                     f"{run} has no router (run ensemble fit-experts, which calibrates it, or pass a router mode)"
                 )
             rinfo = {"mode": router, "temperature": DEFAULT_TEMPERATURE}  # calibration itself, or an explicit mode
+        if rinfo.get("stage1_model") is not None and rinfo["stage1_model"] != flat_identity(m1):
+            raise UserError(
+                f"{run / 'router'} was calibrated with another stage 1 than {run / 'stage1'} "
+                f"(rerun ensemble fit-experts, which refits the experts on it and calibrates the router)"
+            )
         mode = router or rinfo["mode"]
         if mode not in ("hard", "soft"):
             raise UserError(f"router must be hard or soft, got {mode!r}")

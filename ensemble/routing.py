@@ -78,6 +78,7 @@ def calibrate_router(exp, log=print) -> dict:
     }
     if has_flat:
         result["flat_model"] = flat_identity(read_meta(exp.run / "flat", "flat"))
+    result["stage1_model"] = flat_identity(read_meta(exp.run / "stage1", "stage1"))  # the V/A it routes on
     if len(vi) == 0:
         result["temperature"] = rc.temperature or DEFAULT_TEMPERATURE
         result["mode"] = "soft" if rc.mode == "auto" else rc.mode

@@ -715,3 +715,28 @@ def test_fit_flat_refuses_to_orphan_the_stages_built_on_its_trunk(run, tmp_path,
     code, out, err = _cli(["fit-flat", *sets, "--set", "train.seed=7", "--out", str(copy)], capsys)
     assert code == 2 and "is the trunk of stage1, experts/" in err and "new --out" in err, err
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == kept
+
+
+def test_a_run_that_is_not_whole_says_what_to_run(run, tmp_path):
+    import json
+    import shutil
+
+    from ensemble.predictors import HierarchicalPredictor
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is not a trained run: it has no flat/ or stage1/"):
+        HierarchicalPredictor.load(tmp_path / "empty")
+    partial = tmp_path / "partial"
+    shutil.copytree(run["run"], partial)
+    shutil.rmtree(partial / "neighborhoods")
+    with pytest.raises(UserError, match="no neighborhoods and experts yet \\(run ensemble fit-experts\\)"):
+        HierarchicalPredictor.load(partial)
+    # stage 1 retrained after the router was calibrated: its V/A are not the ones routed on
+    stale = tmp_path / "stale"
+    shutil.copytree(run["run"], stale)
+    meta = json.loads((stale / "stage1" / "meta.json").read_text())
+    meta["fingerprint"] = {**meta["fingerprint"], "train.lr": 0.05}
+    (stale / "stage1" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="calibrated with another stage 1"):
+        HierarchicalPredictor.load(stale)
+    HierarchicalPredictor.load(run["run"])  # the run as trained loads

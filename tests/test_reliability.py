@@ -266,7 +266,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, cache):
     rc, out, err, ck_epoch = _interrupt(run, cache, epochs, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     assert not (run / "flat").exists(), "a half-written stage must never look finished"
-    with pytest.raises(UserError, match="meta.json"):
+    with pytest.raises(UserError, match="not a trained run"):
         FlatPredictor.load(run)
     res = _resume(run, cache, epochs)
     assert res.returncode == 0, res.stdout + res.stderr
