@@ -477,7 +477,7 @@ class Model:
             im = open_image(image).copy()
         except ImageError as exc:
             raise UserError(f"{_name(image)}: {exc}") from None
-        records = self.predict(image, detector=detector) if records is None else records
+        records = self.predict(im, detector=detector) if records is None else records  # decoded once
         draw = ImageDraw.Draw(im)
         lw = max(2, round(max(im.size) / 400))
         for r in records:

@@ -514,9 +514,7 @@ def records_config(fit):
     @functools.wraps(fit)
     def wrapper(exp, *args, **kwargs):
         out = fit(exp, *args, **kwargs)
-        save = getattr(exp, "save_config", None)
-        if callable(save):
-            save()
+        exp.save_config()
         return out
 
     return wrapper
