@@ -46,14 +46,19 @@ def resume_fingerprint(cfg, train_idx: np.ndarray, val_idx: np.ndarray, extra: d
         for k, v in flat.items()
         if k not in RESUMABLE
     }
-    faces = hashlib.sha256(np.asarray(train_idx, np.int64).tobytes() + b"|" + np.asarray(val_idx, np.int64).tobytes())
     return {
         **keep,
         "training faces": int(len(train_idx)),
         "validation faces": int(len(val_idx)),
-        "which faces": faces.hexdigest()[:16],
+        "which faces": faces_digest(train_idx, val_idx),
         **(extra or {}),
     }
+
+
+def faces_digest(train_idx: np.ndarray, val_idx: np.ndarray) -> str:
+    """Which manifest rows train and which select a stage: equal digests, the same split."""
+    faces = hashlib.sha256(np.asarray(train_idx, np.int64).tobytes() + b"|" + np.asarray(val_idx, np.int64).tobytes())
+    return faces.hexdigest()[:16]
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -92,6 +92,8 @@ class TrainConfig:
     )
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     soft_targets: bool = False  # classification: train on vote distributions where the data has them
+    teacher: str = ""  # the flat model only: distil a finished run's flat model ("bundled": the bundled default): its probabilities on each training face, mixed into the targets; "" = off
+    teacher_weight: float = 0.5  # share of the teacher's probabilities in the targets (the rest: votes or labels)
     augment: bool = True  # random crop (scale/shift) and horizontal flip on every training image
     crop_scale: float = 0.1  # augmentation: +- relative scale/shift of the random crop
     brightness: float = 0.0  # photo augmentation: brightness shifted by U(-b, b) on a 0-1 scale; 0 = off
@@ -357,6 +359,7 @@ _RULES: dict[type, dict[str, Any]] = {
         "warmup_epochs": _range(0, 1000),
         "patience": _range(0),
         "label_smoothing": _range(0, 1, hi_open=True),
+        "teacher_weight": _range(0, 1),
         "crop_scale": _range(0, 0.5),
         "brightness": _range(0, 1),
         "contrast": _range(0, 1),

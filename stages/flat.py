@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from ensemble.classes import CLASSES, VOTE_COLUMNS
 from ensemble.config import records_config
 from ensemble.engine import StageData
+from ensemble.errors import UserError
 from ensemble.tasks import CLASSIFY
 
 from .neural import train_network
@@ -22,13 +24,75 @@ def soft_targets(manifest) -> np.ndarray:
     return np.where(has[:, None], votes, onehot)
 
 
+def teacher_run(name: str) -> Path:
+    """``train.teacher``: a run folder, or ``bundled`` for the bundled default model."""
+    from ensemble.bundle import default_run
+
+    run = default_run() if name == "bundled" else Path(name)
+    if run is None:
+        raise UserError("train.teacher = 'bundled', but this install has no bundled model: name a run folder")
+    if not (run / "flat" / "meta.json").is_file():
+        raise UserError(
+            f"train.teacher: {run} has no trained flat model ({run}/flat/meta.json); run ensemble fit-flat there first"
+        )
+    return run
+
+
+def teacher_probabilities(exp, cfg, tr: np.ndarray, vi: np.ndarray, log=print) -> tuple[np.ndarray, dict]:
+    """Distillation (``train.teacher``): the teacher run's flat model's probabilities on the
+    training faces ``tr`` (n, 8), each face as it is stored, at the teacher's own input size,
+    and what identifies the teacher. The teacher must have trained and selected on exactly this
+    run's split, so that no selection face reaches the student through it."""
+    from ensemble.checkpoints import faces_digest
+    from ensemble.engine import predict_outputs
+    from ensemble.predictors import flat_identity
+    from ensemble.prepare import load_images
+
+    from .neural import load_network
+
+    run = teacher_run(cfg.train.teacher)
+    net, meta = load_network(run / "flat", run)
+    if meta.get("classes") != list(CLASSES):
+        raise UserError(f"train.teacher: {run}/flat does not predict the 8 canonical classes")
+    theirs = (meta.get("fingerprint") or {}).get("which faces")
+    if theirs != faces_digest(tr, vi):
+        raise UserError(
+            f"train.teacher: {run}'s flat model was trained and selected on another split of the faces "
+            "(its training faces may include this run's selection faces, which would leak into the selection): "
+            "distil from a run of the same data, data.val_fraction and train.seed"
+        )
+    size = int(meta["input_size"])
+    images = exp.images
+    if size != exp.cfg.data.image_size:
+        d = exp.cfg.data
+        images = load_images(exp.manifest, size, d.cache_dir, d.cache, d.num_workers, progress=False)
+    logits, _ = predict_outputs(net, images, tr, tuple(meta["mean"]), tuple(meta["std"]), exp.rt)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = exp.manifest["label"].to_numpy()[tr]
+    log(
+        f"flat: distilling {run}'s flat model ({meta.get('backbone')}, {size} px; train.teacher_weight "
+        f"{cfg.train.teacher_weight:g}): its accuracy on the training faces {(p.argmax(1) == y).mean():.1%}"
+    )
+    return p.astype(np.float32), {"teacher": flat_identity(meta), "teacher_weight": cfg.train.teacher_weight}
+
+
 @records_config
 def fit_flat(exp, resume: bool = False, log=print) -> dict:
-    """Train the flat classifier; select on the selection split's balanced accuracy; write ``RUN/flat``."""
+    """Train the flat classifier; select on the selection split's balanced accuracy; write ``RUN/flat``.
+    With ``train.teacher``, the targets mix the teacher's probabilities into the votes (or labels)."""
     cfg = exp.cfg.for_stage("flat")
     y = exp.manifest["label"].to_numpy()
     tr, vi = exp.idx("train"), exp.idx("val")
-    data = StageData(exp.images, tr, y[tr], vi, y[vi], list(CLASSES), train_soft=soft_targets(exp.manifest)[tr])
+    soft, extra = soft_targets(exp.manifest)[tr], None
+    if cfg.train.teacher:
+        if not cfg.train.soft_targets:  # one-hot labels stand in for the votes
+            soft = np.eye(len(CLASSES), dtype=np.float32)[y[tr]]
+        teacher, extra = teacher_probabilities(exp, cfg, tr, vi, log if exp.rt.is_main else (lambda *_: None))
+        w = cfg.train.teacher_weight
+        soft = ((1 - w) * soft + w * teacher).astype(np.float32)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, soft_targets=True))  # the mix is the target
+    data = StageData(exp.images, tr, y[tr], vi, y[vi], list(CLASSES), train_soft=soft)
     return train_network(
         "flat",
         CLASSIFY,
@@ -40,6 +104,7 @@ def fit_flat(exp, resume: bool = False, log=print) -> dict:
         resume,
         {s: (exp.idx(s), y[exp.idx(s)]) for s in exp.eval_splits()},
         log=log,
+        fingerprint_extra=extra,
     )
 
 
