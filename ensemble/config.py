@@ -423,6 +423,11 @@ def _apply(cls, values: dict, where: str):
     obj = cls(**{**dataclasses.asdict(cls()), **kwargs})
     if cls is NeighborhoodsConfig and obj.k_min > obj.k_max:
         raise UserError(f"config keys {where}.k_min = {obj.k_min} and k_max = {obj.k_max}: k_min must not exceed k_max")
+    if cls is BalanceConfig and where == "balance" and obj.class_weights and obj.weights != "explicit":
+        raise UserError(
+            f"config key balance.class_weights is set but balance.weights = {obj.weights!r}: "
+            'per-class weights are used with balance.weights = "explicit" only'
+        )
     return obj
 
 

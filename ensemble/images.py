@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # JAFFE, some lab sets: TIFF
 
 # Pillow raises DecompressionBombError past 2x this many pixels and warns past it: we refuse both.
 Image.MAX_IMAGE_PIXELS = 64_000_000

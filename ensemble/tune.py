@@ -333,11 +333,13 @@ def as_overrides(values: dict[str, Any]) -> list[str]:
 
 
 def check_space(params: list[Param], config_file, overrides) -> None:
-    """Every value a parameter can take is a valid config value (low, high, each choice)."""
+    """Every value a parameter can take is a valid config value (low, high, each choice), where
+    its ``when`` conditions hold (balance.class_weights needs balance.weights = "explicit")."""
     for p in params:
+        given = as_overrides({key: values[0] for key, values in p.when})
         for v in p.examples():
             try:
-                load_config(config_file, list(overrides) + as_overrides({p.key: v}))
+                load_config(config_file, list(overrides) + given + as_overrides({p.key: v}))
             except UserError as exc:
                 raise UserError(f"tune.space.{p.key}: {exc}") from None
 

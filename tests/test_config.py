@@ -267,6 +267,7 @@ def test_demo_toml_matches_package_copy():
         ("experts.train.lr=0", "experts.train.lr", "> 0"),
         ("balance.class_weights={contemp=3.0}", "balance.class_weights", "unknown class 'contemp'"),
         ("balance.class_weights.contempt=-1", "balance.class_weights", ">= 0"),
+        ("balance.class_weights.contempt=3", "balance.class_weights", 'weights = "explicit" only'),
         ("data.prototypes.contempt=[-0.5]", "data.prototypes", "[valence, arousal]"),
         ("model.trainable=block0", "model.trainable", "blockN"),
         ("model.trainable=trunk", "model.trainable", "head, all or blockN"),
@@ -286,7 +287,12 @@ def test_bad_values_are_refused_naming_the_key(item, key, says):
 def test_set_into_a_table_by_dotted_key():
     cfg = load_config(
         None,
-        ["balance.class_weights.contempt=8", "balance.class_weights.angry=2.5", "data.prototypes.contempt=[-0.5, 0.3]"],
+        [
+            "balance.weights=explicit",
+            "balance.class_weights.contempt=8",
+            "balance.class_weights.angry=2.5",
+            "data.prototypes.contempt=[-0.5, 0.3]",
+        ],
     )
     assert cfg.balance.class_weights == {"contempt": 8, "angry": 2.5}
     assert cfg.data.prototypes == {"contempt": [-0.5, 0.3]}

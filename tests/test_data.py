@@ -339,6 +339,14 @@ def test_folder_flat_layout(folder_tree):
     assert np.allclose(happy[["valence", "arousal"]].to_numpy(float), [0.8, 0.35])
 
 
+def test_folder_reads_tiff_faces(tmp_path):
+    """Lab sets such as JAFFE ship .tiff faces: they are read, not skipped as non-images."""
+    write_image(tmp_path / "r" / "happy" / "a.tiff", size=(32, 32), mode="L", fmt="TIFF", seed=1)
+    write_image(tmp_path / "r" / "sad" / "b.tif", size=(32, 32), fmt="TIFF", seed=2)
+    ds = load_dataset(dcfg("folder", tmp_path / "r", val_fraction=0))
+    assert counts(ds.manifest, "train") == {"happy": 1, "sad": 1} and not ds.dropped
+
+
 def test_folder_holds_out_val(tmp_path):
     for i in range(10):
         write_image(tmp_path / "r" / "happy" / f"{i}.png", seed=i)
