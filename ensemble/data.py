@@ -62,6 +62,8 @@ DROP_LABEL = "label outside the classes"
 DROP_VA = "valence/arousal missing (-2) or out of range"
 DROP_NOT_REGULAR = "not a regular file (FIFO, device, broken link)"
 DROP_DUPLICATE = "duplicate row (same image and box)"
+DROP_HALF_VA = "only one of valence/arousal given"
+DROP_CONFLICT = "duplicate row with another label (same image and box; the first row's label is kept)"
 
 AFFECTNET_COLUMNS = [
     "subDirectory_filePath",
@@ -417,7 +419,11 @@ def _read_csv(path: Path, drops: _Drops) -> list[dict]:
             continue
         p = Path(str(rec[path_col]).strip())
         row = _empty_row(str(p if p.is_absolute() else base / p), CLASS_INDEX[c], split)
-        if "valence" in cols and "arousal" in cols and str(rec[cols["valence"]]).strip() != "":
+        cells = [str(rec[cols[k]]).strip() for k in ("valence", "arousal") if k in cols]
+        if len(cells) == 2 and (cells[0] == "") != (cells[1] == ""):  # one given, one empty
+            drops.add(DROP_HALF_VA, row["path"])
+            continue
+        if len(cells) == 2 and cells[0] != "":
             try:
                 v, a = float(rec[cols["valence"]]), float(rec[cols["arousal"]])
             except ValueError:
@@ -508,8 +514,10 @@ def _drop_duplicates(df: pd.DataFrame, drops: _Drops) -> pd.DataFrame:
         )
     key = pd.DataFrame({"p": norm, **{k: df[k].astype(str) for k in ("x", "y", "w", "h")}})
     dup = key.duplicated().to_numpy()
-    for p, split in zip(df.loc[dup, "path"], df.loc[dup, "split"]):
-        drops.add(DROP_DUPLICATE, p, split)
+    first = df["label"].groupby([key[c].to_numpy() for c in key.columns], dropna=False).transform("first").to_numpy()
+    other = dup & (df["label"].to_numpy() != first)  # the same face labelled twice, differently
+    for p, split, o in zip(df.loc[dup, "path"], df.loc[dup, "split"], other[dup]):
+        drops.add(DROP_CONFLICT if o else DROP_DUPLICATE, p, split)
     return df[~dup]
 
 

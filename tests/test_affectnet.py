@@ -10,6 +10,7 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
+from ensemble.classes import CLASS_INDEX
 from ensemble.cli import main
 from ensemble.config import DataConfig, load_config
 from ensemble.data import (
@@ -160,6 +161,17 @@ def test_csv_duplicates_are_dropped_and_named(tmp_path):
     )
     ds = load_dataset(DataConfig(format="csv", root=str(tmp_path / "m.csv"), val_fraction=0))
     assert len(ds.manifest) == 2 and dict(ds.dropped) == {"duplicate row (same image and box)": 2}
+
+
+def test_csv_duplicate_with_another_label_is_named_apart(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("path,label\na.png,happy\na.png,sad\na.png,happy\n")
+    ds = load_dataset(DataConfig(format="csv", root=str(tmp_path / "m.csv"), val_fraction=0))
+    assert ds.manifest["label"].tolist() == [CLASS_INDEX["happy"]]
+    assert dict(ds.dropped) == {
+        "duplicate row (same image and box)": 1,
+        "duplicate row with another label (same image and box; the first row's label is kept)": 1,
+    }
 
 
 def test_csv_path_in_two_splits_is_an_error(tmp_path):

@@ -397,6 +397,7 @@ def test_csv_manifest(tmp_path):
         "imgs/g.png,sad,1.5,0,train\n"
         "imgs/h.png,fear,0,0,holdout\n"
         f"{absolute},neutral,0.1,-0.1,train\n"
+        "imgs/i.png,sad,,0.3,train\n"  # half a pair: not silently replaced by derived values
     )
     ds = load_dataset(dcfg("csv", root / "labels.csv"))
     df = ds.manifest
@@ -404,6 +405,7 @@ def test_csv_manifest(tmp_path):
         "label outside the classes": 1,
         "valence/arousal not a number in [-1, 1]": 3,
         "unknown split": 1,
+        "only one of valence/arousal given": 1,
     }
     assert counts(df, "train") == {"happy": 1, "neutral": 1}
     assert counts(df, "val") == {"anger": 1}
