@@ -560,7 +560,10 @@ def load_dataset(data_cfg, seed: int = 0, check_files: bool = True) -> Dataset:
             raise UserError(f"data.root is not set (the {fmt} data set's location)")
         root = Path(data_cfg.root).expanduser()
         if not root.exists():
-            raise UserError(f"data root not found: {root}")
+            where = (
+                "" if root.is_absolute() else f" (a relative data.root is read from the current folder, {Path.cwd()})"
+            )
+            raise UserError(f"data root not found: {root}{where}")
         rows = {
             "ferplus": lambda: _read_ferplus(root, drops),
             "affectnet": lambda: _read_affectnet(root, drops),

@@ -118,6 +118,10 @@ def ensure_flat_trunk(exp, stage_cfg, stage: str, resume: bool = False, log=prin
             "has none: training the flat model first"
         )
         fit_flat(exp, resume, log)
+        if exp.rt.is_main:  # as fit-flat does: its probabilities temperature-scaled on the selection split
+            from ensemble.calibration import calibrate
+
+            calibrate(exp, log)
 
 
 def stages_on_flat_trunk(run: Path) -> list[str]:

@@ -347,6 +347,14 @@ def test_folder_reads_tiff_faces(tmp_path):
     assert counts(ds.manifest, "train") == {"happy": 1, "sad": 1} and not ds.dropped
 
 
+def test_a_missing_relative_root_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        UserError, match=r"data root not found: nowhere \(a relative data.root is read from the current folder, "
+    ):
+        load_dataset(dcfg("folder", "nowhere"))
+
+
 def test_folder_holds_out_val(tmp_path):
     for i in range(10):
         write_image(tmp_path / "r" / "happy" / f"{i}.png", seed=i)

@@ -79,6 +79,7 @@ def test_the_missions_order_trains_the_flat_trunk_first_and_says_so(tmp_path, ca
     said = [line for line in (out + err).splitlines() if "training the flat model first" in line]
     assert len(said) == 1 and 'trunk_from = "flat"' in said[0]
     assert (run / "flat" / "meta.json").is_file() and (run / "stage1" / "meta.json").is_file()
+    assert (run / "calibration" / "meta.json").is_file()  # the flat model calibrated, as fit-flat does
     code, out, err = _cli(["fit-experts", "--config", str(cfg), "--out", str(run), *sets], capsys)
     assert code == 0, err
     assert "training the flat model first" not in out + err  # it is there now
