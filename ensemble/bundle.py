@@ -46,9 +46,15 @@ def default_run() -> Path | None:
 
 
 def resolve_run(run, log=None, what: str = "predict") -> Path:
-    """``run`` if given; else the bundled model; else artifacts/demo, saying so in one line."""
+    """``run`` if given (a folder, or the name of a bundled model where no such folder exists:
+    ``--run ferplus-mobilenet``); else the bundled default; else artifacts/demo, saying so in one line."""
     if run is not None:
-        return Path(run)
+        path = Path(run)
+        if not path.exists() and path.name == str(run):
+            named = next((p for p in bundled_models() if p.name == str(run)), None)
+            if named is not None:
+                return named
+        return path
     bundled = default_run()
     if bundled is not None:
         return bundled

@@ -184,7 +184,10 @@ class HierarchicalPredictor(_Base):
 
         run = Path(run)
         if not run.is_dir():
-            raise UserError(f"run folder not found: {run}")
+            from .bundle import bundled_models
+
+            names = ", ".join(p.name for p in bundled_models())
+            raise UserError(f"run folder not found: {run}" + (f" (bundled models: {names})" if names else ""))
         sources: dict = {}  # a trunk borrowed by several stages is verified and read once
         stage1, m1 = load_network(run / "stage1", run, sources)
         if not (run / "neighborhoods" / "meta.json").is_file():

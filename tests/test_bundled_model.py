@@ -147,3 +147,11 @@ def test_loading_reads_each_weights_file_once(bundled, monkeypatch):
     net = model.net.net
     assert net.flat_head is not None  # the bundle's answer mixes the flat model in
     assert len({id(t) for t in net.trunks.values()}) == 1  # one trunk module for every stage
+
+
+def test_a_bundled_model_is_named_by_its_name_where_no_such_folder_exists(bundled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bundle.resolve_run(bundled.name) == bundled  # --run ferplus, ensemble.load("ferplus")
+    (tmp_path / bundled.name).mkdir()
+    assert bundle.resolve_run(bundled.name) == tmp_path.joinpath(bundled.name).relative_to(tmp_path)  # a folder wins
+    assert bundle.resolve_run("no-such-model") == type(bundled)("no-such-model")  # left to the loader's message
