@@ -97,9 +97,84 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+def _conv_bn(c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation as MobileNetV2 uses it: conv (no bias), batch norm, ReLU6."""
+    layers = [nn.Conv2d(c_in, c_out, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block (Sandler et al. 2018): expand 1x1, depthwise 3x3, project 1x1 (linear),
+    with the input added back where the shape allows."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        self.use_res_connect = stride == 1 and c_in == c_out
+        layers = [_conv_bn(c_in, hidden, 1)] if expand != 1 else []
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, c_out, 1, bias=False)]
+        self.conv = nn.Sequential(*layers, nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+# (expansion t, channels c, repeats n, first stride s): the paper's Table 2, width 1.0
+_MOBILENET_V2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's mobilenet_v2, module for module (same state_dict keys, same initialisation
+    from the same seed), so that loading a trained MobileNetV2 run never imports torchvision."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers, c_in = [_conv_bn(3, 32, stride=2)], 32
+        for t, c, n, s in _MOBILENET_V2:
+            for i in range(n):
+                layers.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+                c_in = c
+        layers.append(_conv_bn(c_in, 1280, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+        if self.classifier[1].weight.is_meta:
+            return  # built to be loaded
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def blocks(self) -> list[nn.Sequential]:
+        """The trunk cut where the resolution drops (a block starts at each stride-2 layer), as
+        :func:`_split_by_resolution` cuts torchvision's model: features 0-1, 2-3, 4-6, 7-13, 14-18."""
+        starts = [0, 2, 4, 7, 14, len(self.features)]
+        return [nn.Sequential(*self.features[a:b]) for a, b in zip(starts, starts[1:])]
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
 def _torchvision_model(name: str, pretrained: str) -> nn.Module:
     if pretrained in ("", "none") and name.removesuffix("_bn") in _VGG_LAYOUTS:
         return VGG(name)
+    if pretrained in ("", "none") and name == "mobilenet_v2":
+        return MobileNetV2()
     import torchvision
 
     try:
@@ -190,6 +265,8 @@ def build_trunk(name: str, pretrained: str = "none") -> tuple[nn.Sequential, int
                     blocks.append(nn.Sequential(*block))
                     block = []
             return nn.Sequential(*blocks), 512, model.classifier
+        if isinstance(model, MobileNetV2):  # its stride stages, known: no probe pass
+            return nn.Sequential(*model.blocks()), 1280, None
         if hasattr(model, "layer4"):  # ResNet family
             stem = nn.Sequential(*[m for n_, m in model.named_children() if n_ in ("conv1", "bn1", "relu", "maxpool")])
             blocks = [stem] + [getattr(model, f"layer{i}") for i in range(1, 5)]

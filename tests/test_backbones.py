@@ -366,3 +366,26 @@ def test_own_vgg_is_torchvisions_module_for_module(name):
     assert isinstance(classifier, torch.nn.Sequential) and channels == _out_channels(trunk) == 512
     probed = _split_by_resolution(list(theirs.features))  # the rule every other backbone is cut by
     assert [repr(b) for b in trunk] == [repr(b) for b in probed] and len(trunk) == 5
+
+
+def test_own_mobilenet_v2_is_torchvisions_module_for_module():
+    """Loading a MobileNetV2 run builds it without torchvision: same keys, same initialisation
+    from the same seed, same outputs, the same five trunk blocks the probe cuts torchvision's into."""
+    import torchvision
+
+    from stages.backbones import MobileNetV2, _out_channels, _split_by_resolution, build_trunk
+
+    torch.manual_seed(0)
+    ours = MobileNetV2()
+    torch.manual_seed(0)
+    theirs = torchvision.models.mobilenet_v2(weights=None)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(ours.eval()(x), theirs.eval()(x))
+    trunk, channels, classifier = build_trunk("mobilenet_v2", "none")
+    assert classifier is None and channels == _out_channels(trunk) == 1280
+    probed = _split_by_resolution(list(theirs.features))
+    assert [list(b.state_dict()) for b in trunk] == [list(b.state_dict()) for b in probed] and len(trunk) == 5
+    with torch.device("meta"):  # how a trained run is loaded: nothing allocated, nothing initialised
+        assert all(p.is_meta for p in MobileNetV2().parameters())
