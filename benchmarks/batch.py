@@ -11,7 +11,9 @@ for the spread), the time includes starting the worker processes (each imports t
 mode must give the same boxes, emotions and errors as the first mode (the run stops otherwise).
 ``auto`` is the CLI's default (``--processes auto``: :func:`ensemble.api.auto_processes`).
 ``mtcnn_ms_per_photo_one_thread``: detection alone, decoded photos, one torch thread, the first
-64 photos. The temporary folder is deleted at the end.
+64 photos; ``detect_only_photos_per_s``: decode and detect the whole folder in one thread per
+usable core with no emotion model, the detector's ceiling on the machine. The temporary folder is
+deleted at the end.
 """
 
 from __future__ import annotations
@@ -112,6 +114,24 @@ def measure(args, modes, tmp: Path) -> dict:
         detect(im)
     figures["mtcnn_ms_per_photo_one_thread"] = round(1000 * (time.perf_counter() - t) / len(images), 1)
     print(f"MTCNN alone: {figures['mtcnn_ms_per_photo_one_thread']} ms a photo on one thread")
+    # the detector's ceiling here: decode + detect of the whole folder in one thread per core and
+    # no emotion model (the threads share the torch pool of one thread, as predict_many's do)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def decode_detect(f):
+        with Image.open(f) as im:
+            return len(detect(im.convert("RGB")))
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        n_faces = sum(pool.map(decode_detect, files))
+    dt = time.perf_counter() - t
+    figures["detect_only_photos_per_s"] = {
+        "threads": usable_cores(),
+        "photos_per_s": round(len(files) / dt, 1),
+        "faces": n_faces,
+    }
+    print(f"decode + detect alone, {usable_cores()} threads: {len(files) / dt:.1f} photos/s ({n_faces} faces)")
     figures["load_average_at_end"] = os.getloadavg()
     return figures
 
