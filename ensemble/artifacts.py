@@ -175,3 +175,11 @@ def state_digest(module: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def flat_identity(meta: dict) -> dict:
+    """What identifies a trained stage (the flat model, stage 1) across float16 bundling (which
+    rewrites its files): its recorded trunk digest and training fingerprint. The router records
+    stage 1's, and the flat model's when it mixes it in; the hierarchy refuses others; a
+    distilled flat model records its teacher's."""
+    return {"trunk_sha256": meta.get("trunk_sha256"), "fingerprint": meta.get("fingerprint")}

@@ -13,12 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
+from . import paths
 from .errors import UserError
 from .files import atomic_write, swap_into_place
 from .paths import make_dir
 
-PACKAGED = Path(__file__).resolve().parent / "models"
-DEFAULT_NAME = "ferplus"
+PACKAGED = paths.PACKAGED
+DEFAULT_NAME = paths.DEFAULT_NAME
 STAGES = ("flat", "stage1", "neighborhoods", "experts", "router", "calibration")
 NOT_FOR = (
     "48-px grayscale FER-style faces: expect lower accuracy on other crops, poses and lighting; "
@@ -33,16 +34,12 @@ LICENCES = {
 
 
 def bundled_models() -> list[Path]:
-    """Bundled runs installed with the package, default first."""
-    if not PACKAGED.is_dir():
-        return []
-    found = sorted(p for p in PACKAGED.iterdir() if (p / "flat" / "meta.json").is_file())
-    return sorted(found, key=lambda p: p.name != DEFAULT_NAME)
+    """Bundled runs installed with the package (:data:`PACKAGED`), default first."""
+    return paths.bundled_models(PACKAGED)
 
 
 def default_run() -> Path | None:
-    models = bundled_models()
-    return models[0] if models else None
+    return paths.default_run(PACKAGED)
 
 
 def resolve_run(run, log=None, what: str = "predict") -> Path:

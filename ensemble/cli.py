@@ -136,7 +136,15 @@ def fit_stage1_cmd(config_file, overrides, run, resume):
     """Train the stage-1 regressor to (valence, arousal); writes RUN/stage1."""
     from stages.stage1 import fit_stage1
 
-    metrics = fit_stage1(_experiment(config_file, overrides, run), resume, _log)
+    from .calibration import calibrate
+
+    had_flat = (Path(run) / "flat" / "meta.json").is_file()
+    exp = _experiment(config_file, overrides, run)
+    metrics = fit_stage1(exp, resume, _log)
+    if not had_flat and (exp.run / "flat" / "meta.json").is_file() and exp.rt.is_main:
+        calibrate(
+            exp, _log
+        )  # the flat model it trained first, calibrated as fit-flat does (fit-experts does it itself)
     _print_metrics("stage1", metrics)
 
 

@@ -140,3 +140,23 @@ def make_dir(path: Path, what: str) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
     return path
+
+
+#: where the bundled runs are installed (package data), and the default one's folder name
+PACKAGED = Path(__file__).resolve().parent / "models"
+DEFAULT_NAME = "ferplus"
+
+
+def bundled_models(packaged: Path | None = None) -> list[Path]:
+    """Bundled runs installed with the package (folders of ``packaged``), default first."""
+    packaged = PACKAGED if packaged is None else packaged
+    if not packaged.is_dir():
+        return []
+    found = sorted(p for p in packaged.iterdir() if (p / "flat" / "meta.json").is_file())
+    return sorted(found, key=lambda p: p.name != DEFAULT_NAME)
+
+
+def default_run(packaged: Path | None = None) -> Path | None:
+    """The bundled default model's folder, or None where none is installed."""
+    models = bundled_models(packaged)
+    return models[0] if models else None

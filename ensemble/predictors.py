@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import read_meta
+from .artifacts import flat_identity, read_meta  # noqa: F401  (flat_identity re-exported)
 from .classes import CLASSES
 from .config import DEFAULT_TEMPERATURE
 from .errors import UserError
@@ -120,13 +120,6 @@ def _damaged_run_is_one_line(load):
             ) from None
 
     return wrapper
-
-
-def flat_identity(meta: dict) -> dict:
-    """What identifies a trained stage (the flat model, stage 1) across float16 bundling (which
-    rewrites its files): its recorded trunk digest and training fingerprint. The router records
-    stage 1's, and the flat model's when it mixes it in; the hierarchy refuses others."""
-    return {"trunk_sha256": meta.get("trunk_sha256"), "fingerprint": meta.get("fingerprint")}
 
 
 class FlatPredictor(_Base):

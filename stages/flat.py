@@ -26,7 +26,7 @@ def soft_targets(manifest) -> np.ndarray:
 
 def teacher_run(name: str) -> Path:
     """``train.teacher``: a run folder, or ``bundled`` for the bundled default model."""
-    from ensemble.bundle import default_run
+    from ensemble.paths import default_run
 
     run = default_run() if name == "bundled" else Path(name)
     if run is None:
@@ -43,9 +43,9 @@ def teacher_probabilities(exp, cfg, tr: np.ndarray, vi: np.ndarray, log=print) -
     training faces ``tr`` (n, 8), each face as it is stored, at the teacher's own input size,
     and what identifies the teacher. The teacher must have trained and selected on exactly this
     run's split, so that no selection face reaches the student through it."""
+    from ensemble.artifacts import flat_identity
     from ensemble.checkpoints import faces_digest
     from ensemble.engine import predict_outputs
-    from ensemble.predictors import flat_identity
     from ensemble.prepare import load_images
 
     from .neural import load_network
@@ -117,11 +117,7 @@ def ensure_flat_trunk(exp, stage_cfg, stage: str, resume: bool = False, log=prin
             f'{stage}: builds on the flat model\'s trunk (model.trunk_from = "flat") and {exp.run / "flat"} '
             "has none: training the flat model first"
         )
-        fit_flat(exp, resume, log)
-        if exp.rt.is_main:  # as fit-flat does: its probabilities temperature-scaled on the selection split
-            from ensemble.calibration import calibrate
-
-            calibrate(exp, log)
+        fit_flat(exp, resume, log)  # (calibrated by the command: fit-stage1's, or fit-experts' own calibration)
 
 
 def stages_on_flat_trunk(run: Path) -> list[str]:

@@ -100,11 +100,11 @@ def test_a_teacher_from_another_split_or_no_run_is_refused_in_one_line(tmp_path,
 
 
 def test_bundled_names_the_bundled_default(tmp_path, teacher, monkeypatch):
-    import ensemble.bundle as bundle
+    import ensemble.paths as paths
     from stages.flat import teacher_run
 
-    monkeypatch.setattr(bundle, "default_run", lambda: teacher)
+    monkeypatch.setattr(paths, "default_run", lambda: teacher)
     assert teacher_run("bundled") == teacher
-    monkeypatch.setattr(bundle, "default_run", lambda: None)
+    monkeypatch.setattr(paths, "default_run", lambda: None)
     with pytest.raises(UserError, match="no bundled model"):
         teacher_run("bundled")
