@@ -389,3 +389,22 @@ def test_own_mobilenet_v2_is_torchvisions_module_for_module():
     assert [list(b.state_dict()) for b in trunk] == [list(b.state_dict()) for b in probed] and len(trunk) == 5
     with torch.device("meta"):  # how a trained run is loaded: nothing allocated, nothing initialised
         assert all(p.is_meta for p in MobileNetV2().parameters())
+
+
+def test_a_mobilenet_v2_run_is_built_without_torchvision():
+    """How load_network builds a trained MobileNetV2 run (pretrained none, meta device): no
+    torchvision import (with it torch._dynamo: over a second of a cold predict)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from ensemble.config import ModelConfig\n"
+        "from stages.backbones import build_model\n"
+        "with torch.device('meta'):\n"
+        "    build_model(ModelConfig(backbone='mobilenet_v2', pretrained='none', head='slim'), 8)\n"
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

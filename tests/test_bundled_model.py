@@ -42,47 +42,30 @@ def astronaut_jpg(tmp_path_factory):
     return path
 
 
-#: every bundled model: the default (VGG16, 48 px) and the small one (MobileNetV2, 64 px)
-NAMES = ("ferplus", "ferplus-mobilenet")
-
-
-@pytest.fixture(scope="module", params=NAMES)
-def each_bundled(request):
-    run = next((p for p in bundle.bundled_models() if p.name == request.param), None)
-    assert run is not None, f"the {request.param} model is not bundled"
-    return run
-
-
-def test_the_bundled_models_fit_the_budget_together():
-    runs = bundle.bundled_models()
-    assert sorted(p.name for p in runs) == sorted(NAMES)
-    total = sum(p.stat().st_size for run in runs for p in run.rglob("*") if p.is_file())
-    assert total <= 40 * 2**20, f"bundled models are {total / 2**20:.1f} MiB together"
-
-
-def test_each_bundle_is_a_complete_half_precision_run(each_bundled):
+def test_bundle_is_a_complete_half_precision_run_within_budget(bundled):
     import torch
 
+    runs = bundle.bundled_models()
+    assert [p.name for p in runs] == [bundle.DEFAULT_NAME]  # one bundled model: the repository's only weights
+    total = sum(p.stat().st_size for p in bundled.rglob("*") if p.is_file())
+    assert total <= 40 * 2**20, f"bundled model is {total / 2**20:.1f} MiB"
     for stage in ("flat", "stage1", "neighborhoods", "experts", "router", "calibration", "model_card"):
-        assert (each_bundled / stage / "meta.json").is_file(), stage
-    weights = torch.load(each_bundled / "flat" / "weights.pt", map_location="cpu", weights_only=True)
+        assert (bundled / stage / "meta.json").is_file(), stage
+    weights = torch.load(bundled / "flat" / "weights.pt", map_location="cpu", weights_only=True)
     floats = [t for t in weights.values() if t.is_floating_point()]
     assert floats and all(t.dtype == torch.float16 for t in floats)
-    from ensemble.artifacts import read_meta  # every file listed with its sha256: nothing unlisted, nothing altered
 
-    for meta in each_bundled.rglob("meta.json"):
+
+def test_default_load_is_the_bundle_and_verifies_every_file(bundled, model):
+    assert model.run == bundled
+    # every stage folder lists each file with its sha256: nothing unlisted, nothing altered
+    from ensemble.artifacts import read_meta
+
+    for meta in bundled.rglob("meta.json"):
         read_meta(meta.parent, meta.parent.name)
 
 
-def test_each_bundle_answers_the_astronaut_by_its_name(each_bundled, astronaut_jpg):
-    import ensemble
-
-    faces = ensemble.load(each_bundled.name).predict(str(astronaut_jpg))
-    assert len(faces) == 1 and faces[0]["emotion"] == "happy", faces[0]["probabilities"]
-
-
-def test_model_card_says_what_it_is_and_is_not(each_bundled):
-    bundled = each_bundled
+def test_model_card_says_what_it_is_and_is_not(bundled):
     card = json.loads((bundled / "model_card" / "card.json").read_text())
     assert card["classes"] == list(CLASSES)
     assert card["data"]["format"] == "ferplus" and "MIT" in card["licence"]
@@ -97,10 +80,6 @@ def test_models_lists_every_compared_row_and_names_what_predict_answers(bundled)
     for row in ("flat", "hard", "soft", "mixed", "mixed+la", "oracle"):
         assert f"valid {row}: accuracy" in text, row
     assert "what predict answers" in text.split("valid mixed+la:")[1].splitlines()[0]
-
-
-def test_default_load_is_the_bundle(bundled, model):
-    assert model.run == bundled
 
 
 def test_a_tampered_bundled_file_is_refused(bundled, tmp_path):
