@@ -239,7 +239,7 @@ class Model:
         fmt = (self.card.get("data") or {}).get("format")
         self.synthetic = fmt == "synthetic"
         self.grayscale = fmt in GRAYSCALE_FORMATS
-        self.crop = {d: run_crop(self.net.meta, d) for d in ("mtcnn", "haar")}  # (box_source, margin)
+        self.crop = {d: run_crop(self.net.meta, d) for d in ("mtcnn", "blazeface", "haar")}  # (box_source, margin)
         self._warned = False
 
     def __repr__(self) -> str:

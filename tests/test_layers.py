@@ -29,6 +29,7 @@ LAYERS = {
         "ensemble.prepare",
         "ensemble.detect",
         "ensemble.mtcnn",
+        "ensemble.blazeface",
         "ensemble.artifacts",
         "ensemble.meta_schema",
     ],
