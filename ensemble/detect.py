@@ -123,25 +123,13 @@ def detect_mtcnn(image: Image.Image, max_side: int = MAX_SIDE, min_score: float 
     if min(small.size) < MIN_FACE:  # no face of the smallest size fits (a 2 x 30000 strip)
         return []
     boxes, probs, points = model.detect(np.asarray(small))
-    faces = []
-    for b, p, lm in zip(boxes, probs, points):
-        if p < min_score:
-            continue
-        x0, y0, x1, y1 = (float(v) / scale for v in b)
-        x0, y0 = max(0.0, x0), max(0.0, y0)
-        x1, y1 = min(float(image.width), x1), min(float(image.height), y1)
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            continue
-        box = (round(x0), round(y0), round(x1 - x0), round(y1 - y0))
-        faces.append(Face(box, np.asarray(lm, np.float32) / scale, float(p), "mtcnn"))
-    return sorted(faces, key=lambda f: -f.box[2] * f.box[3])
+    keep = probs >= min_score
+    return _faces(image, scale, boxes[keep], probs[keep], points[keep], "mtcnn")
 
 
-def detect_blazeface(image: Image.Image, max_side: int = MAX_SIDE) -> list[Face]:
-    from .blazeface import detect as blazeface
-
-    small, scale = _downscale(image.convert("RGB"), max_side)
-    boxes, scores, points = blazeface(small)
+def _faces(image: Image.Image, scale: float, boxes, scores, points, detector: str) -> list[Face]:
+    """Faces from a detector's (x0, y0, x1, y1) boxes, scores and landmarks on the photo downscaled
+    by ``scale``: back in the photo's pixels, clipped to it, slivers dropped, largest first."""
     faces = []
     for b, p, lm in zip(boxes, scores, points):
         x0, y0, x1, y1 = (float(v) / scale for v in b)
@@ -150,8 +138,15 @@ def detect_blazeface(image: Image.Image, max_side: int = MAX_SIDE) -> list[Face]
         if x1 - x0 < 2 or y1 - y0 < 2:
             continue
         box = (round(x0), round(y0), round(x1 - x0), round(y1 - y0))
-        faces.append(Face(box, np.asarray(lm, np.float32) / scale, float(p), "blazeface"))
+        faces.append(Face(box, np.asarray(lm, np.float32) / scale, float(p), detector))
     return sorted(faces, key=lambda f: -f.box[2] * f.box[3])
+
+
+def detect_blazeface(image: Image.Image, max_side: int = MAX_SIDE) -> list[Face]:
+    from .blazeface import detect as blazeface
+
+    small, scale = _downscale(image.convert("RGB"), max_side)
+    return _faces(image, scale, *blazeface(small), "blazeface")
 
 
 def detect(image: Image.Image, detector: str = DEFAULT_DETECTOR, max_side: int = MAX_SIDE) -> list[Face]:
