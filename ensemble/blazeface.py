@@ -43,8 +43,7 @@ def _interpreter():
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
             raise UserError(
-                "the blazeface detector runs on LiteRT: pip install ai-edge-litert "
-                "(or pip install 'ensemble[blazeface]'), or pass --detector mtcnn"
+                "the blazeface detector runs on LiteRT: pip install ai-edge-litert, or pass --detector mtcnn"
             ) from None
         with _quiet_stderr():  # LiteRT's C++ "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
             it = Interpreter(model_path=str(MODEL), num_threads=1)

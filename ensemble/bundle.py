@@ -213,7 +213,7 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
     return out
 
 
-RUN_STAGES = ("flat", "stage1", "neighborhoods", "experts", "router", "calibration", "model_card")
+RUN_STAGES = (*STAGES, "model_card")
 
 
 def run_problem(run: Path) -> str | None:

@@ -142,9 +142,8 @@ def fit_stage1_cmd(config_file, overrides, run, resume):
     exp = _experiment(config_file, overrides, run)
     metrics = fit_stage1(exp, resume, _log)
     if not had_flat and (exp.run / "flat" / "meta.json").is_file() and exp.rt.is_main:
-        calibrate(
-            exp, _log
-        )  # the flat model it trained first, calibrated as fit-flat does (fit-experts does it itself)
+        # the flat model it trained first, calibrated as fit-flat does (fit-experts does it itself)
+        calibrate(exp, _log)
     _print_metrics("stage1", metrics)
 
 
