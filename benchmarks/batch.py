@@ -1,7 +1,7 @@
 """Batch inference on a folder: photos/s of ``predict_many`` with detection in threads or in worker
 processes, on the machine it runs on.
 
-    python benchmarks/batch.py [--run RUN] [--device cpu|cuda] [--precision fp32|bf16]
+    python benchmarks/batch.py [--run RUN] [--device cpu|cuda] [--precision fp32|bf16] [--backend auto|onnx|torch]
                                [--n 1024] [--modes threads:4,processes:2,auto]
 
 The folder is built as in ``benchmarks/predict_photo.py`` (scikit-image's astronaut and the shared
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="run folder (default: the bundled model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--backend", default="auto", help="auto (what a user gets), onnx or torch")
     ap.add_argument("--n", type=int, default=1024, help="photos in the folder")
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
     ap.add_argument(
@@ -71,7 +72,7 @@ def measure(args, modes, tmp: Path) -> dict:
     from ensemble.detect import DEFAULT_DETECTOR, detect
 
     files = _folder(tmp, args.n, Path(args.photos))
-    model = ensemble.load(args.run, device=args.device, precision=args.precision)
+    model = ensemble.load(args.run, device=args.device, precision=args.precision, backend=args.backend)
     list(model.predict_many(files[:16]))  # warm-up: MTCNN and the networks loaded, kernels chosen
     figures = {
         "usable_cores": usable_cores(),
@@ -82,6 +83,7 @@ def measure(args, modes, tmp: Path) -> dict:
         "run": args.run or "bundled",
         "device": args.device,
         "precision": args.precision,
+        "backend": model.backend,
         "photos": f"{len(files)} JPEGs, long side 256 px (astronaut + shared photos, flips, shifts)",
         "load_average_at_start": os.getloadavg(),
         "modes": {},

@@ -3,8 +3,8 @@ photos/s on a folder of 256-px photos after loading.
 
     python benchmarks/predict_photo.py [--run RUN] [--n-folder 256] [--repeats 3] [--python PYTHON]
 
-Parts (one fresh process each repeat, medians): import (``import ensemble.api`` plus torch,
-which loading needs; torchvision is not imported: the networks and MTCNN are built here), load (``ensemble.load``: verify, read,
+Parts (one fresh process each repeat, medians): import (``import ensemble.api``, plus torch
+where the backend is torch; torchvision is not imported: the networks and MTCNN are built here), load (``ensemble.load``: verify, read,
 build the networks), detect (decode + detection +
 alignment of scikit-image's astronaut saved as a JPEG, first call: includes loading MTCNN), infer
 (the networks on its face), and the parts' peak memory (``peak_mb``). ``cli_wall_s`` and
@@ -12,6 +12,7 @@ alignment of scikit-image's astronaut saved as a JPEG, first call: includes load
 runs it (its detection threads and command line add to the parts' memory); ``help`` that of ``python -m ensemble --help``. The folder is generated in
 a temp dir (never committed): the astronaut and the shared photos resized to 256 px, with
 flips and shifts, ``--n-folder`` files (0: no folder).
+``--backends onnx,torch`` measures each backend (default: auto, what a user gets).
 ``--python`` times the cold start with another environment's interpreter in which the project is
 installed (e.g. one with torch's CPU wheel and no torchvision: predicting needs none). ``fer`` is not measured: installing it pulls TensorFlow
 and opencv-contrib-python 5, which replaces the OpenCV < 5 this project uses.
@@ -36,9 +37,10 @@ PARTS = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import ensemble.api as api
-import torch  # what loading needs (no torchvision, pandas or scikit-learn): timed apart from our own work
+if sys.argv[4] == "torch":
+    import torch  # what loading needs (no torchvision, pandas or scikit-learn): timed apart from our own work
 t1 = time.perf_counter()
-model = api.load(sys.argv[1] if sys.argv[1] != "-" else None, detector=sys.argv[3])
+model = api.load(sys.argv[1] if sys.argv[1] != "-" else None, detector=sys.argv[3], backend=sys.argv[4])
 t2 = time.perf_counter()
 faces, crops = model.faces_in(sys.argv[2])
 t3 = time.perf_counter()
@@ -47,8 +49,8 @@ t4 = time.perf_counter()
 with open("/proc/self/status") as f:
     peak = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "detect": t3 - t2, "infer": t4 - t3, "total": t4 - t0,
-                  "peak_mb": peak, "faces": len(faces),
-                  "imported": sorted(m for m in ("torchvision", "torch._dynamo", "pandas", "sklearn") if m in sys.modules)}))
+                  "peak_mb": peak, "faces": len(faces), "backend": model.backend,
+                  "imported": sorted(m for m in ("torch", "torchvision", "torch._dynamo", "pandas", "sklearn") if m in sys.modules)}))
 """
 
 
@@ -100,7 +102,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-folder", type=int, default=256)
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
-    ap.add_argument("--detectors", default="mtcnn,haar")
+    ap.add_argument("--detectors", default="blazeface,mtcnn")
+    ap.add_argument("--backends", default="auto", help="comma-separated: auto, onnx, torch")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the cold-start parts and CLI")
     ap.add_argument("--out", default=None, help="result file (default benchmarks/results/predict-photo.json)")
     args = ap.parse_args()
@@ -127,10 +130,18 @@ def main() -> None:
     helps = [_wall([py, "-m", "ensemble", "--help"])[0] for _ in range(5)]
     figures["help_s"] = round(statistics.median(helps), 3)
     print(f"ensemble --help: {figures['help_s']:.3f} s (median of 5)")
-    for det in args.detectors.split(","):
+    backends = args.backends.split(",")
+    cases = [(det, be) for det in args.detectors.split(",") for be in backends]
+
+    def key(det: str, be: str) -> str:
+        return det if len(backends) == 1 else f"{det}, {be}"
+
+    for det, be in cases:
         parts = []
         for _ in range(args.repeats):
-            out = subprocess.run([py, "-c", PARTS, run_arg, str(photo), det], cwd=ROOT, capture_output=True, text=True)
+            out = subprocess.run(
+                [py, "-c", PARTS, run_arg, str(photo), det, be], cwd=ROOT, capture_output=True, text=True
+            )
             if out.returncode != 0:
                 raise SystemExit(out.stderr.strip()[-600:])
             parts.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -144,18 +155,22 @@ def main() -> None:
                     str(photo),
                     "--detector",
                     det,
+                    "--backend",
+                    be,
                     *(["--run", args.run] if args.run else []),
                 ]
             )
             for _ in range(args.repeats)
         ]
-        med = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0] if k != "imported"}
-        med["imported"] = parts[0]["imported"]
+        med = {
+            k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0] if k not in ("imported", "backend")
+        }
+        med["imported"], med["backend"] = parts[0]["imported"], parts[0]["backend"]
         med["cli_wall_s"] = round(statistics.median(c[0] for c in cli), 3)
         med["cli_peak_mb"] = round(statistics.median(c[1] for c in cli), 1)
-        figures["cold"][det] = med
+        figures["cold"][key(det, be)] = med
         print(
-            f"cold, {det}: cli {med['cli_wall_s']:.2f} s wall; import {med['import']:.2f} + load {med['load']:.2f} "
+            f"cold, {key(det, be)} ({med['backend']}): cli {med['cli_wall_s']:.2f} s wall; import {med['import']:.2f} + load {med['load']:.2f} "
             f"+ detect {med['detect']:.2f} + infer {med['infer']:.3f} s; peak {med['cli_peak_mb']:.0f} MB for the cli, "
             f"{med['peak_mb']:.0f} MB for the parts "
             f"(medians of {args.repeats})"
@@ -167,8 +182,8 @@ def main() -> None:
     from ensemble import api
 
     files = _folder(tmp, args.n_folder, Path(args.photos)) if args.n_folder else []
-    for det in args.detectors.split(",") if files else []:
-        model = api.load(args.run, detector=det)
+    for det, be in cases if files else []:
+        model = api.load(args.run, detector=det, backend=be)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a synthetic timing run says so once; not news here
             list(model.predict_many(files[:8]))  # warm-up
@@ -183,7 +198,8 @@ def main() -> None:
         t = time.perf_counter()
         out32 = [o for i in range(0, len(crops), 32) for o in model._infer(crops[i : i + 32])]
         t_infer = (time.perf_counter() - t) / max(1, len(crops))
-        figures["folder"][det] = {
+        figures["folder"][key(det, be)] = {
+            "backend": model.backend,
             "photos": len(files),
             "faces": n_faces,
             "seconds": round(dt, 2),
@@ -193,11 +209,11 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
         }
         print(
-            f"folder of {len(files)} 256-px photos, {det}: {len(files) / dt:.1f} photos/s ({n_faces} faces); "
+            f"folder of {len(files)} 256-px photos, {key(det, be)} ({model.backend}): {len(files) / dt:.1f} photos/s ({n_faces} faces); "
             f"alone: decode+detect+align {1000 * t_detect:.1f} ms a photo (one thread), "
             f"networks {1000 * t_infer:.1f} ms a face (batch 32, {torch.get_num_threads()} threads)"
         )
-        if det == args.detectors.split(",")[0]:  # the networks in bf16 (--precision bf16) on the same faces
+        if (det, be) == cases[0]:  # the networks in bf16 (--precision bf16, on torch) on the same faces
             fast = api.load(args.run, detector=det, precision="bf16")
             fast._infer(crops[:32])
             t = time.perf_counter()

@@ -44,7 +44,7 @@ def _one_image(image):
 
     from PIL import Image
 
-    from .predictors import _as_image_list
+    from .images import as_image_list
 
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3):
@@ -52,7 +52,7 @@ def _one_image(image):
                 f"predict takes one image, an (H, W) or (H, W, C) array; got shape {image.shape} "
                 f"(for several images use predict_many, which takes a list)"
             )
-        return _as_image_list(image)[0]
+        return as_image_list(image)[0]
     if isinstance(image, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(image))
     if isinstance(image, (str, Path, Image.Image)) or hasattr(image, "read"):
@@ -76,12 +76,15 @@ def load(
     min_confidence: float = 0.0,
     device: str = "cpu",
     precision: str = "fp32",
+    backend: str = "auto",
     log=None,
 ) -> Model:
     """A ready model: the bundled default when ``run`` is None, else the run folder ``run``.
     ``device``: cpu (default), cuda, cuda:N, mps, or auto (the first of those this machine has).
     ``precision``: fp32, or bf16/fp16 autocast for the networks (faster where the hardware has
-    those units; probabilities differ slightly from the figures, which are measured in fp32)."""
+    those units; probabilities differ slightly from the figures, which are measured in fp32).
+    ``backend``: auto (ONNX Runtime, without torch, where the run has an ``onnx`` stage, as the
+    bundled model does, and the hierarchy runs in fp32 on the CPU; else torch), torch or onnx."""
     from .bundle import resolve_run
 
     return Model(
@@ -92,6 +95,7 @@ def load(
         min_confidence=min_confidence,
         device=device,
         precision=precision,
+        backend=backend,
     )
 
 
@@ -139,7 +143,8 @@ def _prepare(src, detector: str, size: int, crop: dict, grayscale: bool):
 
 # --processes auto: worker processes where they were measured to pay (benchmarks/batch.py): on 16
 # cores 8 processes read 112 photos/s against 64 with 4 threads; on 2 cores 2 processes read 35
-# against 47. Each starts by importing torch (a second or two), so only for folders of hundreds.
+# against 47 (MTCNN). Each starts a Python and its detector (MTCNN: torch, a second or two), so only for
+# folders of hundreds.
 AUTO_MIN_CORES = 8
 AUTO_MIN_IMAGES = 256
 AUTO_MAX_PROCESSES = 8
@@ -195,11 +200,13 @@ class _Inline:
         return map(fn, items)
 
 
-def _one_thread() -> None:
-    """A detection process's start: one torch thread, so that N processes use N cores."""
-    import torch
+def _one_thread(detector: str) -> None:
+    """A detection process's start: one torch thread for MTCNN (the one detector that runs on
+    torch), so that N processes use N cores; the others never import torch."""
+    if detector == "mtcnn":
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
 
 
 class Model:
@@ -215,23 +222,30 @@ class Model:
         min_confidence: float = 0.0,
         device: str = "cpu",
         precision: str = "fp32",
+        backend: str = "auto",
     ):
         from .bundle import read_card
         from .calibration import load_temperature
-        from .predictors import FlatPredictor, HierarchicalPredictor, check_device, check_precision
+        from .onnx_runtime import OnnxHierarchy, choose_backend
 
         self.run = Path(run)
         if flat and router:
             raise UserError("router chooses how the hierarchy routes; the flat model has no router")
-        device = check_device(device)
-        precision = check_precision(precision, device)
         self.flat = flat
-        self.net = (
-            FlatPredictor.load(self.run, device)
-            if flat
-            else HierarchicalPredictor.load(self.run, router=router, device=device)
-        )
-        self.net.precision = precision
+        self.backend = choose_backend(backend, self.run, flat=flat, router=router, device=device, precision=precision)
+        if self.backend == "onnx":  # no torch in this process
+            self.net = OnnxHierarchy.load(self.run)
+        else:
+            from .predictors import FlatPredictor, HierarchicalPredictor, check_device, check_precision
+
+            device = check_device(device)
+            precision = check_precision(precision, device)
+            self.net = (
+                FlatPredictor.load(self.run, device)
+                if flat
+                else HierarchicalPredictor.load(self.run, router=router, device=device)
+            )
+            self.net.precision = precision
         self.temperature = load_temperature(self.run, "flat" if flat else "hierarchy")
         self.detector = check_detector(detector)
         self.min_confidence = _check_confidence(min_confidence)
@@ -245,7 +259,7 @@ class Model:
     def __repr__(self) -> str:
         return (
             f"Model(run={str(self.run)!r}, {'flat' if self.flat else 'hierarchy'}, detector={self.detector!r}, "
-            f"T={self.temperature:.3g}, min_confidence={self.min_confidence}, precision={self.net.precision!r}, device={str(self.net.device)!r})"
+            f"T={self.temperature:.3g}, min_confidence={self.min_confidence}, precision={self.net.precision!r}, device={str(self.net.device)!r}, backend={self.backend!r})"
         )
 
     # -- faces ---------------------------------------------------------------------------------
@@ -278,7 +292,7 @@ class Model:
     def _infer(self, crops: np.ndarray) -> list[dict]:
         """Per crop: probabilities (temperature-scaled) and, for the hierarchy, V/A and neighborhood."""
         from .calibration import apply_temperature
-        from .predictors import uint8_to_input
+        from .images import uint8_to_input
 
         if len(crops) == 0:
             return []
@@ -286,8 +300,7 @@ class Model:
         if self.flat:
             proba, extra = self.net.proba_from_input(x), [{} for _ in crops]
         else:
-            va, ep = self.net.parts_from_input(x)
-            proba, w = self.net.route(va, ep)
+            proba, va, w = self.net.infer(x)
             extra = [
                 {"valence": float(v[0]), "arousal": float(v[1]), "neighborhood": int(r)}
                 for v, r in zip(va, w.argmax(1))
@@ -351,7 +364,7 @@ class Model:
         """Yield ``(source, records, error)`` per source in order; decoding and detection run in a
         thread pool (``workers`` threads) while the network works on batches of faces from earlier
         images, or, with ``processes`` > 0, in that many worker processes (one torch thread each;
-        each starts by importing torch, about a second, so it pays on large folders; a script that
+        each starts a Python and its detector (torch for MTCNN, about a second), so it pays on large folders; a script that
         asks for processes must guard its entry point with ``if __name__ == "__main__":``, as
         Python's spawned processes import it again). ``processes="auto"`` (the CLI's default):
         :func:`auto_processes` decides from the machine's cores and the number of images."""
@@ -366,8 +379,8 @@ class Model:
             processes = auto_processes(len(sources)) if detector != "none" else 0
         elif processes > (cores := usable_cores()):
             warnings.warn(
-                f"{processes} detection processes on {cores} usable cores: each imports torch "
-                "(hundreds of MB); more processes than cores only add memory",
+                f"{processes} detection processes on {cores} usable cores: each holds its own detector "
+                "(hundreds of MB with MTCNN's torch); more processes than cores only add memory",
                 stacklevel=2,
             )
         prepare = partial(_prepare, detector=detector, size=self.net.size, crop=self.crop, grayscale=self.grayscale)
@@ -386,7 +399,9 @@ class Model:
             pending.clear()
 
         if processes:  # spawned, not forked: a fork of a process that has run torch can hang
-            pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_one_thread)
+            pool = ProcessPoolExecutor(
+                processes, mp_context=get_context("spawn"), initializer=_one_thread, initargs=(detector,)
+            )
         elif len(sources) > 1:
             pool = ThreadPoolExecutor(max_workers=workers)
         else:  # one image: nothing to overlap, and a thread's own torch buffers cost ~40 MB

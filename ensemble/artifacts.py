@@ -18,12 +18,14 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .files import swap_into_place, write_json  # noqa: F401  (write_json re-exported)
 from .meta_schema import check_meta
+
+if TYPE_CHECKING:
+    import torch
 
 META = "meta.json"
 
@@ -41,6 +43,7 @@ def versions() -> dict:
     """Library versions recorded beside every artifact (pickles and weights carry what made them)."""
     import numpy
     import sklearn
+    import torch
     import torchvision
 
     return {
@@ -90,6 +93,8 @@ class StageWriter:
         return self.tmp / name
 
     def save_weights(self, state_dict: dict, name: str = "weights.pt") -> None:
+        import torch
+
         tmp = self.tmp / name
         with open(tmp, "wb") as f:
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, f)
@@ -142,11 +147,13 @@ def read_meta(folder: Path, what: str = "stage", hashes: bool = True) -> dict:
 def _warn_versions(meta: dict, folder: Path) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        sklearn_version = version("scikit-learn")  # read from the installed metadata: no import of sklearn
-    except PackageNotFoundError:
-        sklearn_version = ""
-    now = {"torch": torch.__version__, "scikit-learn": sklearn_version}
+    def installed(lib: str) -> str:  # read from the installed metadata: no import of torch or sklearn
+        try:
+            return version(lib)
+        except PackageNotFoundError:
+            return ""
+
+    now = {"torch": installed("torch"), "scikit-learn": installed("scikit-learn")}
     run = folder.parent.parent if folder.parent.name == "experts" else folder.parent
     for lib, current in now.items():
         then = meta.get("versions", {}).get(lib)
@@ -157,6 +164,8 @@ def _warn_versions(meta: dict, folder: Path) -> None:
 
 def load_weights(folder: Path, name: str = "weights.pt") -> dict:
     """A verified state_dict (call :func:`read_meta` first); never executes code."""
+    import torch
+
     try:
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -163,9 +163,21 @@ def _half(src: Path, dst: Path) -> None:
         torch.save(half, f)
 
 
+def _onnx_stage(run: Path, log) -> None:
+    """The bundle's ``onnx`` stage (written after its float16 weights: it reads them), so that
+    predict answers without torch; a bundle without one runs on torch."""
+    from .export import write_onnx_stage
+
+    try:
+        write_onnx_stage(run, log=lambda m: None)
+    except UserError as exc:
+        log(f"warning: no onnx stage in the bundle, predict will run it on torch ({exc})")
+
+
 def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str | None = None, log=print) -> Path:
     """Copy a finished run into ``out`` (default ``ensemble/models/<name>``) with float16 weights,
-    its meta.json hashes rewritten for the new files, and a model card."""
+    its meta.json hashes rewritten for the new files, a model card, and the ``onnx`` stage that
+    lets predict run it without torch (:mod:`ensemble.onnx_runtime`)."""
     from .artifacts import read_meta, sha256_file
     from .files import write_json
 
@@ -207,13 +219,14 @@ def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str 
     card["name"] = out.name
     card["bundled_from"] = str(run)
     write_card(tmp, card)
+    _onnx_stage(tmp, log)
     swap_into_place(tmp, out)
     mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     log(f"bundled {run} -> {out} ({mb:.1f} MB, float16 weights)")
     return out
 
 
-RUN_STAGES = (*STAGES, "model_card")
+RUN_STAGES = (*STAGES, "model_card", "onnx")
 
 
 def run_problem(run: Path) -> str | None:

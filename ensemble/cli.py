@@ -300,6 +300,15 @@ def tune_cmd(config_file, overrides, **opts):
     help="Where the networks run: cpu, cuda, cuda:N, mps, or auto (the first of those this machine has).",
 )
 @click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "onnx"]),
+    default="auto",
+    show_default=True,
+    help="What runs the networks: onnx (ONNX Runtime, without torch: a third of the memory) needs the run's "
+    "onnx/ stage, which bundled models have (ensemble export --format onnx-run writes one); auto: onnx where "
+    "it can (the hierarchy, fp32, CPU), else torch.",
+)
+@click.option(
     "--processes",
     type=ProcessesType(),
     default="auto",
@@ -323,10 +332,11 @@ def predict_cmd(
     batch_size,
     precision,
     device,
+    backend,
     processes,
     **video,
 ):
-    """Detect every face (MTCNN with landmarks by default), turn it upright by its eyes, crop it
+    """Detect every face (BlazeFace with landmarks by default), turn it upright by its eyes, crop it
     as the model's training faces were cropped, then predict emotion, probabilities, valence,
     arousal and neighborhood. Directories are walked. Unreadable files are named on stderr and
     the exit code is non-zero; the other files are still predicted.
@@ -355,6 +365,7 @@ def predict_cmd(
         csv_file=csv_file,
         precision=precision,
         device=device,
+        backend=backend,
     )
     if paths:
         n_failed += run_predict(
@@ -372,6 +383,7 @@ def predict_cmd(
             precision=precision,
             device=device,
             processes=processes,
+            backend=backend,
         )
     if n_failed:
         sys.exit(1)
@@ -477,16 +489,36 @@ def compare_cmd(config_file, overrides, run, split, out):
     default=None,
     help="Run folder (default: the bundled model; see ensemble models).",
 )
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "onnx-run", "torchscript"]),
+    default="onnx",
+    show_default=True,
+    help="onnx-run: into the run itself (RUN/onnx, no --out), a graph that reads the run's own weights, so "
+    "that predict runs it on ONNX Runtime without torch.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="The file to write (onnx, torchscript).")
 @click.option("--router", type=click.Choice(["hard", "soft"]), default=None, help="Router mode (default: the run's).")
 def export_cmd(run, fmt, out, router):
     """Trunk(s), stage 1, router, experts and the mixture as one graph with a dynamic batch:
-    input HierarchicalPredictor.preprocess(images), output (n, 8) probabilities."""
+    input HierarchicalPredictor.preprocess(images), output (n, 8) probabilities (onnx-run: also
+    valence/arousal and region weights)."""
     from .bundle import resolve_run
+
+    if fmt == "onnx-run":
+        if out is not None or router is not None:
+            raise UserError("--format onnx-run writes RUN/onnx under the run's own router: no --out, no --router")
+    elif out is None:
+        raise UserError(f"--format {fmt} needs --out FILE")
+    run = resolve_run(run, lambda m: click.echo(m, err=True), "export")
+    if fmt == "onnx-run":
+        from .export import write_onnx_stage
+
+        write_onnx_stage(Path(run), _log)
+        return
     from .export import export
 
-    run = resolve_run(run, lambda m: click.echo(m, err=True), "export")
     path = export(Path(run), fmt, Path(out), router)
     click.echo(f"wrote {path}")
 

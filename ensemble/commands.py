@@ -48,6 +48,7 @@ def run_predict(
     precision: str = "fp32",
     device: str = "cpu",
     processes: int | str = 0,
+    backend: str = "auto",
 ) -> int:
     """Predict every face; returns the number of files that failed (unreadable, not a regular
     file, or the detector failed on it: each named on stderr, the others still predicted).
@@ -59,7 +60,7 @@ def run_predict(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     from .video_cli import load_for_cli
 
-    model = model or load_for_cli(run, use_flat, router, detector, min_confidence, precision, device)
+    model = model or load_for_cli(run, use_flat, router, detector, min_confidence, precision, device, backend)
     files, skipped = walk(paths)
     if skipped:
         click.echo(skipped_note(skipped), err=True)

@@ -2,6 +2,10 @@
 
 Input: ``HierarchicalPredictor.preprocess(images)``, float32 (batch, 3, H, W), dynamic batch.
 Output: (batch, 8) probabilities in canonical class order, under the chosen router mode.
+
+``--format onnx-run`` writes the hierarchy into the run itself (``RUN/onnx``, see
+:mod:`ensemble.onnx_runtime`): a graph that reads the run's own weights files, so that
+``predict`` answers without torch; ``ensemble bundle`` writes it into every bundled model.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,35 +33,114 @@ class ProbabilitiesOnly(nn.Module):
         return self.net(x)[0]
 
 
+def _onnx(model: nn.Module, example: torch.Tensor, target, output_names: list[str], **kwargs) -> None:
+    # the TorchScript-based exporter traces the routing as plain tensor ops; its deprecation
+    # notices are not for the user of this command
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                target,
+                input_names=["faces"],
+                output_names=output_names,
+                dynamic_axes={name: {0: "batch"} for name in ["faces", *output_names]},
+                opset_version=17,
+                dynamo=False,
+                **kwargs,
+            )
+        except ImportError as exc:
+            raise UserError(f"ONNX export needs the onnx package ({exc}); pip install onnx") from None
+
+
+def write_onnx_stage(run, log=print) -> Path:
+    """``RUN/onnx``: the run's hierarchy (under its own router) as an ONNX graph whose weights are
+    read from the run's ``weights.pt`` files (names ``<stage>/weights.pt::<key>``), for
+    :class:`ensemble.onnx_runtime.OnnxHierarchy`."""
+    import io
+
+    from .artifacts import StageWriter, sha256_file
+    from .onnx_runtime import GRAPH, OUTPUTS, SEP, STAGE
+
+    run = Path(run)
+    hp = HierarchicalPredictor.load(run)
+    net = hp.net.eval().requires_grad_(False)
+    origin = {}  # (address, shape) of every tensor read from a weights file -> (file, key)
+    for folder, (_meta, state) in hp.sources.items():
+        rel = Path(folder).relative_to(run).as_posix() + "/weights.pt"
+        for key, v in state.items():
+            origin[(v.data_ptr(), tuple(v.shape))] = (rel, key)
+    tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    buf = io.BytesIO()
+    # the module as it is: no folding of batch norms into convolutions (ONNX Runtime does that at
+    # load), so that every weight in the graph is one tensor of a weights file
+    _onnx(
+        net,
+        torch.zeros(2, 3, hp.size, hp.size),
+        buf,
+        list(OUTPUTS),
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+    )
+    import onnx
+
+    model = onnx.load_from_string(buf.getvalue())
+    renamed, external = {}, {}
+    for init in model.graph.initializer:
+        t = tensors.get(init.name)
+        src = origin.get((t.data_ptr(), tuple(t.shape))) if t is not None else None
+        if src is None:
+            if int(np.prod(init.dims)) > 4096:
+                raise RuntimeError(f"ONNX stage: {init.name} {list(init.dims)} comes from no weights file")
+            continue  # a small constant of the router (centers, class maps): stays in the graph
+        renamed[init.name] = SEP.join(src)
+        external.setdefault(src[0], []).append(src[1])
+        init.name = renamed[init.name]
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", src[0]
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    stages = ["stage1", "neighborhoods", "router", "experts", *(f"experts/{r}" for r in range(len(hp.expert_classes)))]
+    stages += ["flat"] if net.flat_head is not None else []
+    writer = StageWriter(run / STAGE)
+    writer.path(GRAPH).write_bytes(model.SerializeToString())
+    folder = writer.publish(
+        {
+            "stage": STAGE,
+            "graph": GRAPH,
+            "inputs": {"faces": ["batch", 3, hp.size, hp.size]},
+            "outputs": list(OUTPUTS),
+            "opset": 17,
+            "mode": hp.mode,
+            "expert_classes": hp.expert_classes,
+            "external": external,
+            "sources": {f"{s}/meta.json": sha256_file(run / s / "meta.json") for s in stages},
+        }
+    )
+    size = (folder / GRAPH).stat().st_size
+    log(f"wrote {folder} ({size / 1e3:.0f} kB graph; weights read from {', '.join(external)})")
+    return folder
+
+
 def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:
     """The hierarchy of ``run`` as one ONNX or TorchScript file: faces (batch, 3, H, W) -> probabilities (batch, 8)."""
     if fmt not in ("onnx", "torchscript"):
-        raise UserError(f"export format must be onnx or torchscript, got {fmt!r}")
+        raise UserError(f"export format must be onnx, onnx-run or torchscript, got {fmt!r}")
     check_target(out, "export", (run,))  # before the run is loaded: a bad --out costs nothing; never into the run
     hp = HierarchicalPredictor.load(run, router=router)
     model = ProbabilitiesOnly(hp.net).eval().requires_grad_(False)  # an inference graph: no autograd
     example = torch.zeros(2, 3, hp.size, hp.size)
 
     def write(tmp: Path) -> None:
-        # the TorchScript-based exporters trace the routing as plain tensor ops; their deprecation
-        # notices are not for the user of this command
+        if fmt == "onnx":
+            return _onnx(model, example, str(tmp), ["probabilities"])
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if fmt == "torchscript":
-                torch.jit.trace(model, example, check_trace=False).save(str(tmp))
-            else:
-                try:
-                    torch.onnx.export(
-                        model,
-                        (example,),
-                        str(tmp),
-                        input_names=["faces"],
-                        output_names=["probabilities"],
-                        dynamic_axes={"faces": {0: "batch"}, "probabilities": {0: "batch"}},
-                        opset_version=17,
-                        dynamo=False,
-                    )
-                except ImportError as exc:
-                    raise UserError(f"ONNX export needs the onnx package ({exc}); pip install onnx") from None
+            torch.jit.trace(model, example, check_trace=False).save(str(tmp))
 
     return write_user_file(out, write, "export", (run,))

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import UserError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # JAFFE, some lab sets: TIFF
 
 # Pillow raises DecompressionBombError past 2x this many pixels and warns past it: we refuse both.
@@ -85,3 +87,23 @@ def face_array(source, box, size: int) -> np.ndarray:
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
+
+
+def uint8_to_input(batch: np.ndarray, mean, std) -> np.ndarray:
+    """(n, H, W, 3) uint8 faces -> (n, 3, H, W) float32 normalised."""
+    x = batch.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None]
+
+
+def as_image_list(images) -> list:
+    """One image (a path, a PIL image, an (H, W[, C]) uint8 array) or a sequence of them."""
+    if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        images = [images]
+    out = []
+    for im in images:
+        if isinstance(im, np.ndarray):
+            if im.dtype != np.uint8 or im.ndim not in (2, 3) or (im.ndim == 3 and im.shape[2] not in (1, 3, 4)):
+                raise UserError(f"an array image must be uint8 (H, W) or (H, W, 1|3|4), got {im.dtype} {im.shape}")
+            im = Image.fromarray(im[..., 0] if im.ndim == 3 and im.shape[2] == 1 else im)
+        out.append(im)
+    return out

@@ -21,24 +21,9 @@ from .artifacts import flat_identity, read_meta  # noqa: F401  (flat_identity re
 from .classes import CLASSES
 from .config import DEFAULT_TEMPERATURE
 from .errors import UserError
-from .images import ImageError, face_array
+from .images import ImageError, face_array, uint8_to_input  # noqa: F401  (uint8_to_input re-exported)
+from .images import as_image_list as _as_image_list
 from .router import MODES, HierarchyNet, RegionPosterior
-
-
-def _as_image_list(images) -> list:
-    """One image (a path, a PIL image, an (H, W[, C]) uint8 array) or a sequence of them."""
-    from PIL import Image
-
-    if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-        images = [images]
-    out = []
-    for im in images:
-        if isinstance(im, np.ndarray):
-            if im.dtype != np.uint8 or im.ndim not in (2, 3) or (im.ndim == 3 and im.shape[2] not in (1, 3, 4)):
-                raise UserError(f"an array image must be uint8 (H, W) or (H, W, 1|3|4), got {im.dtype} {im.shape}")
-            im = Image.fromarray(im[..., 0] if im.ndim == 3 and im.shape[2] == 1 else im)
-        out.append(im)
-    return out
 
 
 def _preprocess(images, size: int, mean, std) -> np.ndarray:
@@ -50,12 +35,6 @@ def _preprocess(images, size: int, mean, std) -> np.ndarray:
         except ImageError as exc:
             raise UserError(f"{im if not hasattr(im, 'size') else 'image'}: {exc}") from None
     return uint8_to_input(np.stack(arrs) if arrs else np.zeros((0, size, size, 3), np.uint8), mean, std)
-
-
-def uint8_to_input(batch: np.ndarray, mean, std) -> np.ndarray:
-    """(n, H, W, 3) uint8 faces -> (n, 3, H, W) float32 normalised."""
-    x = batch.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    return (x - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None]
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -156,6 +135,11 @@ class FlatPredictor(_Base):
 class HierarchicalPredictor(_Base):
     """Stage 1 -> router -> experts, loaded from a run; ``router``: hard | soft (default: the run's choice)."""
 
+    backend = "torch"
+    #: stage folder -> (meta, state_dict) of every file the hierarchy was read from (its tensors
+    #: are the network's own): where each weight came from, for :func:`ensemble.export.write_onnx_stage`
+    sources: dict = {}
+
     def __init__(self, net: HierarchyNet, nbh, meta: dict, router: dict, device: str = "cpu"):
         self.net, self.nbh, self.meta, self.router = net, nbh, meta, router
         self.size, self.mean, self.std = meta["input_size"], tuple(meta["mean"]), tuple(meta["std"])
@@ -177,7 +161,7 @@ class HierarchicalPredictor(_Base):
 
         run = Path(run)
         if not run.is_dir():
-            from .bundle import bundled_models
+            from .paths import bundled_models
 
             names = ", ".join(p.name for p in bundled_models())
             raise UserError(f"run folder not found: {run}" + (f" (bundled models: {names})" if names else ""))
@@ -288,7 +272,9 @@ class HierarchicalPredictor(_Base):
             inputs=rinfo.get("inputs", "va"),
             expert_from=boundaries,
         )
-        return cls(net, nbh, m1, rinfo, device)
+        hp = cls(net, nbh, m1, rinfo, device)
+        hp.sources = sources
+        return hp
 
     @torch.no_grad()
     def parts_from_input(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,6 +323,13 @@ class HierarchicalPredictor(_Base):
         if final:
             p = self.net.finish(p, pf)
         return p.numpy(), w.numpy()
+
+    def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Final probabilities (n, 8), V/A (n, 2) and region weights (n, k) of preprocessed faces
+        under the run's router: what :class:`ensemble.onnx_runtime.OnnxHierarchy` computes too."""
+        va, ep = self.parts_from_input(x)
+        proba, w = self.route(va, ep)
+        return proba, va, w
 
     def predict(self, images, router: str | None = None) -> dict:
         """Per image: probabilities (n, 8), label, valence, arousal, neighborhood (whose expert weighed most;

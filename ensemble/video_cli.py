@@ -89,7 +89,16 @@ def split_paths(paths) -> tuple[list[Path], list]:
     return videos, rest
 
 
-def load_for_cli(run, use_flat: bool, router, detector, min_confidence, precision: str = "fp32", device: str = "cpu"):
+def load_for_cli(
+    run,
+    use_flat: bool,
+    router,
+    detector,
+    min_confidence,
+    precision: str = "fp32",
+    device: str = "cpu",
+    backend: str = "auto",
+):
     """The model a predict command uses (its notes on stderr): one loader for images and videos."""
     from .api import load
 
@@ -101,6 +110,7 @@ def load_for_cli(run, use_flat: bool, router, detector, min_confidence, precisio
         min_confidence=min_confidence,
         precision=precision,
         device=device,
+        backend=backend,
         log=lambda m: click.echo(m, err=True),
     )
 
@@ -120,6 +130,7 @@ def predict_videos(
     csv_file: Path | None = None,
     precision: str = "fp32",
     device: str = "cpu",
+    backend: str = "auto",
 ) -> tuple[list, int, object]:
     """Predict the videos among ``paths``; returns (the other paths, the number of videos that
     failed, the loaded model or None) so that the images of the same command reuse the model."""
@@ -146,7 +157,7 @@ def predict_videos(
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     check_video_outputs(videos, options, annotate, csv_file)  # before the model loads
-    model = load_for_cli(run, use_flat, router, detector, min_confidence, precision, device)
+    model = load_for_cli(run, use_flat, router, detector, min_confidence, precision, device, backend)
     failed = run_videos(
         videos, options, model=model, as_json=as_json, batch_size=batch_size, annotate=annotate, csv_file=csv_file
     )

@@ -556,7 +556,9 @@ def test_bundle_converts_to_float16_and_refuses_a_tampered_file(run, astronaut, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         orig, half = ensemble.load(run["run"]), ensemble.load(b)
-        assert all(p.dtype == torch.float32 for p in half.net.net.parameters())
+        assert orig.backend == "torch" and half.backend == "onnx"  # the bundle carries its onnx stage
+        on_torch = ensemble.load(b, backend="torch")
+        assert all(p.dtype == torch.float32 for p in on_torch.net.net.parameters())
         p0, p1 = orig.predict(astronaut)[0]["probabilities"], half.predict(astronaut)[0]["probabilities"]
     assert max(abs(p0[c] - p1[c]) for c in CLASSES) < 0.02
     # the default of load / predict / models when it is installed
@@ -636,14 +638,15 @@ def test_predicting_a_photo_imports_neither_pandas_nor_scikit_learn(run, tmp_pat
 
 
 def test_the_bundled_model_answers_without_torchvision(tmp_path, astronaut):
-    """The first answer (the bundled VGG16-BN hierarchy, MTCNN) builds its networks and detector
-    itself: importing torchvision (and with it torch._dynamo) is over a second of a cold predict.
-    (A MobileNetV2 run loads without torchvision too: test_backbones.)"""
+    """On torch too, the first answer (the bundled VGG16-BN hierarchy) builds its networks itself:
+    importing torchvision (and with it torch._dynamo) is over a second of a cold predict.
+    (A MobileNetV2 run loads without torchvision too: test_backbones; the default backend, ONNX
+    Runtime, imports no torch at all: test_onnx_runtime.)"""
     astronaut.save(tmp_path / "a.jpg")
     code = (
         "import sys\n"
         "import ensemble\n"
-        f"assert ensemble.load().predict({str(tmp_path / 'a.jpg')!r})[0]['emotion'] == 'happy'\n"
+        f"assert ensemble.load(backend='torch').predict({str(tmp_path / 'a.jpg')!r})[0]['emotion'] == 'happy'\n"
         "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'facenet_pytorch') if m in sys.modules))\n"
     )
     out = subprocess.run(

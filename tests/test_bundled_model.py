@@ -49,7 +49,7 @@ def test_bundle_is_a_complete_half_precision_run_within_budget(bundled):
     assert [p.name for p in runs] == [bundle.DEFAULT_NAME]  # one bundled model: the repository's only weights
     total = sum(p.stat().st_size for p in bundled.rglob("*") if p.is_file())
     assert total <= 40 * 2**20, f"bundled model is {total / 2**20:.1f} MiB"
-    for stage in ("flat", "stage1", "neighborhoods", "experts", "router", "calibration", "model_card"):
+    for stage in ("flat", "stage1", "neighborhoods", "experts", "router", "calibration", "model_card", "onnx"):
         assert (bundled / stage / "meta.json").is_file(), stage
     weights = torch.load(bundled / "flat" / "weights.pt", map_location="cpu", weights_only=True)
     floats = [t for t in weights.values() if t.is_floating_point()]
@@ -143,7 +143,7 @@ def test_loading_reads_each_weights_file_once(bundled, monkeypatch):
         return real(f, *a, **k)
 
     monkeypatch.setattr(torch, "load", counting)
-    model = ensemble.load()
+    model = ensemble.load(backend="torch")  # (the default, ONNX Runtime, reads each file once too: without torch)
     assert reads and max(reads.values()) == 1, reads
     assert str(bundled / "flat" / "weights.pt") in reads
     net = model.net.net

@@ -31,6 +31,7 @@ LAYERS = {
         "ensemble.mtcnn",
         "ensemble.blazeface",
         "ensemble.artifacts",
+        "ensemble.statefile",
         "ensemble.meta_schema",
     ],
     "engine": [
@@ -55,6 +56,7 @@ LAYERS = {
     "predictors": [
         "ensemble.router",
         "ensemble.predictors",
+        "ensemble.onnx_runtime",
         "ensemble.calibration",
         "ensemble.routing",
         "ensemble.reports",

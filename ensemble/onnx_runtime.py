@@ -1,0 +1,144 @@
+"""The hierarchy on ONNX Runtime, without torch: ``RUN/onnx``.
+
+``RUN/onnx/hierarchy.onnx`` is the run's whole hierarchy (stage 1, router, experts, the flat
+model's share and logit adjustment where the run chose them) exported from the torch module
+itself by :func:`ensemble.export.write_onnx_stage`, so the two cannot drift. It holds the graph
+and the small constants only: each weight is named ``<stage>/weights.pt::<key>`` and read at
+load from the run's own (sha256-checked) weights files by :mod:`ensemble.statefile`, so a
+bundled model carries its weights once. ``meta.json`` records the sha256 of every stage
+description the graph was made from: a stage refit since then is refused, not mixed in.
+
+Why: importing torch holds about 480 MB with its CUDA build (the build ``pip install torch``
+gives on Linux) before any network is read; ONNX Runtime answers the same photo in about a third
+of that. Outputs match the torch path to float precision (tests/test_onnx_runtime.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import read_meta, sha256_file
+from .errors import UserError
+
+STAGE = "onnx"
+GRAPH = "hierarchy.onnx"
+SEP = "::"
+INPUT = "faces"
+OUTPUTS = ("probabilities", "valence_arousal", "region_weights")
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def has_stage(run) -> bool:
+    return (Path(run) / STAGE / "meta.json").is_file()
+
+
+def runtime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def choose_backend(backend: str, run, *, flat: bool, router: str | None, device: str, precision: str) -> str:
+    """``auto``: ONNX Runtime where the run has an ``onnx`` stage for what is asked (the
+    hierarchy under its own router, fp32 on the CPU) and onnxruntime is installed; else torch.
+    ``onnx`` insists, and says in one line why it cannot."""
+    check_backend(backend)
+    if backend == "torch":
+        return "torch"
+    why = None
+    if flat:
+        why = "the ONNX stage holds the hierarchy; the flat model runs on torch"
+    elif device != "cpu":
+        why = f"ONNX Runtime runs here on the CPU only (device {device!r} asked)"
+    elif precision != "fp32":
+        why = f"the ONNX stage runs in fp32 (precision {precision!r} asked)"
+    elif not has_stage(run):
+        why = f"{run} has no {STAGE}/ stage (write it: ensemble export --run {run} --format onnx-run)"
+    elif router is not None and router != _stage_meta(run).get("mode"):
+        why = f"{run}/{STAGE} routes {_stage_meta(run).get('mode')!r}, not {router!r}"
+    elif not runtime_installed():
+        why = "onnxruntime is not installed (pip install onnxruntime)"
+    if why is None:
+        return "onnx"
+    if backend == "onnx":
+        raise UserError(f"backend onnx: {why}")
+    return "torch"
+
+
+def _stage_meta(run) -> dict:
+    try:
+        return json.loads((Path(run) / STAGE / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+class OnnxHierarchy:
+    """The interface of :class:`ensemble.predictors.HierarchicalPredictor` that photos need
+    (``size``, ``mean``, ``std``, ``meta``, ``expert_classes``, :meth:`infer`), on ONNX Runtime."""
+
+    backend = "onnx"
+    device = "cpu"
+    precision = "fp32"
+
+    def __init__(self, session, meta: dict, stage: dict, keep: list):
+        self.session, self.meta, self.stage = session, meta, stage
+        self._keep = keep  # the weights ONNX Runtime reads in place: alive as long as the session
+        self.size, self.mean, self.std = meta["input_size"], tuple(meta["mean"]), tuple(meta["std"])
+        self.mode = stage["mode"]
+        self.expert_classes = stage["expert_classes"]
+
+    @classmethod
+    def load(cls, run, threads: int = 0) -> OnnxHierarchy:
+        import onnxruntime as ort
+
+        from .statefile import read_state
+
+        run = Path(run)
+        folder = run / STAGE
+        stage = read_meta(folder, "ONNX stage")
+        for rel, digest in stage["sources"].items():
+            f = run / rel
+            if not f.is_file() or sha256_file(f) != digest:
+                raise UserError(
+                    f"{folder} was written for other stages than {run} now holds ({rel} changed); rewrite it "
+                    f"(ensemble export --run {run} --format onnx-run) or pass --backend torch"
+                )
+        meta = read_meta(run / "stage1", "stage 1")
+        names, values = [], []
+        for rel, keys in stage["external"].items():
+            read_meta((run / rel).parent, f"stage {Path(rel).parent}")  # the weights' sha256, before reading
+            state = read_state(run / rel)
+            for key in keys:
+                if key not in state:
+                    raise UserError(f"{run / rel} has no tensor {key!r}, which {folder / GRAPH} reads")
+                a = state.pop(key)
+                names.append(f"{rel}{SEP}{key}")
+                values.append(np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers are not for the user
+        if threads:
+            options.intra_op_num_threads = threads
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(v) for v in values])
+        try:
+            session = ort.InferenceSession((folder / GRAPH).read_bytes(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception types: a damaged or foreign graph
+            raise UserError(
+                f"{folder / GRAPH}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})"
+            ) from None
+        return cls(session, meta, stage, values)
+
+    def infer(self, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Final probabilities (n, 8), V/A (n, 2) and region weights (n, k) of preprocessed faces."""
+        outs = [self.session.run(list(OUTPUTS), {INPUT: x[s : s + batch_size]}) for s in range(0, len(x), batch_size)]
+        if not outs:
+            k = len(self.expert_classes)
+            return np.zeros((0, 8), np.float32), np.zeros((0, 2), np.float32), np.zeros((0, k), np.float32)
+        return tuple(np.concatenate([o[i] for o in outs]).astype(np.float32) for i in range(3))
