@@ -295,6 +295,11 @@ def render_models(rows: list[dict]) -> str:
             f"  classes: {', '.join(card['classes'] or [])}; input {card['input_size']} px, backbone {card['backbone']}"
         )
         lines.append(f"  trained by: {card['command']} (commit {(card['commit'] or 'unknown')[:12]})")
+        lines.append(
+            "  runs on: ONNX Runtime, without torch (its onnx stage; --backend torch for torch)"
+            if (Path(r["run"]) / "onnx" / "meta.json").is_file()
+            else f"  runs on: torch (no onnx stage; ensemble export --run {r['run']} --format onnx-run adds one)"
+        )
         fig = card.get("figures", {})
         for model in REPORTED:
             if model in fig:

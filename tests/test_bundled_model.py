@@ -80,6 +80,7 @@ def test_models_lists_every_compared_row_and_names_what_predict_answers(bundled)
     for row in ("flat", "hard", "soft", "mixed", "mixed+la", "oracle"):
         assert f"valid {row}: accuracy" in text, row
     assert "what predict answers" in text.split("valid mixed+la:")[1].splitlines()[0]
+    assert "runs on: ONNX Runtime, without torch" in text
 
 
 def test_a_tampered_bundled_file_is_refused(bundled, tmp_path):
