@@ -170,8 +170,10 @@ def _onnx_stage(run: Path, log) -> None:
 
     try:
         write_onnx_stage(run, log=lambda m: None)
-    except UserError as exc:
-        log(f"warning: no onnx stage in the bundle, predict will run it on torch ({exc})")
+    except Exception as exc:  # the bundle stands without it: say why, leave no half-written stage
+        for part in run.glob(".onnx.tmp*"):
+            shutil.rmtree(part, ignore_errors=True)
+        log(f"warning: no onnx stage in the bundle, predict will run it on torch ({str(exc).splitlines()[0]})")
 
 
 def bundle(run, name: str = DEFAULT_NAME, out: Path | None = None, command: str | None = None, log=print) -> Path:

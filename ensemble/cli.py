@@ -507,8 +507,11 @@ def export_cmd(run, fmt, out, router):
     from .bundle import resolve_run
 
     if fmt == "onnx-run":
-        if out is not None or router is not None:
-            raise UserError("--format onnx-run writes RUN/onnx under the run's own router: no --out, no --router")
+        if out is not None or router is not None or run is None:
+            raise UserError(
+                "--format onnx-run writes RUN/onnx into the run named by --run, under its own router: "
+                "no --out, no --router"
+            )
     elif out is None:
         raise UserError(f"--format {fmt} needs --out FILE")
     run = resolve_run(run, lambda m: click.echo(m, err=True), "export")

@@ -10,6 +10,7 @@ Output: (batch, 8) probabilities in canonical class order, under the chosen rout
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def write_onnx_stage(run, log=print) -> Path:
     from .onnx_runtime import GRAPH, OUTPUTS, SEP, STAGE
 
     run = Path(run)
+    if importlib.util.find_spec("onnx") is None:
+        raise UserError("writing the onnx stage needs the onnx package: pip install onnx")
     hp = HierarchicalPredictor.load(run)
     net = hp.net.eval().requires_grad_(False)
     origin = {}  # (address, shape) of every tensor read from a weights file -> (file, key)
@@ -91,8 +94,8 @@ def write_onnx_stage(run, log=print) -> Path:
         t = tensors.get(init.name)
         src = origin.get((t.data_ptr(), tuple(t.shape))) if t is not None else None
         if src is None:
-            if int(np.prod(init.dims)) > 4096:
-                raise RuntimeError(f"ONNX stage: {init.name} {list(init.dims)} comes from no weights file")
+            if int(np.prod(init.dims)) > 4096:  # a weight the exporter made: it would be stored twice
+                raise UserError(f"cannot write {run / STAGE}: {init.name} {list(init.dims)} comes from no weights file")
             continue  # a small constant of the router (centers, class maps): stays in the graph
         renamed[init.name] = SEP.join(src)
         external.setdefault(src[0], []).append(src[1])
@@ -105,8 +108,12 @@ def write_onnx_stage(run, log=print) -> Path:
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-    stages = ["stage1", "neighborhoods", "router", "experts", *(f"experts/{r}" for r in range(len(hp.expert_classes)))]
-    stages += ["flat"] if net.flat_head is not None else []
+    # every stage description the graph depends on: the folders its weights come from (a trunk
+    # borrowed from the flat model included, whether or not the flat head is mixed in), the
+    # neighborhoods and router whose constants it holds, and every expert
+    folders = {Path(f) for f in hp.sources} | {run / s for s in ("stage1", "neighborhoods", "router", "experts")}
+    folders |= {p for p in (run / "experts").iterdir() if (p / "meta.json").is_file()}
+    stages = sorted(Path(f).relative_to(run).as_posix() for f in folders)
     writer = StageWriter(run / STAGE)
     writer.path(GRAPH).write_bytes(model.SerializeToString())
     folder = writer.publish(

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
+import warnings
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .artifacts import read_meta, sha256_file
+from .classes import CLASSES
 from .errors import UserError
 
 STAGE = "onnx"
@@ -47,9 +49,10 @@ def check_backend(backend: str) -> str:
 
 
 def choose_backend(backend: str, run, *, flat: bool, router: str | None, device: str, precision: str) -> str:
-    """``auto``: ONNX Runtime where the run has an ``onnx`` stage for what is asked (the
-    hierarchy under its own router, fp32 on the CPU) and onnxruntime is installed; else torch.
-    ``onnx`` insists, and says in one line why it cannot."""
+    """``auto``: ONNX Runtime where the run has an up-to-date ``onnx`` stage for what is asked
+    (the hierarchy under its own router, fp32 on the CPU) and onnxruntime is installed; else
+    torch (a stage the run's stages have outgrown says so in a warning). ``onnx`` insists, and
+    says in one line why it cannot."""
     check_backend(backend)
     if backend == "torch":
         return "torch"
@@ -66,6 +69,10 @@ def choose_backend(backend: str, run, *, flat: bool, router: str | None, device:
         why = f"{run}/{STAGE} routes {_stage_meta(run).get('mode')!r}, not {router!r}"
     elif not runtime_installed():
         why = "onnxruntime is not installed (pip install onnxruntime)"
+    elif stale := stale_reason(run):
+        why = stale
+        if backend == "auto":
+            warnings.warn(f"{stale}; running on torch", stacklevel=3)
     if why is None:
         return "onnx"
     if backend == "onnx":
@@ -75,9 +82,52 @@ def choose_backend(backend: str, run, *, flat: bool, router: str | None, device:
 
 def _stage_meta(run) -> dict:
     try:
-        return json.loads((Path(run) / STAGE / "meta.json").read_text())
+        meta = json.loads((Path(run) / STAGE / "meta.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _inside(rel, name: str) -> bool:
+    """``rel`` is ``<stage>[/<id>]/<name>`` inside a run: no absolute path, no ``..``."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    return 2 <= len(parts) <= 3 and parts[-1] == name and all(p not in ("", ".", "..") and "/" not in p for p in parts)
+
+
+def check_stage_meta(meta: dict, where: Path) -> dict:
+    """The ``onnx`` stage's own fields, checked before any is used (a damaged or foreign stage
+    is one line, and never names a file outside the run)."""
+    ok = (
+        isinstance(meta.get("sources"), dict)
+        and all(_inside(k, "meta.json") and isinstance(v, str) for k, v in meta["sources"].items())
+        and isinstance(meta.get("external"), dict)
+        and all(
+            _inside(k, "weights.pt") and isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in meta["external"].items()
+        )
+        and meta.get("mode") in ("hard", "soft")
+        and isinstance(meta.get("expert_classes"), list)
+        and meta["expert_classes"]
+        and all(isinstance(c, list) and c and set(c) <= set(CLASSES) for c in meta["expert_classes"])
+    )
+    if not ok:
+        raise UserError(f"{where / 'meta.json'} is not an ONNX stage's description; the stage is damaged")
+    return meta
+
+
+def stale_reason(run) -> str | None:
+    """Why the run's ``onnx`` stage no longer describes its stages (one was refit since it was
+    written), or None."""
+    run = Path(run)
+    meta = check_stage_meta(_stage_meta(run), run / STAGE)
+    for rel, digest in meta["sources"].items():
+        f = run / rel
+        if not f.is_file() or sha256_file(f) != digest:
+            return (
+                f"{run / STAGE} was written for other stages than {run} now holds ({rel} changed; "
+                f"rewrite it: ensemble export --run {run} --format onnx-run)"
+            )
+    return None
 
 
 class OnnxHierarchy:
@@ -88,9 +138,8 @@ class OnnxHierarchy:
     device = "cpu"
     precision = "fp32"
 
-    def __init__(self, session, meta: dict, stage: dict, keep: list):
+    def __init__(self, session, meta: dict, stage: dict):
         self.session, self.meta, self.stage = session, meta, stage
-        self._keep = keep  # the weights ONNX Runtime reads in place: alive as long as the session
         self.size, self.mean, self.std = meta["input_size"], tuple(meta["mean"]), tuple(meta["std"])
         self.mode = stage["mode"]
         self.expert_classes = stage["expert_classes"]
@@ -103,14 +152,9 @@ class OnnxHierarchy:
 
         run = Path(run)
         folder = run / STAGE
-        stage = read_meta(folder, "ONNX stage")
-        for rel, digest in stage["sources"].items():
-            f = run / rel
-            if not f.is_file() or sha256_file(f) != digest:
-                raise UserError(
-                    f"{folder} was written for other stages than {run} now holds ({rel} changed); rewrite it "
-                    f"(ensemble export --run {run} --format onnx-run) or pass --backend torch"
-                )
+        stage = check_stage_meta(read_meta(folder, "ONNX stage"), folder)
+        if stale := stale_reason(run):
+            raise UserError(f"{stale}, or pass --backend torch")
         meta = read_meta(run / "stage1", "stage 1")
         names, values = [], []
         for rel, keys in stage["external"].items():
@@ -121,7 +165,7 @@ class OnnxHierarchy:
                     raise UserError(f"{run / rel} has no tensor {key!r}, which {folder / GRAPH} reads")
                 a = state.pop(key)
                 names.append(f"{rel}{SEP}{key}")
-                values.append(np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a))
+                values.append(np.require(a.astype(np.float32) if a.dtype.kind == "f" else a, requirements="C"))
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initializers are not for the user
         if threads:
@@ -129,11 +173,13 @@ class OnnxHierarchy:
         options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(v) for v in values])
         try:
             session = ort.InferenceSession((folder / GRAPH).read_bytes(), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime's own exception types: a damaged or foreign graph
+        except Exception as exc:  # onnxruntime's own exception types: a damaged graph, weights that do not fit it
             raise UserError(
-                f"{folder / GRAPH}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})"
+                f"{folder / GRAPH} does not load with the run's weights on ONNX Runtime "
+                f"({str(exc).splitlines()[0][:160]}); rewrite it: ensemble export --run {run} --format onnx-run"
             ) from None
-        return cls(session, meta, stage, values)
+        session.ensemble_weights = values  # ONNX Runtime reads them in place: they live as long as the session
+        return cls(session, meta, stage)
 
     def infer(self, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Final probabilities (n, 8), V/A (n, 2) and region weights (n, k) of preprocessed faces."""

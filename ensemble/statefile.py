@@ -10,6 +10,8 @@ dicts: a file that asks for anything else is refused, never executed.
 
 from __future__ import annotations
 
+import functools
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -40,12 +42,31 @@ class _Storage:
         self.dtype = np.dtype(STORAGES[name])
 
 
+#: no tensor of a weights file holds more elements than this (a crafted size must not exhaust memory)
+MAX_ELEMENTS = 1 << 31
+
+
+def _ints(v, what: str) -> tuple:
+    seq = v if isinstance(v, tuple) else (v,) if what == "offset" else None
+    if seq is None or not all(type(n) is int and n >= 0 for n in seq):
+        raise pickle.UnpicklingError(f"a tensor's {what} is not made of non-negative integers")
+    return seq
+
+
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    item = storage.itemsize
-    need = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset
-    if need > len(storage):
+    if not isinstance(storage, np.ndarray):
+        raise pickle.UnpicklingError("a tensor without a storage")
+    (offset,), size, stride = _ints(offset, "offset"), _ints(size, "size"), _ints(stride, "stride")
+    if len(size) != len(stride):
+        raise pickle.UnpicklingError("a tensor's size and stride disagree")
+    if math.prod(size) > MAX_ELEMENTS:
+        raise pickle.UnpicklingError(f"a tensor of {math.prod(size)} elements")
+    if math.prod(size) == 0:
+        return np.empty(size, storage.dtype)
+    if offset + sum((n - 1) * st for n, st in zip(size, stride)) >= len(storage):
         raise pickle.UnpicklingError("a tensor reaches past its storage")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * item for s in stride))
+    item = storage.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, tuple(st * item for st in stride))
     return np.array(view)  # its own contiguous copy: the archive's bytes are not kept
 
 
@@ -53,10 +74,11 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
         super().__init__(file)
         self.archive, self.prefix = archive, prefix
+        self.storages = {}  # key -> array: a storage several tensors view is read once
 
     def find_class(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
+            return functools.partial(_rebuild_tensor)  # a fresh object: a BUILD opcode cannot touch ours
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if module == "torch" and name.endswith("Storage"):
@@ -67,10 +89,16 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.60}")
         _, storage, key, _location, numel = pid
-        raw = self.archive.read(f"{self.prefix}data/{key}")
-        if len(raw) < numel * storage.dtype.itemsize:
-            raise pickle.UnpicklingError(f"storage {key} is shorter than its {numel} elements")
-        return np.frombuffer(raw, dtype=storage.dtype, count=numel)
+        if not (isinstance(key, str) and type(numel) is int and numel >= 0):
+            raise pickle.UnpicklingError("a storage without a key or a size")
+        if key not in self.storages:
+            raw = self.archive.read(f"{self.prefix}data/{key}")
+            if len(raw) < numel * storage.dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage {key} is shorter than its {numel} elements")
+            self.storages[key] = np.frombuffer(raw, dtype=storage.dtype, count=numel)
+        if self.storages[key].dtype != storage.dtype:
+            raise pickle.UnpicklingError(f"storage {key} is read as two types")
+        return self.storages[key]
 
 
 def read_state(path: Path) -> dict[str, np.ndarray]:
@@ -86,8 +114,10 @@ def read_state(path: Path) -> dict[str, np.ndarray]:
                 raise pickle.UnpicklingError("stored big-endian")
             with archive.open(pkl[0]) as f:
                 state = _Unpickler(f, archive, prefix).load()
-    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+    except Exception as exc:  # a damaged or crafted file, whatever it breaks (zlib, zip, pickle): one line
         raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not (isinstance(state, dict) and all(isinstance(v, np.ndarray) for v in state.values())):
+    if not (
+        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items())
+    ):
         raise UserError(f"cannot read {path}: not a dict of tensors")
     return dict(state)

@@ -61,6 +61,51 @@ def test_a_file_that_asks_for_anything_but_tensors_is_refused(tmp_path):
         assert "\n" not in str(info.value)
 
 
+def _crafted(path, entries: dict) -> Path:
+    """A torch.save-style archive whose pickle is built opcode by opcode (what torch would never
+    write): ``entries`` maps names to (offset, size, stride) of a tensor on a 5-float storage."""
+    import pickle as P
+    import zipfile
+
+    def text(x):
+        return P.SHORT_BINUNICODE + bytes([len(x)]) + x.encode()
+
+    def glob(module, name):
+        return P.GLOBAL + f"{module}\n{name}\n".encode()
+
+    def tup(*items):
+        return P.MARK + b"".join(items) + P.TUPLE
+
+    def num(n):
+        return P.INT + f"{n}\n".encode()
+
+    storage = tup(text("storage"), glob("torch", "FloatStorage"), text("0"), text("cpu"), num(5)) + P.BINPERSID
+    body = P.EMPTY_DICT + P.MARK
+    for name, (offset, size, stride) in entries.items():
+        args = tup(storage, num(offset), tup(*map(num, size)), tup(*map(num, stride)), P.NEWFALSE, P.NONE)
+        body += text(name) + glob("torch._utils", "_rebuild_tensor_v2") + args + P.REDUCE
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", P.PROTO + b"\x02" + body + P.SETITEMS + P.STOP)
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/data/0", np.arange(5, dtype=np.float32).tobytes())
+    return path
+
+
+def test_a_crafted_tensor_cannot_reach_outside_its_storage(tmp_path):
+    got = read_state(_crafted(tmp_path / "ok.pt", {"w": (1, (2, 2), (2, 1)), "e": (9, (0, 3), (3, 1))}))
+    np.testing.assert_array_equal(got["w"], [[1, 2], [3, 4]])
+    assert got["e"].shape == (0, 3)  # an empty view past its storage, as torch allows
+    for name, entry, why in (
+        ("negative stride", (4, (5,), (-1,)), "stride is not made of non-negative"),
+        ("negative offset", (-10, (14,), (1,)), "offset is not made of non-negative"),
+        ("past the end", (3, (3,), (1,)), "reaches past its storage"),
+        ("huge", (0, (10**7, 10**6), (0, 0)), "a tensor of 10000000000000 elements"),
+        ("rank mismatch", (0, (2, 2), (1,)), "size and stride disagree"),
+    ):
+        with pytest.raises(UserError, match=why):
+            read_state(_crafted(tmp_path / f"{name}.pt", {"w": entry}))
+
+
 # --------------------------------------------------------------------------- a trained run's onnx stage
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -79,6 +124,9 @@ def test_the_onnx_stage_answers_as_the_torch_hierarchy(run, capsys):
     assert code == 0, err
     assert (run / STAGE / "meta.json").is_file() and "weights read from flat/weights.pt" in out
     meta = json.loads((run / STAGE / "meta.json").read_text())
+    for rel in meta["external"]:  # a refit of any stage it reads (a borrowed trunk too) makes it stale
+        assert rel.replace("weights.pt", "meta.json") in meta["sources"], rel
+    assert {"stage1/meta.json", "neighborhoods/meta.json", "router/meta.json"} <= set(meta["sources"])
     graph = (run / STAGE / "hierarchy.onnx").stat().st_size
     weights = sum(f.stat().st_size for f in run.rglob("weights.pt"))
     assert graph < weights / 4, (graph, weights)  # the weights are read from the run, not copied
@@ -133,11 +181,34 @@ def test_a_stale_or_missing_onnx_stage_is_refused_in_one_line(run, tmp_path, cap
     code, _, err = run_cli(["export", "--run", str(copy), "--format", "onnx"], capsys)
     assert code == 2 and "needs --out" in err
     run_cli(["export", "--run", str(copy), "--format", "onnx-run"], capsys)
+    code, _, err = run_cli(["export", "--format", "onnx-run"], capsys)
+    assert code == 2 and "named by --run" in err  # never into the installed bundle by default
     router = copy / "router" / "meta.json"  # a refit router: the graph holds the old one's constants
     router.write_text(router.read_text().replace("{", '{"refit": 1, ', 1))
-    with pytest.raises(UserError, match=r"router/meta.json changed\); rewrite it") as info:
+    with pytest.raises(UserError, match=r"router/meta.json changed; rewrite it") as info:
         OnnxHierarchy.load(copy)
     assert "\n" not in str(info.value)
+    import ensemble
+
+    with pytest.warns(UserWarning, match="router/meta.json changed.*running on torch"):
+        assert ensemble.load(copy).backend == "torch"  # auto: the run still answers, as it did before the stage
+    with pytest.raises(UserError, match="backend onnx: .*router/meta.json changed"):
+        ensemble.load(copy, backend="onnx")
+
+
+def test_a_stage_that_names_files_outside_its_run_is_refused(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    if not (copy / STAGE).is_dir():
+        from ensemble.export import write_onnx_stage
+
+        write_onnx_stage(copy, log=lambda m: None)
+    meta_file = copy / STAGE / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["external"] = {"../../elsewhere/weights.pt": ["w"], **meta["external"]}
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="not an ONNX stage's description"):
+        OnnxHierarchy.load(copy)
 
 
 def _png(tmp_path):
@@ -146,6 +217,21 @@ def _png(tmp_path):
     path = tmp_path / "face.png"
     Image.fromarray(_faces(1)[0]).save(path)
     return path
+
+
+def test_bundling_without_the_onnx_package_still_bundles_and_says_so(run, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    out = tmp_path / "bundled"
+    code, so, err = run_cli(["bundle", "--run", str(run), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "no onnx stage in the bundle" in so and "pip install onnx" in so
+    assert not (out / STAGE).exists() and not list(out.glob(".onnx*"))
+    import ensemble
+
+    assert ensemble.load(out).backend == "torch"
 
 
 def test_bundling_writes_the_onnx_stage(run, tmp_path, capsys):
