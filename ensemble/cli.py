@@ -301,12 +301,12 @@ def tune_cmd(config_file, overrides, **opts):
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "torch", "onnx"]),
+    type=click.Choice(["auto", "torch", "onnx"]),  # ensemble.onnx_runtime.BACKENDS (a test compares)
     default="auto",
     show_default=True,
-    help="What runs the networks: onnx (ONNX Runtime, without torch: a third of the memory) needs the run's "
-    "onnx/ stage, which bundled models have (ensemble export --format onnx-run writes one); auto: onnx where "
-    "it can (the hierarchy, fp32, CPU), else torch.",
+    help="What runs the networks: onnx (ONNX Runtime, without torch: about half the memory) needs the run's "
+    "onnx/ stage, which bundled models have (ensemble export --run RUN --format onnx-run writes one); auto: "
+    "onnx where it can (the hierarchy, fp32, CPU, an up-to-date stage), else torch.",
 )
 @click.option(
     "--processes",

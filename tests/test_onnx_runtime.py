@@ -166,6 +166,11 @@ def test_the_api_chooses_onnx_where_it_can_and_says_why_not(run, capsys):
             choose_backend("onnx", run, **{**kw, **change})
     with pytest.raises(UserError, match="backend must be one of auto, torch, onnx"):
         choose_backend("tensorrt", run, **kw)
+    from ensemble.cli import predict_cmd
+    from ensemble.onnx_runtime import BACKENDS
+
+    option = next(p for p in predict_cmd.params if p.name == "backend")
+    assert sorted(option.type.choices) == sorted(BACKENDS) and option.default == "auto"
 
 
 def test_a_stale_or_missing_onnx_stage_is_refused_in_one_line(run, tmp_path, capsys):
