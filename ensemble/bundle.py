@@ -275,6 +275,8 @@ REPORTED = {
 
 
 def render_models(rows: list[dict]) -> str:
+    from .onnx_runtime import has_stage
+
     if not rows:
         return "no models: no bundled model in this install and no runs under artifacts/ (try ensemble demo)"
     lines = []
@@ -299,7 +301,7 @@ def render_models(rows: list[dict]) -> str:
         lines.append(f"  trained by: {card['command']} (commit {(card['commit'] or 'unknown')[:12]})")
         lines.append(
             "  runs on: ONNX Runtime, without torch (its onnx stage; --backend torch for torch)"
-            if (Path(r["run"]) / "onnx" / "meta.json").is_file()
+            if has_stage(r["run"])
             else f"  runs on: torch (no onnx stage; ensemble export --run {r['run']} --format onnx-run adds one)"
         )
         fig = card.get("figures", {})

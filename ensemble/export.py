@@ -35,24 +35,24 @@ class ProbabilitiesOnly(nn.Module):
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, target, output_names: list[str], **kwargs) -> None:
+    # torch's exporter says "not installed" with a traceback of its own: one line instead
+    if importlib.util.find_spec("onnx") is None:
+        raise UserError("ONNX export needs the onnx package: pip install onnx")
     # the TorchScript-based exporter traces the routing as plain tensor ops; its deprecation
     # notices are not for the user of this command
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                model,
-                (example,),
-                target,
-                input_names=["faces"],
-                output_names=output_names,
-                dynamic_axes={name: {0: "batch"} for name in ["faces", *output_names]},
-                opset_version=17,
-                dynamo=False,
-                **kwargs,
-            )
-        except ImportError as exc:
-            raise UserError(f"ONNX export needs the onnx package ({exc}); pip install onnx") from None
+        torch.onnx.export(
+            model,
+            (example,),
+            target,
+            input_names=["faces"],
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in ["faces", *output_names]},
+            opset_version=17,
+            dynamo=False,
+            **kwargs,
+        )
 
 
 def write_onnx_stage(run, log=print) -> Path:
@@ -65,8 +65,6 @@ def write_onnx_stage(run, log=print) -> Path:
     from .onnx_runtime import GRAPH, OUTPUTS, SEP, STAGE
 
     run = Path(run)
-    if importlib.util.find_spec("onnx") is None:
-        raise UserError("writing the onnx stage needs the onnx package: pip install onnx")
     hp = HierarchicalPredictor.load(run)
     net = hp.net.eval().requires_grad_(False)
     origin = {}  # (address, shape) of every tensor read from a weights file -> (file, key)

@@ -65,8 +65,8 @@ def choose_backend(backend: str, run, *, flat: bool, router: str | None, device:
         why = f"the ONNX stage runs in fp32 (precision {precision!r} asked)"
     elif not has_stage(run):
         why = f"{run} has no {STAGE}/ stage (write it: ensemble export --run {run} --format onnx-run)"
-    elif router is not None and router != _stage_meta(run).get("mode"):
-        why = f"{run}/{STAGE} routes {_stage_meta(run).get('mode')!r}, not {router!r}"
+    elif router is not None and router != (mode := _stage_meta(run).get("mode")):
+        why = f"{run}/{STAGE} routes {mode!r}, not {router!r}"
     elif not runtime_installed():
         why = "onnxruntime is not installed (pip install onnxruntime)"
     elif stale := stale_reason(run):
@@ -134,7 +134,6 @@ class OnnxHierarchy:
     """The interface of :class:`ensemble.predictors.HierarchicalPredictor` that photos need
     (``size``, ``mean``, ``std``, ``meta``, ``expert_classes``, :meth:`infer`), on ONNX Runtime."""
 
-    backend = "onnx"
     device = "cpu"
     precision = "fp32"
 
@@ -155,10 +154,11 @@ class OnnxHierarchy:
         stage = check_stage_meta(read_meta(folder, "ONNX stage"), folder)
         if stale := stale_reason(run):
             raise UserError(f"{stale}, or pass --backend torch")
-        meta = read_meta(run / "stage1", "stage 1")
+        metas = {}  # stage folder -> its meta, read (and its weights' sha256 checked) once
         names, values = [], []
         for rel, keys in stage["external"].items():
-            read_meta((run / rel).parent, f"stage {Path(rel).parent}")  # the weights' sha256, before reading
+            where = Path(rel).parent
+            metas[where] = read_meta(run / where, f"stage {where}")  # before its weights are read
             state = read_state(run / rel)
             for key in keys:
                 if key not in state:
@@ -179,6 +179,7 @@ class OnnxHierarchy:
                 f"({str(exc).splitlines()[0][:160]}); rewrite it: ensemble export --run {run} --format onnx-run"
             ) from None
         session.ensemble_weights = values  # ONNX Runtime reads them in place: they live as long as the session
+        meta = metas.get(Path("stage1")) or read_meta(run / "stage1", "stage 1")
         return cls(session, meta, stage)
 
     def infer(self, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

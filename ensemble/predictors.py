@@ -135,7 +135,6 @@ class FlatPredictor(_Base):
 class HierarchicalPredictor(_Base):
     """Stage 1 -> router -> experts, loaded from a run; ``router``: hard | soft (default: the run's choice)."""
 
-    backend = "torch"
     #: stage folder -> (meta, state_dict) of every file the hierarchy was read from (its tensors
     #: are the network's own): where each weight came from, for :func:`ensemble.export.write_onnx_stage`
     sources: dict = {}
