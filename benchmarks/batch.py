@@ -1,8 +1,9 @@
 """Batch inference on a folder: photos/s of ``predict_many`` with detection in threads or in worker
 processes, on the machine it runs on.
 
-    python benchmarks/batch.py [--run RUN] [--device cpu|cuda] [--precision fp32|bf16] [--backend auto|onnx|torch]
+    python benchmarks/batch.py [--run RUN] [--device cpu|cuda] [--precision fp32|bf16|int8] [--backend auto|onnx|torch]
                                [--n 1024] [--modes threads:4,processes:2,auto]
+    python benchmarks/batch.py --alternate fp32,int8 [--rounds 3] [--modes auto]
 
 The folder is built as in ``benchmarks/predict_photo.py`` (scikit-image's astronaut and the shared
 photos resized to 256 px, flips and shifts; generated in a temp dir, never committed). Each mode
@@ -14,6 +15,10 @@ mode must give the same boxes, emotions and errors as the first mode (the run st
 the first 64 photos; ``detect_only_photos_per_s``: decode and detect the whole folder in one thread per
 usable core with no emotion model, the detector's ceiling on the machine. The temporary folder is
 deleted at the end.
+
+``--alternate P1,P2``: one model per precision, loaded once; the first mode over the folder with
+each in turn, ``--rounds`` times (photos/s of every round: a busy host shows as a spread, and
+only runs of one alternation are compared), and the share of faces given the same emotion.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main() -> None:
         "--modes", default="threads:4,processes:2,auto", help="comma-separated threads:N, processes:N, auto"
     )
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--alternate", default=None, help="comma-separated precisions to alternate, e.g. fp32,int8")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--name", default="batch")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -57,10 +64,54 @@ def main() -> None:
             modes.append((kind, int(n)))
     tmp = Path(tempfile.mkdtemp(prefix="batch-"))
     try:
-        figures = measure(args, modes, tmp)
+        figures = alternate(args, modes[0], tmp) if args.alternate else measure(args, modes, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     save(args.name, figures, args.out)
+
+
+def alternate(args, mode, tmp: Path) -> dict:
+    import statistics
+
+    import ensemble
+
+    files = _folder(tmp, args.n, Path(args.photos))
+    kind, n = mode
+    kw = {"processes": n} if kind == "processes" else {"processes": "auto"} if kind == "auto" else {"workers": n}
+    models = {
+        p: ensemble.load(args.run, device=args.device, precision=p, backend=args.backend)
+        for p in args.alternate.split(",")
+    }
+    rounds, labels = {p: [] for p in models}, {}
+    for m in models.values():
+        list(m.predict_many(files[:16]))  # warm-up
+    for _ in range(args.rounds):
+        for p, m in models.items():
+            t = time.perf_counter()
+            results = list(m.predict_many(files, batch_size=args.batch_size, **kw))
+            dt = time.perf_counter() - t
+            rounds[p].append(round(len(files) / dt, 1))
+            labels[p] = [(f["box"], f["emotion"]) for _, recs, _ in results for f in recs]
+            print(f"{p}: {rounds[p][-1]} photos/s", flush=True)
+    first, *others = models
+    same = {
+        p: round(sum(a == b for a, b in zip(labels[first], labels[p])) / max(1, len(labels[first])), 4)
+        for p in others
+        if len(labels[p]) == len(labels[first])
+    }
+    return {
+        "command": "python benchmarks/batch.py " + " ".join(sys.argv[1:]),
+        "run": args.run or "bundled",
+        "mode": "auto" if kind == "auto" else f"{kind}:{n}",
+        "batch_size": args.batch_size,
+        "photos": f"{len(files)} JPEGs, long side 256 px (astronaut + shared photos, flips, shifts)",
+        "faces": len(labels[first]),
+        "backends": {p: m.backend for p, m in models.items()},
+        "photos_per_s_by_round": rounds,
+        "median_photos_per_s": {p: statistics.median(r) for p, r in rounds.items()},
+        f"same_box_and_emotion_as_{first}": same,
+        "load_average_at_end": os.getloadavg(),
+    }
 
 
 def measure(args, modes, tmp: Path) -> dict:

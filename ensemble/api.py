@@ -82,7 +82,9 @@ def load(
     """A ready model: the bundled default when ``run`` is None, else the run folder ``run``.
     ``device``: cpu (default), cuda, cuda:N, mps, or auto (the first of those this machine has).
     ``precision``: fp32, or bf16/fp16 autocast for the networks (faster where the hardware has
-    those units; probabilities differ slightly from the figures, which are measured in fp32).
+    those units), or int8 (the trunk in 8-bit integers on ONNX Runtime, CPU only, where the run's
+    ``onnx`` stage has an int8 graph, as the bundled model does: the networks about twice as fast
+    on CPUs without bf16 units). Probabilities differ slightly from fp32's; the model card gives int8's figures.
     ``backend``: auto (ONNX Runtime, without torch, where the run has an ``onnx`` stage, as the
     bundled model does, and the hierarchy runs in fp32 on the CPU; else torch), torch or onnx."""
     from .bundle import resolve_run
@@ -234,7 +236,7 @@ class Model:
         self.flat = flat
         self.backend = choose_backend(backend, self.run, flat=flat, router=router, device=device, precision=precision)
         if self.backend == "onnx":  # no torch in this process
-            self.net = OnnxHierarchy.load(self.run)
+            self.net = OnnxHierarchy.load(self.run, precision=precision)
         else:
             from .predictors import FlatPredictor, HierarchicalPredictor, check_device, check_precision
 

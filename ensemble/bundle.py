@@ -168,8 +168,12 @@ def _onnx_stage(run: Path, log) -> None:
     predict answers without torch; a bundle without one runs on torch."""
     from .export import write_onnx_stage
 
+    def note(line: str) -> None:  # the stage's own "wrote ..." line is not the bundle's news; a missing int8 graph is
+        if line.startswith("no int8 graph"):
+            log(f"warning: {line}; predict --precision int8 will refuse it")
+
     try:
-        write_onnx_stage(run, log=lambda m: None)
+        write_onnx_stage(run, log=note)
     except Exception as exc:  # the bundle stands without it: say why, leave no half-written stage
         for part in run.glob(".onnx.tmp*"):
             shutil.rmtree(part, ignore_errors=True)
@@ -270,12 +274,13 @@ REPORTED = {
     "soft": " (hierarchy, soft routing)",
     "mixed": " (hierarchy mixed with flat by the run's alpha)",
     "mixed+la": " (mixed, logit-adjusted: what predict answers)",
+    "int8": " (what predict answers with --precision int8)",
     "oracle": " (true neighborhood: an upper bound, not a model)",
 }
 
 
 def render_models(rows: list[dict]) -> str:
-    from .onnx_runtime import has_stage
+    from .onnx_runtime import has_int8, has_stage
 
     if not rows:
         return "no models: no bundled model in this install and no runs under artifacts/ (try ensemble demo)"
@@ -299,8 +304,9 @@ def render_models(rows: list[dict]) -> str:
             f"  classes: {', '.join(card['classes'] or [])}; input {card['input_size']} px, backbone {card['backbone']}"
         )
         lines.append(f"  trained by: {card['command']} (commit {(card['commit'] or 'unknown')[:12]})")
+        int8 = ", or its int8 graph with --precision int8" if has_int8(r["run"]) else ""
         lines.append(
-            "  runs on: ONNX Runtime, without torch (its onnx stage; --backend torch for torch)"
+            f"  runs on: ONNX Runtime, without torch (its onnx stage{int8}; --backend torch for torch)"
             if has_stage(r["run"])
             else f"  runs on: torch (no onnx stage; ensemble export --run {r['run']} --format onnx-run adds one)"
         )

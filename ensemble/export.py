@@ -55,14 +55,15 @@ def _onnx(model: nn.Module, example: torch.Tensor, target, output_names: list[st
         )
 
 
-def write_onnx_stage(run, log=print) -> Path:
+def write_onnx_stage(run, log=print, int8: bool = True) -> Path:
     """``RUN/onnx``: the run's hierarchy (under its own router) as an ONNX graph whose weights are
     read from the run's ``weights.pt`` files (names ``<stage>/weights.pt::<key>``), for
-    :class:`ensemble.onnx_runtime.OnnxHierarchy`."""
+    :class:`ensemble.onnx_runtime.OnnxHierarchy`; with ``int8``, also its int8 graph
+    (:mod:`ensemble.quantize`) where the run's training faces can be read here."""
     import io
 
     from .artifacts import StageWriter, sha256_file
-    from .onnx_runtime import GRAPH, OUTPUTS, SEP, STAGE
+    from .onnx_runtime import GRAPH, GRAPH_INT8, INPUT, OUTPUTS, SEP, STAGE
 
     run = Path(run)
     hp = HierarchicalPredictor.load(run)
@@ -87,7 +88,7 @@ def write_onnx_stage(run, log=print) -> Path:
     import onnx
 
     model = onnx.load_from_string(buf.getvalue())
-    renamed, external = {}, {}
+    renamed, external, values = {}, {}, {}
     for init in model.graph.initializer:
         t = tensors.get(init.name)
         src = origin.get((t.data_ptr(), tuple(t.shape))) if t is not None else None
@@ -96,6 +97,7 @@ def write_onnx_stage(run, log=print) -> Path:
                 raise UserError(f"cannot write {run / STAGE}: {init.name} {list(init.dims)} comes from no weights file")
             continue  # a small constant of the router (centers, class maps): stays in the graph
         renamed[init.name] = SEP.join(src)
+        values[renamed[init.name]] = t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy()
         external.setdefault(src[0], []).append(src[1])
         init.name = renamed[init.name]
         init.ClearField("raw_data")
@@ -114,6 +116,14 @@ def write_onnx_stage(run, log=print) -> Path:
     stages = sorted(Path(f).relative_to(run).as_posix() for f in folders)
     writer = StageWriter(run / STAGE)
     writer.path(GRAPH).write_bytes(model.SerializeToString())
+    extra = {}
+    if int8:
+        try:
+            extra["int8"] = _write_int8(run, hp, model, values, writer.path(GRAPH_INT8), INPUT)
+        except Exception as exc:  # the fp32 graph stands without it: say why in one line, leave no part of it
+            writer.path(GRAPH_INT8).unlink(missing_ok=True)
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log(f"no int8 graph for {run}: {why}")
     folder = writer.publish(
         {
             "stage": STAGE,
@@ -125,11 +135,31 @@ def write_onnx_stage(run, log=print) -> Path:
             "expert_classes": hp.expert_classes,
             "external": external,
             "sources": {f"{s}/meta.json": sha256_file(run / s / "meta.json") for s in stages},
+            **extra,
         }
     )
     size = (folder / GRAPH).stat().st_size
-    log(f"wrote {folder} ({size / 1e3:.0f} kB graph; weights read from {', '.join(external)})")
+    also = f" and {GRAPH_INT8} ({(folder / GRAPH_INT8).stat().st_size / 1e3:.0f} kB)" if extra else ""
+    log(f"wrote {folder} ({GRAPH}, {size / 1e3:.0f} kB{also}; weights read from {', '.join(external)})")
     return folder
+
+
+def _write_int8(run: Path, hp, model, values: dict, target: Path, input_name: str) -> dict:
+    """The int8 graph (:mod:`ensemble.quantize`) into ``target``; its entry in the stage's meta."""
+    from .images import uint8_to_input
+    from .onnx_runtime import GRAPH_INT8, SEP
+    from .quantize import calibration_faces, int8_graph
+
+    with warnings.catch_warnings():  # the data set's own notes (rows dropped) were given when it was trained
+        warnings.simplefilter("ignore")
+        faces, about = calibration_faces(run)
+    graph, names = int8_graph(model, values, uint8_to_input(faces, hp.mean, hp.std), input_name)
+    target.write_bytes(graph.SerializeToString())
+    external = {}
+    for name in names:
+        rel, key = name.split(SEP, 1)
+        external.setdefault(rel, []).append(key)
+    return {"graph": GRAPH_INT8, "external": external, "calibration": about}
 
 
 def export(run: Path, fmt: str, out: Path, router: str | None = None) -> Path:

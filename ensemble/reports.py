@@ -46,13 +46,18 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     hier = HierarchicalPredictor.load(exp.run, device=str(exp.rt.device))
     y = exp.manifest["label"].to_numpy()[idx]
     true_va = exp.manifest[["valence", "arousal"]].to_numpy()[idx]
-    fp, vas, eps = [], [], []
+    int8 = _int8_graph(exp.run, log)
+    fp, vas, eps, p8, w8 = [], [], [], [], []
     for s in range(0, len(idx), 512):
         faces = np.stack([exp.images.get(int(i)) for i in idx[s : s + 512]])
         fp.append(flat.proba_from_input(uint8_to_input(faces, flat.mean, flat.std)))
         va, ep = hier.parts_from_input(uint8_to_input(faces, hier.mean, hier.std))
         vas.append(va)
         eps.append(ep)
+        if int8 is not None:
+            p8_batch, _va, w8_batch = int8.infer(uint8_to_input(faces, int8.mean, int8.std))
+            p8.append(p8_batch)
+            w8.append(w8_batch)
     probs = {"flat": np.concatenate(fp)}
     va, ep = np.concatenate(vas), np.concatenate(eps, axis=1)
     true_region = hier.nbh.predict(true_va)
@@ -68,13 +73,21 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     probs["flat+la"] = final_proba(probs["flat"], tau=flat_tau, log_prior=lp)
     probs["mixed+la"] = final_proba(probs["mixed"], tau=tau, log_prior=lp)
     routing["mixed"] = routing["mixed+la"] = routing[hier.mode]
-    metrics = {m: classification_metrics(y, probs[m].argmax(1), CLASSES) for m in MODELS}
+    pairs = [("hard", "flat"), ("soft", "flat"), ("mixed", "flat"), ("mixed+la", "flat+la")]
+    if p8:  # the run's final distribution again, its trunk in int8 (ONNX Runtime): against fp32
+        probs["int8"] = np.concatenate(p8)
+        routing["int8"] = float((np.concatenate(w8).argmax(1) == true_region).mean())
+        pairs.append(("int8", "mixed+la"))
+    models = [m for m in (*MODELS, "int8") if m in probs]
+    metrics = {m: classification_metrics(y, probs[m].argmax(1), CLASSES) for m in models}
     by_inputs = _routing_by_inputs(hier, va, probs["flat"], true_region)
-    pred = {m: probs[m].argmax(1) for m in MODELS}
+    pred = {m: probs[m].argmax(1) for m in models}
     vs_flat = {
         m: {"baseline": base, **paired_bootstrap(y, pred[base], pred[m], n_resamples=n_resamples, seed=0)}
-        for m, base in (("hard", "flat"), ("soft", "flat"), ("mixed", "flat"), ("mixed+la", "flat+la"))
+        for m, base in pairs
     }
+    if p8:
+        vs_flat["int8"]["agreement"] = float((pred["int8"] == pred["mixed+la"]).mean())
     stage1 = regression_metrics(true_va, va)
     experts = _experts_in_true_neighborhood(exp.run, ep, probs["flat"], y, true_region)
     result = {
@@ -95,7 +108,7 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     }
     write_json(out / "metrics.json", result)
     _write_csv(out / "metrics.csv", metrics, routing)
-    for m in MODELS:
+    for m in models:
         _plot_confusion(
             np.array(metrics[m]["confusion"]), f"{m} ({split})", out / f"confusion_{m.replace('+', '_')}.png"
         )
@@ -103,6 +116,23 @@ def compare(exp, split: str = "test", out: Path | None = None, log=print, n_resa
     log(summary_table(result))
     log(f"report: {out / 'report.md'}")
     return result
+
+
+def _int8_graph(run: Path, log):
+    """The run's int8 graph on ONNX Runtime (:mod:`ensemble.quantize`), where it has an
+    up-to-date one; compare scores it beside fp32."""
+    from .errors import UserError
+    from .onnx_runtime import OnnxHierarchy, has_int8, runtime_installed, stale_reason
+
+    if not (has_int8(run) and runtime_installed()):
+        return None
+    try:
+        if stale := stale_reason(run):
+            raise UserError(stale)
+        return OnnxHierarchy.load(run, precision="int8")
+    except UserError as exc:  # compare itself runs on torch: a damaged onnx stage does not stop it
+        log(f"compare: the int8 graph is not scored: {exc}")
+        return None
 
 
 def _experts_in_true_neighborhood(run: Path, ep: np.ndarray, p_flat: np.ndarray, y, true_region) -> list[dict]:
@@ -286,7 +316,8 @@ def render_report(result: dict, run: Path) -> str:
             "Balanced accuracy is the mean per-class recall (the figure AffectNet results are compared on).",
             "`oracle` routes by the true valence/arousal: an upper bound, not a deployable model.",
             "`hard`/`soft`/`oracle`: the hierarchy alone; `mixed`: the run's router with the flat model's share α;",
-            "`+la`: with post-hoc logit adjustment for class priors. `mixed+la` is what `ensemble predict` outputs.",
+            "`+la`: with post-hoc logit adjustment for class priors. `mixed+la` is what `ensemble predict` outputs;",
+            "`int8` (where the run's onnx stage has an int8 graph): the same, its trunk in 8-bit integers (`--precision int8`).",
             "",
             "| model | accuracy % | balanced accuracy % | macro-F1 % | routing accuracy % |",
             "|---|---|---|---|---|",

@@ -57,6 +57,7 @@ LAYERS = {
         "ensemble.router",
         "ensemble.predictors",
         "ensemble.onnx_runtime",
+        "ensemble.quantize",
         "ensemble.calibration",
         "ensemble.routing",
         "ensemble.reports",

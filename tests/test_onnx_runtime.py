@@ -173,6 +173,158 @@ def test_the_api_chooses_onnx_where_it_can_and_says_why_not(run, capsys):
     assert sorted(option.type.choices) == sorted(BACKENDS) and option.default == "auto"
 
 
+# --------------------------------------------------------------------------- the int8 graph
+def test_the_int8_graph_reads_the_run_weights_and_answers_near_fp32(run, capsys):
+    import onnx
+
+    code, out, err = run_cli(["export", "--run", str(run), "--format", "onnx-run"], capsys)
+    assert code == 0, err
+    assert "hierarchy-int8.onnx" in out
+    meta = json.loads((run / STAGE / "meta.json").read_text())
+    assert meta["int8"]["calibration"]["split"] == "train" and meta["int8"]["calibration"]["faces"] > 0
+    graph = onnx.load(run / STAGE / "hierarchy-int8.onnx", load_external_data=False)
+    big = [i.name for i in graph.graph.initializer if np.prod(i.dims) > 4096 and i.data_location != 1]
+    assert not big, big  # every weight is read from the run's files, none stored again
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    made_by = {o: n for n in graph.graph.node for o in n.output}
+    assert convs and all(made_by[c.input[1]].op_type == "DequantizeLinear" for c in convs)
+    assert all(made_by[c.input[0]].op_type == "DequantizeLinear" for c in convs)  # uint8 activations in
+    oh, o8 = OnnxHierarchy.load(run), OnnxHierarchy.load(run, precision="int8")
+    assert o8.precision == "int8" and oh.precision == "fp32"
+    x = uint8_to_input(_faces(32, size=oh.size), oh.mean, oh.std)
+    (p, va, w), (p8, va8, w8) = oh.infer(x), o8.infer(x)
+    assert p8.shape == p.shape and va8.shape == va.shape and w8.shape == w.shape
+    np.testing.assert_allclose(p8.sum(1), 1, atol=1e-5)
+    assert np.abs(p8 - p).max() < 0.1 and np.abs(va8 - va).max() < 0.1  # 8-bit steps, not another model
+    assert not np.array_equal(p8, p)  # and really the integer path
+
+
+def test_folding_a_batch_norm_into_its_convolution_keeps_the_output():
+    """Conv (with and without bias) -> BatchNormalization (default and other epsilon) against
+    the folded Conv, both on ONNX Runtime with its own optimisations off."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ensemble.quantize import fold_batch_norms
+
+    rng = np.random.default_rng(0)
+    for bias, eps in ((True, None), (False, 1e-3)):
+        values = {
+            "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            "gamma": rng.uniform(0.5, 2, 4).astype(np.float32),
+            "beta": rng.normal(size=4).astype(np.float32),
+            "mean": rng.normal(size=4).astype(np.float32),
+            "var": rng.uniform(0.1, 2, 4).astype(np.float32),
+        }
+        if bias:
+            values["b"] = rng.normal(size=4).astype(np.float32)
+        conv = helper.make_node("Conv", ["x", "w", *(["b"] if bias else [])], ["c"], pads=[1, 1, 1, 1], name="conv")
+        bn = helper.make_node(
+            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], **({"epsilon": eps} if eps else {})
+        )
+        graph = helper.make_graph(
+            [conv, bn],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+            [numpy_helper.from_array(v, k) for k, v in values.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+        assert list(fold_batch_norms(folded, values).values()) == [("w", "conv::bn_scale")]
+        assert [n.op_type for n in folded.graph.node] == ["Mul", "Conv"]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        x = rng.normal(size=(1, 3, 5, 5)).astype(np.float32)
+        want, got = (
+            ort.InferenceSession(m.SerializeToString(), options).run(None, {"x": x})[0] for m in (model, folded)
+        )
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_the_int8_graph_becomes_integer_convolutions_when_loaded(run, tmp_path, capsys, monkeypatch):
+    import onnx
+    import onnxruntime as ort
+
+    run_cli(["export", "--run", str(run), "--format", "onnx-run"], capsys)
+    saved = tmp_path / "optimized.onnx"
+
+    class Options(ort.SessionOptions):
+        def __init__(self):
+            super().__init__()
+            self.optimized_model_filepath = str(saved)
+
+    monkeypatch.setattr(ort, "SessionOptions", Options)
+    OnnxHierarchy.load(run, precision="int8")
+    ops = [n.op_type for n in onnx.load(saved, load_external_data=False).graph.node]
+    graph = onnx.load(run / STAGE / "hierarchy.onnx", load_external_data=False)
+    n_convs = sum(n.op_type == "Conv" for n in graph.graph.node)
+    assert ops.count("QLinearConv") == n_convs and "Conv" not in ops  # every trunk convolution in integers
+
+
+def test_a_damaged_int8_entry_is_one_line_and_compare_goes_on_without_it(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    run_cli(["export", "--run", str(copy), "--format", "onnx-run"], capsys)
+    meta_file = copy / STAGE / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    for entry in ("not a dict", {"external": {"../../x/weights.pt": ["w"]}}):
+        meta_file.write_text(json.dumps({**meta, "int8": entry}))
+        with pytest.raises(UserError, match="not an ONNX stage's description"):
+            OnnxHierarchy.load(copy, precision="int8")
+    code, out, err = run_cli(["compare", "--run", str(copy), "--split", "val", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "the int8 graph is not scored" in out, err
+    assert "int8" not in json.loads((tmp_path / "r" / "metrics.json").read_text())["models"]
+
+
+def test_int8_is_asked_for_and_refused_in_one_line(run, tmp_path, capsys):
+    import ensemble
+
+    run_cli(["export", "--run", str(run), "--format", "onnx-run"], capsys)
+    kw = dict(flat=False, router=None, device="cpu", precision="int8")
+    assert choose_backend("auto", run, **kw) == "onnx" == choose_backend("onnx", run, **kw)
+    assert choose_backend("auto", run, **{**kw, "device": "auto"}) == "onnx"  # int8 is a CPU path
+    for change, why in (
+        ({"backend": "torch"}, "int8 runs on ONNX Runtime only"),
+        ({"flat": True}, "precision int8: the ONNX stage holds the hierarchy"),
+        ({"device": "cuda"}, "precision int8: ONNX Runtime runs here on the CPU only"),
+    ):
+        backend = change.pop("backend", "auto")
+        with pytest.raises(UserError, match=why):
+            choose_backend(backend, run, **{**kw, **change})
+    code, out, err = run_cli(
+        ["predict", str(_png(tmp_path)), "--run", str(run), "--no-detect", "--precision", "int8"], capsys
+    )
+    assert code == 0 and "face.png" in out, err
+    assert ensemble.load(run, precision="int8").predict(_faces(1)[0], detector="none")[0]["emotion"]
+    # a run whose training faces cannot be read here gets the fp32 graph only, and says why
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / STAGE)
+    (copy / "config.json").unlink()
+    code, out, err = run_cli(["export", "--run", str(copy), "--format", "onnx-run"], capsys)
+    assert code == 0 and "no int8 graph" in out and "records no config.json" in out, err
+    assert ensemble.load(copy).backend == "onnx"
+    with pytest.raises(UserError, match="precision int8: .* has no int8 graph .*--format onnx-run"):
+        ensemble.load(copy, precision="int8")
+    code, _, err = run_cli(
+        ["predict", str(_png(tmp_path)), "--run", str(copy), "--no-detect", "--precision", "int8"], capsys
+    )
+    assert code == 2 and "has no int8 graph" in err and "Traceback" not in err
+
+
+def test_compare_scores_the_int8_graph_beside_fp32(run, tmp_path, capsys):
+    run_cli(["export", "--run", str(run), "--format", "onnx-run"], capsys)
+    code, out, err = run_cli(["compare", "--run", str(run), "--split", "val", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "int8" in report["models"] and report["vs_flat"]["int8"]["baseline"] == "mixed+la"
+    assert 0 <= report["vs_flat"]["int8"]["agreement"] <= 1
+    assert "\nint8 " in out and "| int8 |" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_a_stale_or_missing_onnx_stage_is_refused_in_one_line(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -244,7 +396,7 @@ def test_bundling_writes_the_onnx_stage(run, tmp_path, capsys):
     code, _, err = run_cli(["bundle", "--run", str(run), "--out", str(out), "--command", "ensemble fit-flat"], capsys)
     assert code == 0, err
     meta = json.loads((out / STAGE / "meta.json").read_text())
-    assert "flat/weights.pt" in meta["external"]
+    assert "flat/weights.pt" in meta["external"] and "flat/weights.pt" in meta["int8"]["external"]
     x = uint8_to_input(_faces(), *[tuple(v) for v in (meta_of(out)["mean"], meta_of(out)["std"])])
     np.testing.assert_allclose(
         OnnxHierarchy.load(out).infer(x)[0], HierarchicalPredictor.load(out).infer(x)[0], atol=1e-5
@@ -275,6 +427,17 @@ def test_the_bundled_model_answers_a_photo_without_importing_torch(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-2:] == ["onnx happy 1", "[]"], out.stdout
+
+
+def test_the_bundled_model_in_int8_still_finds_the_astronaut_happy(tmp_path):
+    from skimage import data
+
+    import ensemble
+
+    model = ensemble.load(precision="int8")
+    assert model.backend == "onnx" and model.net.precision == "int8"
+    faces = model.predict(data.astronaut())
+    assert [f["emotion"] for f in faces] == ["happy"]
 
 
 def test_the_bundled_onnx_stage_matches_its_torch_hierarchy():
