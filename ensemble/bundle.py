@@ -325,5 +325,7 @@ def render_models(rows: list[dict]) -> str:
                         f"  {model} ECE ({key[4:]}): {c[key][0]:.4f} -> {c[key][1]:.4f} (T={c['temperature']})"
                     )
                     break
+        if ece8 := fig.get("int8", {}).get("ece_before_after_temperature"):
+            lines.append(f"  int8 ECE ({fig.get('split', '?')}): {ece8[0]:.4f} -> {ece8[1]:.4f} (the hierarchy's T)")
         lines.append(f"  not for: {card['not_for']}")
     return "\n".join(lines)
