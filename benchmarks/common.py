@@ -20,13 +20,22 @@ def machine() -> dict:
     from ensemble.artifacts import versions
 
     cpu = platform.processor()
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if fields:
+        # "AMD EPYC" alone names neither Zen 1 (family 23) nor Zen 3 (family 25), whose
+        # int8 speeds differ by 2x: keep the family, model and the vector extensions
+        cpu = (
+            f"{fields.get('model name', cpu)} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+        )
+        wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+        flags = fields.get("flags", "").split()
+        cpu += ", " + " ".join(f for f in wanted if f in flags)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,

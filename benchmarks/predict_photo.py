@@ -49,7 +49,7 @@ t4 = time.perf_counter()
 with open("/proc/self/status") as f:
     peak = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "detect": t3 - t2, "infer": t4 - t3, "total": t4 - t0,
-                  "peak_mb": peak, "faces": len(faces), "backend": model.backend,
+                  "peak_mb": peak, "faces": len(faces), "backend": model.backend, "precision": model.net.precision,
                   "imported": sorted(m for m in ("torch", "torchvision", "torch._dynamo", "pandas", "sklearn") if m in sys.modules)}))
 """
 
@@ -163,9 +163,11 @@ def main() -> None:
             for _ in range(args.repeats)
         ]
         med = {
-            k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0] if k not in ("imported", "backend")
+            k: round(statistics.median(p[k] for p in parts), 3)
+            for k in parts[0]
+            if k not in ("imported", "backend", "precision")
         }
-        med["imported"], med["backend"] = parts[0]["imported"], parts[0]["backend"]
+        med["imported"], med["backend"], med["precision"] = (parts[0][k] for k in ("imported", "backend", "precision"))
         med["cli_wall_s"] = round(statistics.median(c[0] for c in cli), 3)
         med["cli_peak_mb"] = round(statistics.median(c[1] for c in cli), 1)
         figures["cold"][key(det, be)] = med

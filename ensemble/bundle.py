@@ -170,7 +170,7 @@ def _onnx_stage(run: Path, log) -> None:
 
     def note(line: str) -> None:  # the stage's own "wrote ..." line is not the bundle's news; a missing int8 graph is
         if line.startswith("no int8 graph"):
-            log(f"warning: {line}; predict --precision int8 will refuse it")
+            log(f"warning: {line}; predict runs it in fp32, and --precision int8 will refuse it")
 
     try:
         write_onnx_stage(run, log=note)
@@ -273,8 +273,8 @@ REPORTED = {
     "hard": " (hierarchy, hard routing)",
     "soft": " (hierarchy, soft routing)",
     "mixed": " (hierarchy mixed with flat by the run's alpha)",
-    "mixed+la": " (mixed, logit-adjusted: what predict answers)",
-    "int8": " (what predict answers with --precision int8)",
+    "mixed+la": " (mixed, logit-adjusted: what predict answers in fp32)",
+    "int8": " (the same in int8: what predict answers on a CPU by default)",
     "oracle": " (true neighborhood: an upper bound, not a model)",
 }
 
@@ -304,7 +304,7 @@ def render_models(rows: list[dict]) -> str:
             f"  classes: {', '.join(card['classes'] or [])}; input {card['input_size']} px, backbone {card['backbone']}"
         )
         lines.append(f"  trained by: {card['command']} (commit {(card['commit'] or 'unknown')[:12]})")
-        int8 = ", or its int8 graph with --precision int8" if has_int8(r["run"]) else ""
+        int8 = ", int8 by default, --precision fp32 for float" if has_int8(r["run"]) else ""
         lines.append(
             f"  runs on: ONNX Runtime, without torch (its onnx stage{int8}; --backend torch for torch)"
             if has_stage(r["run"])

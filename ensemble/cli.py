@@ -287,12 +287,14 @@ def tune_cmd(config_file, overrides, **opts):
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Faces per network batch.")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16", "fp16", "int8"]),
-    default="fp32",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+    default="auto",
     show_default=True,
-    help="The networks' arithmetic: bf16 (or fp16, CUDA only) autocast is faster where the hardware has "
-    "those units; int8 (ONNX Runtime, CPU; the bundled model has it) runs the trunk in 8-bit integers, the "
-    "networks about twice as fast on CPUs without bf16. Answers differ slightly from the fp32 the figures were measured in.",
+    help="The networks' arithmetic. auto: int8 where the run's onnx stage has an int8 graph and the "
+    "hierarchy runs on the CPU (the bundled model), else fp32. int8 (ONNX Runtime, CPU) runs the trunk in "
+    "8-bit integers, the networks about twice as fast as fp32, the same label on 99% of faces; bf16 (or "
+    "fp16, CUDA only) autocast is faster where the hardware has those units. The model card gives fp32's "
+    "and int8's figures.",
 )
 @click.option(
     "--device",

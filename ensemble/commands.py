@@ -45,7 +45,7 @@ def run_predict(
     csv: Path | None = None,
     *,
     model=None,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: str = "cpu",
     processes: int | str = 0,
     backend: str = "auto",

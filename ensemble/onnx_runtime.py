@@ -93,6 +93,21 @@ def choose_backend(backend: str, run, *, flat: bool, router: str | None, device:
     return "torch"
 
 
+def resolve_precision(precision: str, backend: str, run, *, flat: bool, router: str | None, device: str) -> str:
+    """``auto`` (the default) is int8 where the run's ``onnx`` stage has an int8 graph that can
+    run as asked (the hierarchy under the run's own router, on the CPU, onnxruntime installed, the
+    stage up to date), as the bundled model's has; fp32 otherwise. Any other value is kept."""
+    if precision != "auto":
+        return precision
+    if flat or device != "cpu" or backend == "torch":
+        return "fp32"
+    try:
+        choose_backend(backend, run, flat=flat, router=router, device=device, precision="int8")
+    except UserError:
+        return "fp32"
+    return "int8"
+
+
 def _stage_meta(run) -> dict:
     try:
         meta = json.loads((Path(run) / STAGE / "meta.json").read_text())

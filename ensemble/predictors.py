@@ -52,7 +52,7 @@ def check_precision(precision: str, device) -> str:
     """Inference precision: fp32 (default), bf16 (autocast; fast where the CPU or GPU has bf16
     units) or fp16 (autocast, CUDA only)."""
     if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, int8, got {precision!r}")
+        raise UserError(f"precision must be one of auto, {', '.join(PRECISIONS)}, int8, got {precision!r}")
     if precision == "fp16" and torch.device(device).type != "cuda":
         raise UserError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
     return precision

@@ -95,7 +95,7 @@ def load_for_cli(
     router,
     detector,
     min_confidence,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: str = "cpu",
     backend: str = "auto",
 ):
@@ -128,7 +128,7 @@ def predict_videos(
     min_confidence: float = 0.0,
     annotate: Path | None = None,
     csv_file: Path | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: str = "cpu",
     backend: str = "auto",
 ) -> tuple[list, int, object]:

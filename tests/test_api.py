@@ -302,7 +302,7 @@ def test_bf16_inference_is_close_to_fp32_and_fp16_needs_cuda(run, astronaut, tmp
     assert "precision='bf16'" in repr(m16)
     with pytest.raises(UserError, match="CUDA"):
         ensemble.load(run["run"], precision="fp16")
-    with pytest.raises(UserError, match="precision must be one of fp32, bf16, fp16, int8"):
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, fp16, int8"):
         ensemble.load(run["run"], precision="int4")
     with pytest.raises(UserError, match="precision int8: .* has no onnx/ stage"):  # int8 runs on ONNX Runtime
         ensemble.load(run["run"], precision="int8")

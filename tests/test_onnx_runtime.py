@@ -16,7 +16,7 @@ from conftest import run_cli, train_tiny_hierarchy
 
 from ensemble.errors import UserError
 from ensemble.images import uint8_to_input
-from ensemble.onnx_runtime import STAGE, OnnxHierarchy, choose_backend
+from ensemble.onnx_runtime import STAGE, OnnxHierarchy, choose_backend, resolve_precision
 from ensemble.predictors import HierarchicalPredictor
 from ensemble.statefile import read_state
 
@@ -147,8 +147,9 @@ def test_the_api_chooses_onnx_where_it_can_and_says_why_not(run, capsys):
 
     run_cli(["export", "--run", str(run), "--format", "onnx-run"], capsys)
     face = _faces(1)[0]
-    auto, on_torch = ensemble.load(run), ensemble.load(run, backend="torch")
+    auto, on_torch = ensemble.load(run, precision="fp32"), ensemble.load(run, backend="torch")
     assert auto.backend == "onnx" and on_torch.backend == "torch" and "backend='onnx'" in repr(auto)
+    assert on_torch.net.precision == "fp32"  # precision auto: torch has no int8 path
     a, b = auto.predict(face, detector="none")[0], on_torch.predict(face, detector="none")[0]
     assert a["emotion"] == b["emotion"] and a["neighborhood"] == b["neighborhood"]
     assert abs(a["valence"] - b["valence"]) < 1e-4
@@ -301,6 +302,19 @@ def test_int8_is_asked_for_and_refused_in_one_line(run, tmp_path, capsys):
     )
     assert code == 0 and "face.png" in out, err
     assert ensemble.load(run, precision="int8").predict(_faces(1)[0], detector="none")[0]["emotion"]
+    # precision auto (the default) is int8 wherever int8 can run as asked, fp32 everywhere else
+    assert "precision='int8'" in repr(ensemble.load(run))
+    auto = dict(flat=False, router=None, device="cpu")
+    assert resolve_precision("auto", "auto", run, **auto) == "int8" == resolve_precision("auto", "onnx", run, **auto)
+    for backend, change in (
+        ("torch", {}),
+        ("auto", {"flat": True}),
+        ("auto", {"device": "cuda"}),
+        ("auto", {"device": "auto"}),
+    ):
+        assert resolve_precision("auto", backend, run, **{**auto, **change}) == "fp32", (backend, change)
+    assert resolve_precision("bf16", "auto", run, **auto) == "bf16"
+    assert ensemble.load(run, flat=True).net.precision == "fp32"
     # a run whose training faces cannot be read here gets the fp32 graph only, and says why
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -308,7 +322,9 @@ def test_int8_is_asked_for_and_refused_in_one_line(run, tmp_path, capsys):
     (copy / "config.json").unlink()
     code, out, err = run_cli(["export", "--run", str(copy), "--format", "onnx-run"], capsys)
     assert code == 0 and "no int8 graph" in out and "records no config.json" in out, err
-    assert ensemble.load(copy).backend == "onnx"
+    assert ensemble.load(copy).backend == "onnx" and ensemble.load(copy).net.precision == "fp32"  # auto: fp32 here
+    code, out, err = run_cli(["predict", str(_png(tmp_path)), "--run", str(copy), "--no-detect"], capsys)
+    assert code == 0 and "face.png" in out and not err, err
     with pytest.raises(UserError, match="precision int8: .* has no int8 graph .*--format onnx-run"):
         ensemble.load(copy, precision="int8")
     code, _, err = run_cli(
@@ -421,22 +437,22 @@ def test_the_bundled_model_answers_a_photo_without_importing_torch(tmp_path):
         "import ensemble\n"
         "m = ensemble.load()\n"
         f"faces = m.predict({str(tmp_path / 'a.jpg')!r})\n"
-        "print(m.backend, faces[0]['emotion'], len(faces))\n"
+        "print(m.backend, m.net.precision, faces[0]['emotion'], len(faces))\n"
         "print(sorted(x for x in ('torch', 'torchvision', 'pandas', 'sklearn') if x in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-2:] == ["onnx happy 1", "[]"], out.stdout
+    assert out.stdout.strip().splitlines()[-2:] == ["onnx int8 happy 1", "[]"], out.stdout
 
 
-def test_the_bundled_model_in_int8_still_finds_the_astronaut_happy(tmp_path):
+def test_the_bundled_model_answers_in_int8_by_default_and_finds_the_astronaut_happy(tmp_path):
     from skimage import data
 
     import ensemble
 
-    model = ensemble.load(precision="int8")
+    model = ensemble.load()  # precision auto: int8 on the CPU
     assert model.backend == "onnx" and model.net.precision == "int8"
     faces = model.predict(data.astronaut())
     assert [f["emotion"] for f in faces] == ["happy"]
