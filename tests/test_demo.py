@@ -12,7 +12,10 @@ pytestmark = pytest.mark.slow
 def test_demo_quick(tmp_path, capsys, one_thread, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the demo's data.cache_dir is relative: keep it out of the repository
     out = tmp_path / "demo"
-    main(["demo", "--quick", "--out", str(out)])
+    # --quick, made smaller still through --set (applied after --quick's own settings): the
+    # wiring of every stage is what is tested here, not what the quick demo learns
+    smaller = ["data.n_synthetic=800", "train.epochs=2", "stage1.train.epochs=2", "experts.train.epochs=2"]
+    main(["demo", "--quick", "--out", str(out)] + [arg for s in smaller for arg in ("--set", s)])
     text, err = capsys.readouterr()
     assert "Traceback" not in text + err
     rows = {}
