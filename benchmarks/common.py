@@ -35,7 +35,7 @@ def machine() -> dict:
         )
         wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
         flags = fields.get("flags", "").split()
-        cpu += ", " + " ".join(f for f in wanted if f in flags)
+        cpu = ", ".join([cpu, *(f for f in wanted if f in flags)])
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,

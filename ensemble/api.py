@@ -231,14 +231,15 @@ class Model:
     ):
         from .bundle import read_card
         from .calibration import load_temperature
-        from .onnx_runtime import OnnxHierarchy, choose_backend, resolve_precision
+        from .onnx_runtime import OnnxHierarchy, choose_backend_and_precision
 
         self.run = Path(run)
         if flat and router:
             raise UserError("router chooses how the hierarchy routes; the flat model has no router")
         self.flat = flat
-        precision = resolve_precision(precision, backend, self.run, flat=flat, router=router, device=device)
-        self.backend = choose_backend(backend, self.run, flat=flat, router=router, device=device, precision=precision)
+        self.backend, precision = choose_backend_and_precision(
+            backend, self.run, flat=flat, router=router, device=device, precision=precision
+        )
         if self.backend == "onnx":  # no torch in this process
             self.net = OnnxHierarchy.load(self.run, precision=precision)
         else:

@@ -93,19 +93,27 @@ def choose_backend(backend: str, run, *, flat: bool, router: str | None, device:
     return "torch"
 
 
+def choose_backend_and_precision(
+    backend: str, run, *, flat: bool, router: str | None, device: str, precision: str
+) -> tuple[str, str]:
+    """:func:`choose_backend`, with precision ``auto`` (the default) resolved: int8 where the
+    run's ``onnx`` stage has an int8 graph that can run as asked (the hierarchy under the run's
+    own router, on the CPU, onnxruntime installed, the stage up to date), as the bundled model's
+    has; fp32 otherwise. Any other precision is kept."""
+    if precision == "auto":
+        precision = "fp32"
+        # int8 asked outright takes device auto as the CPU; auto never gives a GPU up for it
+        if device == "cpu":
+            try:
+                return choose_backend(backend, run, flat=flat, router=router, device=device, precision="int8"), "int8"
+            except UserError:
+                pass
+    return choose_backend(backend, run, flat=flat, router=router, device=device, precision=precision), precision
+
+
 def resolve_precision(precision: str, backend: str, run, *, flat: bool, router: str | None, device: str) -> str:
-    """``auto`` (the default) is int8 where the run's ``onnx`` stage has an int8 graph that can
-    run as asked (the hierarchy under the run's own router, on the CPU, onnxruntime installed, the
-    stage up to date), as the bundled model's has; fp32 otherwise. Any other value is kept."""
-    if precision != "auto":
-        return precision
-    if flat or device != "cpu" or backend == "torch":
-        return "fp32"
-    try:
-        choose_backend(backend, run, flat=flat, router=router, device=device, precision="int8")
-    except UserError:
-        return "fp32"
-    return "int8"
+    """The precision :func:`choose_backend_and_precision` settles on."""
+    return choose_backend_and_precision(backend, run, flat=flat, router=router, device=device, precision=precision)[1]
 
 
 def _stage_meta(run) -> dict:
